@@ -1,0 +1,241 @@
+"""One interface to a memory cgroup, whichever cgroup version carries it.
+
+`MemoryCgroup` is what the rest of oomguard sees. The v1 and v2 backends differ
+in file names and in what the kernel offers (v1 can switch the OOM killer off;
+v2 has `cgroup.kill`, `memory.high` and event counters). Where a backend lacks
+a feature it raises `Unsupported` rather than pretending.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+from oomguard.cgroup import files
+from oomguard.cgroup.mounts import Hierarchies, Mount
+from oomguard.errors import CgroupError, CgroupRemoved
+from oomguard.procs.pidfd import signal_all
+
+# v1 reports "no limit" as PAGE_COUNTER_MAX pages; anything this large is unlimited.
+UNLIMITED_THRESHOLD = 1 << 62
+
+
+@dataclass(frozen=True)
+class OomState:
+    """What the kernel says about OOM in this group right now."""
+
+    under_oom: bool  # v1: tasks asleep in the OOM wait; v2: always False (no such state)
+    kill_disabled: bool | None  # v1 oom_kill_disable; None where the kernel has no switch
+    oom: int | None  # v2 memory.events "oom"; None on v1 (the kernel keeps no count)
+    oom_kill: int  # tasks the kernel's OOM killer killed in this group
+
+
+@dataclass(frozen=True)
+class MemoryFigures:
+    """One consistent reading for `status`."""
+
+    usage: int
+    limit: int | None
+    soft_limit: int | None
+    memsw_usage: int | None
+    memsw_limit: int | None
+    oom: OomState
+    nr_procs: int
+
+
+class MemoryCgroup(ABC):
+    """A memory cgroup, addressed by its path relative to the hierarchy root."""
+
+    version: ClassVar[int]
+
+    def __init__(self, hierarchies: Hierarchies, mount: Mount, relpath: str) -> None:
+        self.hierarchies = hierarchies
+        self.mount = mount
+        self.relpath = "/" + relpath.strip("/") if relpath.strip("/") else "/"
+        self.path = mount.mount_point / self.relpath.lstrip("/")
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.relpath}>"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, MemoryCgroup) and other.path == self.path
+
+    def __hash__(self) -> int:
+        return hash(self.path)
+
+    # -- plumbing ------------------------------------------------------------
+    def read(self, name: str) -> str:
+        return files.read_text(self.path, name)
+
+    def read_int(self, name: str) -> int:
+        text = self.read(name).strip()
+        try:
+            return int(text)
+        except ValueError:
+            raise CgroupError(str(self.path), f"{name}: unexpected {text!r}") from None
+
+    def read_kv(self, name: str) -> dict[str, int]:
+        return files.parse_kv(self.read(name))
+
+    def write(self, name: str, value: str) -> None:
+        files.write_text(self.path, name, value)
+
+    def has_file(self, name: str) -> bool:
+        return (self.path / name).exists()
+
+    def exists(self) -> bool:
+        return self.path.is_dir()
+
+    def same_kind(self, relpath: str) -> MemoryCgroup:
+        return type(self)(self.hierarchies, self.mount, relpath)
+
+    # -- tree ----------------------------------------------------------------
+    def child(self, name: str) -> MemoryCgroup:
+        if not name or "/" in name or name in (".", ".."):
+            raise CgroupError(str(self.path), f"bad child name {name!r}")
+        return self.same_kind(f"{self.relpath.rstrip('/')}/{name}")
+
+    def parent(self) -> MemoryCgroup | None:
+        if self.relpath == "/":
+            return None
+        return self.same_kind(self.relpath.rsplit("/", 1)[0] or "/")
+
+    def children(self) -> list[MemoryCgroup]:
+        try:
+            entries = sorted(e.name for e in os.scandir(self.path) if e.is_dir())
+        except FileNotFoundError:
+            raise CgroupRemoved(str(self.path)) from None
+        return [self.child(name) for name in entries]
+
+    def walk(self) -> Iterator[MemoryCgroup]:
+        """This group and every descendant, parents first; vanishing groups are skipped."""
+        yield self
+        try:
+            kids = self.children()
+        except CgroupRemoved:
+            return
+        for kid in kids:
+            yield from kid.walk()
+
+    def create(self, exist_ok: bool = True) -> None:
+        try:
+            os.mkdir(self.path)
+        except FileExistsError:
+            if not exist_ok:
+                raise CgroupError(str(self.path), "already exists") from None
+        except OSError as exc:
+            raise files.map_oserror(exc, self.path.parent, self.path.name) from None
+        self._after_create()
+
+    def _after_create(self) -> None:
+        """Backend hook: v2 must enable the memory controller for the new group."""
+
+    def remove(self) -> None:
+        """rmdir; the group must have no tasks and no children."""
+        try:
+            os.rmdir(self.path)
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise files.map_oserror(exc, self.path, "rmdir") from None
+
+    # -- membership ------------------------------------------------------------
+    def procs(self) -> list[int]:
+        return files.parse_pids(self.read("cgroup.procs"))
+
+    @abstractmethod
+    def tasks(self) -> list[int]: ...
+
+    def move(self, pid: int) -> None:
+        """Move a process (all its threads) into this group."""
+        self.write("cgroup.procs", str(pid))
+
+    # -- memory ------------------------------------------------------------------
+    @abstractmethod
+    def usage(self) -> int: ...
+
+    @abstractmethod
+    def limit(self) -> int | None: ...
+
+    @abstractmethod
+    def set_limit(self, value: int | None) -> None: ...
+
+    @abstractmethod
+    def memsw_usage(self) -> int | None:
+        """Memory + swap in use; None where swap is not accounted."""
+
+    @abstractmethod
+    def memsw_limit(self) -> int | None:
+        """Limit on memory + swap (v2: memory.max + memory.swap.max); None for none."""
+
+    @abstractmethod
+    def set_memsw_limit(self, value: int | None) -> None: ...
+
+    @abstractmethod
+    def soft_limit(self) -> int | None:
+        """v1 soft_limit_in_bytes; v2 memory.high."""
+
+    @abstractmethod
+    def set_soft_limit(self, value: int | None) -> None: ...
+
+    def memory_stat(self) -> dict[str, int]:
+        return self.read_kv("memory.stat")
+
+    @abstractmethod
+    def oom_state(self) -> OomState: ...
+
+    @abstractmethod
+    def events(self, local: bool = False) -> dict[str, int]:
+        """OOM-related counters: v2 memory.events(.local); v1 what oom_control counts."""
+
+    @abstractmethod
+    def set_oom_kill_disable(self, disabled: bool) -> None: ...
+
+    def figures(self) -> MemoryFigures:
+        return MemoryFigures(
+            usage=self.usage(),
+            limit=self.limit(),
+            soft_limit=self.soft_limit(),
+            memsw_usage=self.memsw_usage(),
+            memsw_limit=self.memsw_limit(),
+            oom=self.oom_state(),
+            nr_procs=len(self.procs()),
+        )
+
+    def set_limits(self, memory: int | None, memsw: int | None = None) -> None:
+        """Set memory and memsw in the order the kernel accepts (memsw >= memory always)."""
+        current = self.limit()
+        raising = memory is None or (current is not None and memory > current)
+        if raising:
+            if memsw is not None or self.memsw_limit() is not None:
+                self._raise_memsw_to_at_least(memory)
+            self.set_limit(memory)
+            if memsw is not None:
+                self.set_memsw_limit(memsw)
+        else:
+            self.set_limit(memory)
+            if memsw is not None:
+                self.set_memsw_limit(memsw)
+
+    def _raise_memsw_to_at_least(self, memory: int | None) -> None:
+        """Backend hook: v1 refuses memory > memsw, so memsw goes first."""
+
+    # -- freezing and killing ----------------------------------------------------
+    @abstractmethod
+    def freeze(self) -> None: ...
+
+    @abstractmethod
+    def thaw(self) -> None: ...
+
+    @abstractmethod
+    def freezer_state(self) -> str:
+        """"THAWED", "FREEZING" or "FROZEN"."""
+
+    def kill_all(self, sig: int = signal.SIGKILL) -> int:
+        """Signal every task through pidfds until the group is empty; returns how many."""
+        return signal_all(self.procs, sig)

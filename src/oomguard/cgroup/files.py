@@ -1,0 +1,77 @@
+"""Reading and writing cgroupfs control files, with errors that name the cgroup.
+
+cgroupfs reports a removed group as ENOENT (path lookup) or ENODEV (an fd kept
+open across the rmdir), a missing controller file as ENOENT in a live group, and
+a refused value as EINVAL/EBUSY. Each becomes a typed error carrying the path.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+from oomguard.errors import (
+    CgroupError,
+    CgroupPermissionDenied,
+    CgroupRemoved,
+    Unsupported,
+)
+
+
+class ValueRejected(CgroupError):
+    reason = "the kernel rejected the value"
+
+
+def map_oserror(exc: OSError, cgroup_dir: Path, name: str) -> CgroupError:
+    code = exc.errno
+    where = str(cgroup_dir)
+    if code in (errno.EACCES, errno.EPERM):
+        return CgroupPermissionDenied(where, f"{name}: {exc.strerror}")
+    if code == errno.ENODEV:
+        return CgroupRemoved(where)
+    if code == errno.ENOENT:
+        if not cgroup_dir.is_dir():
+            return CgroupRemoved(where)
+        return Unsupported(where, f"no {name}")
+    if code in (errno.EINVAL, errno.EBUSY, errno.ENOSPC, errno.EOPNOTSUPP):
+        return ValueRejected(where, f"{name}: {exc.strerror}")
+    return CgroupError(where, f"{name}: {exc.strerror}")
+
+
+def read_text(cgroup_dir: Path, name: str) -> str:
+    try:
+        with open(cgroup_dir / name, "rb", buffering=0) as f:
+            return f.read(1 << 20).decode("ascii", "replace")
+    except OSError as exc:
+        raise map_oserror(exc, cgroup_dir, name) from None
+
+
+def write_text(cgroup_dir: Path, name: str, value: str) -> None:
+    """One write(2) of `value`: cgroupfs parses each write as a whole."""
+    try:
+        fd = os.open(cgroup_dir / name, os.O_WRONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise map_oserror(exc, cgroup_dir, name) from None
+    try:
+        os.write(fd, value.encode())
+    except OSError as exc:
+        raise map_oserror(exc, cgroup_dir, name) from None
+    finally:
+        os.close(fd)
+
+
+def parse_kv(text: str) -> dict[str, int]:
+    """`key value` lines (memory.stat, memory.events, oom_control) as ints."""
+    out: dict[str, int] = {}
+    for line in text.splitlines():
+        key, _, value = line.partition(" ")
+        try:
+            out[key] = int(value)
+        except ValueError:
+            continue
+    return out
+
+
+def parse_pids(text: str) -> list[int]:
+    return [int(x) for x in text.split()]

@@ -1,0 +1,112 @@
+"""Turn what a user types into a MemoryCgroup.
+
+Accepted: an absolute cgroupfs path (`/sys/fs/cgroup/memory/jobs/a`), a path
+relative to the memory hierarchy's root (`/jobs/a` or `jobs/a`), or `pid:1234`
+(the memory cgroup that process is in).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from oomguard.cgroup.base import MemoryCgroup
+from oomguard.cgroup.mounts import Hierarchies, Mount, discover
+from oomguard.cgroup.v1 import V1MemoryCgroup
+from oomguard.cgroup.v2 import V2MemoryCgroup
+from oomguard.errors import (
+    CgroupNotFound,
+    CgroupPermissionDenied,
+    NoSuchProcess,
+    NotAMemoryCgroup,
+    Unsupported,
+    UsageError,
+)
+
+
+def memory_mount(hier: Hierarchies) -> Mount:
+    mount = hier.memory
+    if mount is None:
+        raise Unsupported("/proc/self/mountinfo", "no memory cgroup hierarchy is mounted")
+    return mount
+
+
+def cgroup_at(hier: Hierarchies, relpath: str) -> MemoryCgroup:
+    """The group at `relpath` in the memory hierarchy (not checked for existence)."""
+    mount = memory_mount(hier)
+    cls = V1MemoryCgroup if mount.fstype == "cgroup" else V2MemoryCgroup
+    return cls(hier, mount, relpath)
+
+
+def root(hier: Hierarchies | None = None) -> MemoryCgroup:
+    return cgroup_at(hier or discover(), "/")
+
+
+def _normalise(relpath: str, spec: str) -> str:
+    parts = [p for p in relpath.split("/") if p and p != "."]
+    if ".." in parts:
+        raise UsageError(f"{spec}: '..' is not allowed in a cgroup path")
+    return "/" + "/".join(parts)
+
+
+def _process_relpath(hier: Hierarchies, pid_text: str, spec: str) -> str:
+    try:
+        pid = int(pid_text)
+    except ValueError:
+        raise UsageError(f"{spec}: expected pid:NUMBER") from None
+    if pid <= 0:
+        raise UsageError(f"{spec}: expected a positive pid")
+    try:
+        with open(f"/proc/{pid}/cgroup") as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise NoSuchProcess(pid) from None
+    except PermissionError:
+        raise CgroupPermissionDenied(spec, f"cannot read /proc/{pid}/cgroup") from None
+    v1 = memory_mount(hier).fstype == "cgroup"
+    for line in text.splitlines():
+        _, controllers, path = line.split(":", 2)
+        if (v1 and "memory" in controllers.split(",")) or (not v1 and controllers == ""):
+            return path
+    raise NotAMemoryCgroup(spec, f"pid {pid} is in no memory cgroup")
+
+
+def _relative_to_mount(path: Path, mount: Mount) -> str | None:
+    try:
+        rel = path.relative_to(mount.mount_point)
+    except ValueError:
+        return None
+    return "/" + str(rel) if str(rel) != "." else "/"
+
+
+def resolve(spec: str, hier: Hierarchies | None = None) -> MemoryCgroup:
+    """The existing memory cgroup that `spec` names; typed errors otherwise."""
+    if not spec or "\0" in spec:
+        raise UsageError(f"{spec!r}: empty or invalid cgroup path")
+    hier = hier or discover()
+    mount = memory_mount(hier)
+    if spec.startswith("pid:"):
+        relpath = _process_relpath(hier, spec[4:], spec)
+    elif spec.startswith("/"):
+        path = Path(os.path.normpath(spec))
+        inside = _relative_to_mount(path, mount)
+        if inside is not None:
+            relpath = _normalise(inside, spec)
+        else:
+            for other in hier.mounts:
+                if other != mount and _relative_to_mount(path, other) is not None:
+                    if path.exists():
+                        raise NotAMemoryCgroup(spec, f"{other.mount_point} has no memory controller")
+                    raise CgroupNotFound(spec)
+            relpath = _normalise(spec, spec)
+    else:
+        relpath = _normalise(spec, spec)
+    group = cgroup_at(hier, relpath)
+    if not group.path.is_dir():
+        raise CgroupNotFound(spec)
+    marker = "memory.usage_in_bytes" if group.version == 1 else "memory.current"
+    if not group.has_file(marker) and not (group.version == 2 and relpath == "/"):
+        raise NotAMemoryCgroup(spec, "the memory controller is not enabled for it")
+    if not os.access(group.path / "cgroup.procs", os.R_OK):
+        raise CgroupPermissionDenied(spec)
+    return group

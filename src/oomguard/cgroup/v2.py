@@ -1,0 +1,127 @@
+"""The cgroup v2 memory controller.
+
+v2 has no switch to turn the OOM killer off. The hold is `memory.high`: above it
+the kernel throttles allocators in reclaim instead of killing, with
+`memory.max` above it as the backstop. Events come as counters in
+`memory.events`; freezing and killing are single writes.
+"""
+
+from __future__ import annotations
+
+from oomguard.cgroup import files
+from oomguard.cgroup.base import MemoryCgroup, OomState
+from oomguard.errors import Unsupported
+
+
+def _parse_max(text: str) -> int | None:
+    text = text.strip()
+    return None if text == "max" else int(text)
+
+
+def _fmt_max(value: int | None) -> str:
+    return "max" if value is None else str(value)
+
+
+class V2MemoryCgroup(MemoryCgroup):
+    version = 2
+
+    def _after_create(self) -> None:
+        # Children of this group need the controller switched on here to get memory.* files.
+        try:
+            self.write("cgroup.subtree_control", "+memory")
+        except Exception:  # noqa: BLE001 - a leaf with tasks cannot delegate; that is fine
+            pass
+
+    def tasks(self) -> list[int]:
+        return files.parse_pids(self.read("cgroup.threads"))
+
+    def usage(self) -> int:
+        return self.read_int("memory.current")
+
+    def limit(self) -> int | None:
+        return _parse_max(self.read("memory.max"))
+
+    def set_limit(self, value: int | None) -> None:
+        self.write("memory.max", _fmt_max(value))
+
+    def high(self) -> int | None:
+        return _parse_max(self.read("memory.high"))
+
+    def set_high(self, value: int | None) -> None:
+        self.write("memory.high", _fmt_max(value))
+
+    def swap_limit(self) -> int | None:
+        if not self.has_file("memory.swap.max"):
+            return None
+        return _parse_max(self.read("memory.swap.max"))
+
+    def memsw_usage(self) -> int | None:
+        if not self.has_file("memory.swap.current"):
+            return None
+        return self.usage() + self.read_int("memory.swap.current")
+
+    def memsw_limit(self) -> int | None:
+        swap, memory = self.swap_limit(), self.limit()
+        if swap is None or memory is None:
+            return None
+        return memory + swap
+
+    def set_memsw_limit(self, value: int | None) -> None:
+        if not self.has_file("memory.swap.max"):
+            raise Unsupported(str(self.path), "no memory.swap.max (swap accounting off)")
+        if value is None:
+            self.write("memory.swap.max", "max")
+            return
+        memory = self.limit()
+        if memory is None:
+            raise Unsupported(str(self.path), "memsw needs memory.max to be set on v2")
+        self.write("memory.swap.max", str(max(0, value - memory)))
+
+    def soft_limit(self) -> int | None:
+        return self.high()
+
+    def set_soft_limit(self, value: int | None) -> None:
+        self.set_high(value)
+
+    def oom_state(self) -> OomState:
+        ev = self.events()
+        return OomState(under_oom=False, kill_disabled=None, oom=ev.get("oom", 0),
+                        oom_kill=ev.get("oom_kill", 0))
+
+    def events(self, local: bool = False) -> dict[str, int]:
+        return self.read_kv("memory.events.local" if local else "memory.events")
+
+    def set_oom_kill_disable(self, disabled: bool) -> None:
+        raise Unsupported(str(self.path), "cgroup v2 has no oom_kill_disable; hold with memory.high")
+
+    def oom_group(self) -> bool:
+        return self.has_file("memory.oom.group") and self.read_int("memory.oom.group") == 1
+
+    def cgroup_events(self) -> dict[str, int]:
+        return self.read_kv("cgroup.events")
+
+    def freeze(self) -> None:
+        if not self.has_file("cgroup.freeze"):
+            raise Unsupported(str(self.path), "no cgroup.freeze (kernel < 5.2)")
+        self.write("cgroup.freeze", "1")
+
+    def thaw(self) -> None:
+        if self.has_file("cgroup.freeze"):
+            self.write("cgroup.freeze", "0")
+
+    def freezer_state(self) -> str:
+        if not self.has_file("cgroup.freeze"):
+            return "THAWED"
+        wanted = self.read_int("cgroup.freeze") == 1
+        frozen = self.cgroup_events().get("frozen", 0) == 1
+        if wanted:
+            return "FROZEN" if frozen else "FREEZING"
+        return "THAWED"
+
+    def kill_all(self, sig: int = 9) -> int:
+        """`cgroup.kill` kills every task at once, forks included; pidfds otherwise."""
+        if sig == 9 and self.has_file("cgroup.kill"):
+            count = len(self.procs())
+            self.write("cgroup.kill", "1")
+            return count
+        return super().kill_all(sig)

@@ -1,0 +1,680 @@
+"""The journal: what happened in each incident, and the intent log a restart replays.
+
+One SQLite file in WAL mode. The daemon is the only writer; `oomguard events` and
+`oomguard show` read while it writes. Writes sit on the hot path between a kernel OOM
+event and the kill, so each is one short statement in its own transaction (autocommit),
+reusing the prepared statements sqlite3 caches per connection. See docs/journal.md.
+
+The intent log (`changes`) is written *before* an action changes the system, with the
+value it replaces; `mark_restored` closes the row once the old value is back. Whatever
+`pending_changes` returns after a crash is what the next start must put back.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from types import TracebackType
+
+from oomguard.errors import OomguardError
+from oomguard.journal_format import format_incident_detail, format_incident_line
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "Change",
+    "Journal",
+    "JournalError",
+    "default_journal_path",
+    "format_incident_detail",
+    "format_incident_line",
+    "iso_utc",
+]
+
+SCHEMA_VERSION = 1
+# Long enough to ride out a checkpoint or a CLI `mark_restored`; short enough that a
+# stuck second writer cannot hold an OOM'd cgroup for long.
+BUSY_TIMEOUT_MS = 1000
+_CHUNK = 500  # ids per `IN (...)` when loading an incident's rows
+
+_SCHEMA_V1 = (
+    """CREATE TABLE incidents (
+        id          INTEGER PRIMARY KEY,
+        cgroup      TEXT NOT NULL,
+        rule        TEXT NOT NULL,
+        dry_run     INTEGER NOT NULL,
+        opened_at   REAL NOT NULL,
+        closed_at   REAL,
+        outcome     TEXT,
+        latency_ms  REAL
+    )""",
+    "CREATE INDEX incidents_opened ON incidents(opened_at)",
+    """CREATE TABLE steps (
+        id           INTEGER PRIMARY KEY,
+        incident_id  INTEGER NOT NULL REFERENCES incidents(id),
+        seq          INTEGER NOT NULL,
+        kind         TEXT NOT NULL,
+        pid          INTEGER,
+        started_at   REAL NOT NULL,
+        started_mono REAL NOT NULL,
+        duration_ms  REAL,
+        result       TEXT,
+        before_json  TEXT,
+        after_json   TEXT,
+        detail       TEXT NOT NULL DEFAULT ''
+    )""",
+    "CREATE UNIQUE INDEX steps_incident_seq ON steps(incident_id, seq)",
+    """CREATE TABLE victims (
+        id           INTEGER PRIMARY KEY,
+        incident_id  INTEGER NOT NULL REFERENCES incidents(id),
+        pid          INTEGER NOT NULL,
+        comm         TEXT NOT NULL,
+        rss          INTEGER NOT NULL,
+        signal       TEXT NOT NULL,
+        reaped_ms    REAL,
+        at           REAL NOT NULL
+    )""",
+    "CREATE INDEX victims_incident ON victims(incident_id)",
+    """CREATE TABLE events (
+        id           INTEGER PRIMARY KEY,
+        incident_id  INTEGER REFERENCES incidents(id),
+        cgroup       TEXT NOT NULL,
+        kind         TEXT NOT NULL,
+        at           REAL NOT NULL,
+        data_json    TEXT
+    )""",
+    "CREATE INDEX events_incident ON events(incident_id)",
+    """CREATE TABLE evidence (
+        id           INTEGER PRIMARY KEY,
+        incident_id  INTEGER NOT NULL REFERENCES incidents(id),
+        kind         TEXT NOT NULL,
+        at           REAL NOT NULL,
+        data_json    TEXT NOT NULL
+    )""",
+    "CREATE INDEX evidence_incident ON evidence(incident_id)",
+    """CREATE TABLE changes (
+        id           INTEGER PRIMARY KEY,
+        cgroup       TEXT NOT NULL,
+        kind         TEXT NOT NULL,
+        target       TEXT NOT NULL,
+        before_value TEXT NOT NULL,
+        after_value  TEXT NOT NULL,
+        incident_id  INTEGER REFERENCES incidents(id),
+        recorded_at  REAL NOT NULL,
+        restored_at  REAL
+    )""",
+    "CREATE INDEX changes_pending ON changes(id) WHERE restored_at IS NULL",
+    "CREATE INDEX changes_incident ON changes(incident_id)",
+)
+
+# Migrations: _MIGRATIONS[n] takes a database at user_version n to n + 1.
+_MIGRATIONS: dict[int, Sequence[str]] = {0: _SCHEMA_V1}
+
+_INSERT_STEP = (
+    "INSERT INTO steps (incident_id, seq, kind, pid, started_at, started_mono, before_json,"
+    " detail) VALUES (?1, (SELECT COALESCE(MAX(seq), 0) + 1 FROM steps WHERE incident_id = ?1),"
+    " ?2, ?3, ?4, ?5, ?6, ?7)"
+)
+_FINISH_STEP = (
+    "UPDATE steps SET result = ?, after_json = ?, duration_ms = (? - started_mono) * 1000.0,"
+    " detail = CASE WHEN ?4 = '' THEN detail WHEN detail = '' THEN ?4"
+    " ELSE detail || '; ' || ?4 END WHERE id = ?5"
+)
+_INSERT_CHANGE = (
+    "INSERT INTO changes (cgroup, kind, target, before_value, after_value, incident_id,"
+    " recorded_at) VALUES (?, ?, ?, ?, ?, ?, ?)"
+)
+
+
+class JournalError(OomguardError):
+    """The journal could not be opened, read or written; the message names the file."""
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """One row of the intent log: `target` went from `before` to `after`."""
+
+    id: int
+    cgroup: str
+    kind: str
+    target: str
+    before: str
+    after: str
+    incident_id: int | None
+    recorded_at: float  # wall clock, seconds since the epoch
+
+
+def default_journal_path() -> Path:
+    """$OOMGUARD_JOURNAL, else /var/lib/oomguard/journal.db for root, else the XDG state dir."""
+    override = os.environ.get("OOMGUARD_JOURNAL")
+    if override:
+        return Path(override).expanduser()
+    if os.geteuid() == 0:
+        return Path("/var/lib/oomguard/journal.db")
+    state = os.environ.get("XDG_STATE_HOME", "")
+    # The XDG spec says a relative value is invalid and must be ignored.
+    base = Path(state) if state and os.path.isabs(state) else Path.home() / ".local" / "state"
+    return base / "oomguard" / "journal.db"
+
+
+def iso_utc(ts: float | None) -> str | None:
+    """ISO 8601 UTC with milliseconds ("2024-05-01T12:00:03.123Z") for a wall-clock time."""
+    if ts is None:
+        return None
+    text = datetime.fromtimestamp(ts, tz=UTC).isoformat(timespec="milliseconds")
+    return text.replace("+00:00", "Z")
+
+
+# Strings from processes and cgroup names may carry bytes that are not UTF-8, decoded with
+# surrogateescape. sqlite3 cannot encode those as TEXT, so such a value is stored as a BLOB
+# of its original bytes and decoded the same way on the way out: nothing is lost.
+def _db_text(s: str) -> str | bytes:
+    if s.isascii():
+        return s
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return s.encode("utf-8", "surrogateescape")
+    return s
+
+
+def _py_text(v: object) -> str:
+    if isinstance(v, bytes):
+        return v.decode("utf-8", "surrogateescape")
+    return str(v)
+
+
+def _json_default(obj: object) -> object:
+    # The hot path must not fail on an odd value in a snapshot: keep what we can.
+    if isinstance(obj, bytes):
+        return obj.decode("utf-8", "surrogateescape")
+    if isinstance(obj, set | frozenset | tuple):
+        return list(obj)
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    return repr(obj)
+
+
+def _to_json(data: object) -> str:
+    # ensure_ascii keeps lone surrogates (invalid UTF-8 from /proc) as \udcNN escapes.
+    if isinstance(data, Mapping) and not isinstance(data, dict):
+        data = dict(data)
+    return json.dumps(data, separators=(",", ":"), default=_json_default)
+
+
+def _from_json(text: object) -> object:
+    if text is None:
+        return None
+    return json.loads(_py_text(text))
+
+
+def _create_private_file(path: Path) -> None:
+    """Create missing parent dirs (0700) and the file itself (0600) if absent.
+
+    SQLite gives the -wal and -shm files the mode of the database file, so the
+    command lines and memory snapshots in them stay private too.
+    """
+    missing: list[Path] = []
+    parent = path.parent
+    while not parent.exists():
+        missing.append(parent)
+        parent = parent.parent
+    for d in reversed(missing):
+        try:
+            d.mkdir(mode=0o700)
+        except FileExistsError:
+            pass
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except FileExistsError:
+        return
+    os.close(fd)
+
+
+class Journal:
+    """The incident store and the intent log, over one SQLite connection."""
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = str(path)
+        self._db: sqlite3.Connection | None = None
+        self._writes = 0  # commits since the last checkpoint()
+        try:
+            if self.path != ":memory:":
+                _create_private_file(Path(self.path))
+            # isolation_level=None: autocommit, so every write is one statement + commit.
+            db = sqlite3.connect(self.path, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000)
+        except (OSError, sqlite3.Error) as e:
+            raise JournalError(f"{self.path}: cannot open journal: {e}") from e
+        self._db = db
+        try:
+            db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            db.execute("PRAGMA journal_mode = WAL")
+            db.execute("PRAGMA synchronous = NORMAL")
+            db.execute("PRAGMA foreign_keys = ON")
+            self._migrate(db)
+        except sqlite3.Error as e:
+            db.close()
+            self._db = None
+            raise JournalError(f"{self.path}: cannot open journal: {e}") from e
+
+    def _migrate(self, db: sqlite3.Connection) -> None:
+        version = int(db.execute("PRAGMA user_version").fetchone()[0])
+        if version == SCHEMA_VERSION:
+            return
+        if version > SCHEMA_VERSION:
+            raise JournalError(
+                f"{self.path}: journal schema version {version} is newer than this oomguard "
+                f"understands ({SCHEMA_VERSION})"
+            )
+        db.execute("BEGIN IMMEDIATE")  # two processes opening a new file: one migrates
+        try:
+            version = int(db.execute("PRAGMA user_version").fetchone()[0])
+            while version < SCHEMA_VERSION:
+                for stmt in _MIGRATIONS[version]:
+                    db.execute(stmt)
+                version += 1
+            db.execute(f"PRAGMA user_version = {version}")
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    # -- plumbing -----------------------------------------------------------------
+
+    def _conn(self) -> sqlite3.Connection:
+        if self._db is None:
+            raise JournalError(f"{self.path}: journal is closed")
+        return self._db
+
+    def _write(self, sql: str, params: Sequence[object]) -> sqlite3.Cursor:
+        self._writes += 1
+        try:
+            return self._conn().execute(sql, params)
+        except sqlite3.Error as e:
+            raise JournalError(f"{self.path}: write failed: {e}") from e
+
+    def _insert(self, sql: str, params: Sequence[object]) -> int:
+        rowid = self._write(sql, params).lastrowid
+        assert rowid is not None
+        return rowid
+
+    def _update_one(self, sql: str, params: Sequence[object], what: str) -> None:
+        if self._write(sql, params).rowcount != 1:
+            raise JournalError(f"{self.path}: no such {what}")
+
+    def _read(self, sql: str, params: Sequence[object] = ()) -> list[tuple[object, ...]]:
+        try:
+            return self._conn().execute(sql, params).fetchall()
+        except sqlite3.Error as e:
+            raise JournalError(f"{self.path}: read failed: {e}") from e
+
+    def close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+    def __enter__(self) -> Journal:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def checkpoint(self) -> None:
+        """Fold the WAL into the database now, while idle, so a commit mid-incident need not.
+
+        Without it SQLite checkpoints on whichever commit pushes the WAL past 1000 pages,
+        and that commit pays two fsyncs (~5 ms on disk). The first commit after a checkpoint
+        also syncs the WAL header as the log restarts, so a same-value write follows here to
+        pay for that too. PASSIVE: never waits for readers. Cheap when nothing was written.
+        """
+        if not self._writes:
+            return
+        row = self._read("PRAGMA wal_checkpoint(PASSIVE)")[0]
+        busy, log, done = row
+        if busy == 0 and log == done and isinstance(log, int) and log > 0:
+            self._write(f"PRAGMA user_version = {SCHEMA_VERSION}", ())
+        self._writes = 0
+
+    # -- incidents ----------------------------------------------------------------
+
+    def open_incident(self, cgroup: str, rule: str, dry_run: bool) -> int:
+        return self._insert(
+            "INSERT INTO incidents (cgroup, rule, dry_run, opened_at) VALUES (?, ?, ?, ?)",
+            (_db_text(cgroup), _db_text(rule), int(dry_run), time.time()),
+        )
+
+    def close_incident(self, incident_id: int, outcome: str, latency_ms: float | None) -> None:
+        self._update_one(
+            "UPDATE incidents SET closed_at = ?, outcome = ?, latency_ms = ? WHERE id = ?",
+            (time.time(), _db_text(outcome), latency_ms, incident_id),
+            f"incident {incident_id}",
+        )
+
+    def add_event(
+        self,
+        incident_id: int | None,
+        cgroup: str,
+        kind: str,
+        data: Mapping[str, object] | None = None,
+    ) -> int:
+        return self._insert(
+            "INSERT INTO events (incident_id, cgroup, kind, at, data_json) VALUES (?, ?, ?, ?, ?)",
+            (
+                incident_id,
+                _db_text(cgroup),
+                _db_text(kind),
+                time.time(),
+                None if data is None else _to_json(data),
+            ),
+        )
+
+    def begin_step(
+        self,
+        incident_id: int,
+        kind: str,
+        pid: int | None = None,
+        before: Mapping[str, object] | None = None,
+        detail: str = "",
+    ) -> int:
+        """Record that a step starts; `seq` is the next number within the incident."""
+        return self._insert(
+            _INSERT_STEP,
+            (
+                incident_id,
+                _db_text(kind),
+                pid,
+                time.time(),
+                time.monotonic(),
+                None if before is None else _to_json(before),
+                _db_text(detail),
+            ),
+        )
+
+    def finish_step(
+        self,
+        step_id: int,
+        result: str,
+        after: Mapping[str, object] | None = None,
+        detail: str = "",
+    ) -> None:
+        """Record the result; duration_ms is monotonic time since `begin_step`.
+
+        A non-empty `detail` is appended to the one given at `begin_step` ("; " between).
+        """
+        self._update_one(
+            _FINISH_STEP,
+            (
+                _db_text(result),
+                None if after is None else _to_json(after),
+                time.monotonic(),
+                _db_text(detail),
+                step_id,
+            ),
+            f"step {step_id}",
+        )
+
+    def add_victim(
+        self,
+        incident_id: int,
+        pid: int,
+        comm: str,
+        rss: int,
+        signal: str,
+        reaped_ms: float | None,
+    ) -> None:
+        """`rss` in bytes; `reaped_ms` from the signal to the pidfd reporting exit."""
+        self._insert(
+            "INSERT INTO victims (incident_id, pid, comm, rss, signal, reaped_ms, at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (incident_id, pid, _db_text(comm), rss, _db_text(signal), reaped_ms, time.time()),
+        )
+
+    def add_evidence(self, incident_id: int, kind: str, data: object) -> None:
+        self._insert(
+            "INSERT INTO evidence (incident_id, kind, at, data_json) VALUES (?, ?, ?, ?)",
+            (incident_id, _db_text(kind), time.time(), _to_json(data)),
+        )
+
+    # -- the intent log -----------------------------------------------------------
+
+    def record_change(
+        self,
+        cgroup: str,
+        kind: str,
+        target: str,
+        before: str,
+        after: str,
+        incident_id: int | None = None,
+    ) -> int:
+        """Record a change to the system BEFORE making it; returns the id to mark restored."""
+        return self._insert(
+            _INSERT_CHANGE,
+            (
+                _db_text(cgroup),
+                _db_text(kind),
+                _db_text(target),
+                _db_text(before),
+                _db_text(after),
+                incident_id,
+                time.time(),
+            ),
+        )
+
+    def mark_restored(self, change_id: int) -> None:
+        """The old value is back. Marking a row twice is harmless; an unknown id is an error."""
+        cur = self._write(
+            "UPDATE changes SET restored_at = ? WHERE id = ? AND restored_at IS NULL",
+            (time.time(), change_id),
+        )
+        if cur.rowcount == 0 and not self._read("SELECT 1 FROM changes WHERE id = ?", (change_id,)):
+            raise JournalError(f"{self.path}: no such change {change_id}")
+
+    def pending_changes(self) -> list[Change]:
+        """Changes not yet restored, newest first: the order to undo them in."""
+        rows = self._read(
+            "SELECT id, cgroup, kind, target, before_value, after_value, incident_id,"
+            " recorded_at FROM changes WHERE restored_at IS NULL ORDER BY id DESC"
+        )
+        return [
+            Change(
+                id=_int(r[0]),
+                cgroup=_py_text(r[1]),
+                kind=_py_text(r[2]),
+                target=_py_text(r[3]),
+                before=_py_text(r[4]),
+                after=_py_text(r[5]),
+                incident_id=None if r[6] is None else _int(r[6]),
+                recorded_at=_float(r[7]) or 0.0,
+            )
+            for r in rows
+        ]
+
+    # -- queries ------------------------------------------------------------------
+
+    def incidents(
+        self,
+        since: float | None = None,
+        cgroup: str | None = None,
+        limit: int | None = None,
+    ) -> list[dict[str, object]]:
+        """Incidents opened at or after `since` (wall clock), in `cgroup` or below it.
+
+        With `limit`, the newest `limit` of them. Always oldest first, newest last.
+        """
+        where: list[str] = []
+        params: list[object] = []
+        if since is not None:
+            where.append("opened_at >= ?")
+            params.append(since)
+        if cgroup is not None:
+            # The cgroup itself or any descendant: "/a" matches "/a" and "/a/b", not "/ab".
+            # '0' is the byte after '/', so the range holds exactly the paths under prefix/.
+            prefix = cgroup.rstrip("/")
+            where.append("(cgroup = ? OR (cgroup > ? AND cgroup < ?))")
+            params += [_db_text(prefix or "/"), _db_text(prefix + "/"), _db_text(prefix + "0")]
+        sql = "SELECT id, cgroup, rule, dry_run, opened_at, closed_at, outcome, latency_ms"
+        sql += " FROM incidents"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY id DESC LIMIT ?"
+        params.append(-1 if limit is None else max(limit, 0))
+        rows = self._read(sql, params)
+        rows.reverse()
+        return self._load(rows)
+
+    def incident(self, incident_id: int) -> dict[str, object] | None:
+        rows = self._read(
+            "SELECT id, cgroup, rule, dry_run, opened_at, closed_at, outcome, latency_ms"
+            " FROM incidents WHERE id = ?",
+            (incident_id,),
+        )
+        loaded = self._load(rows)
+        return loaded[0] if loaded else None
+
+    def _load(self, rows: list[tuple[object, ...]]) -> list[dict[str, object]]:
+        out: list[dict[str, object]] = []
+        by_id: dict[int, dict[str, list[dict[str, object]]]] = {}
+        for r in rows:
+            iid = _int(r[0])
+            opened = _float(r[4])
+            closed = _float(r[5])
+            children: dict[str, list[dict[str, object]]] = {
+                "steps": [],
+                "victims": [],
+                "events": [],
+                "evidence": [],
+                "changes": [],
+            }
+            by_id[iid] = children
+            out.append(
+                {
+                    "id": iid,
+                    "cgroup": _py_text(r[1]),
+                    "rule": _py_text(r[2]),
+                    "dry_run": bool(r[3]),
+                    "opened_at": iso_utc(opened),
+                    "opened_ts": opened,
+                    "closed_at": iso_utc(closed),
+                    "closed_ts": closed,
+                    "outcome": None if r[6] is None else _py_text(r[6]),
+                    "latency_ms": _float(r[7]),
+                    **children,
+                }
+            )
+        ids = list(by_id)
+        for chunk_start in range(0, len(ids), _CHUNK):
+            self._load_children(ids[chunk_start : chunk_start + _CHUNK], by_id)
+        return out
+
+    def _load_children(
+        self, ids: list[int], by_id: dict[int, dict[str, list[dict[str, object]]]]
+    ) -> None:
+        marks = ",".join("?" * len(ids))
+        for r in self._rows_for(
+            "SELECT incident_id, id, seq, kind, pid, result, before_json, after_json, detail,"
+            " duration_ms, started_at FROM steps WHERE incident_id IN ({}) ORDER BY seq",
+            marks,
+            ids,
+        ):
+            started = _float(r[10])
+            by_id[_int(r[0])]["steps"].append(
+                {
+                    "id": r[1],
+                    "seq": r[2],
+                    "kind": _py_text(r[3]),
+                    "pid": r[4],
+                    "result": None if r[5] is None else _py_text(r[5]),
+                    "before": _from_json(r[6]),
+                    "after": _from_json(r[7]),
+                    "detail": _py_text(r[8]),
+                    "duration_ms": _float(r[9]),
+                    "started_at": iso_utc(started),
+                    "started_ts": started,
+                }
+            )
+        for r in self._rows_for(
+            "SELECT incident_id, pid, comm, rss, signal, reaped_ms, at FROM victims"
+            " WHERE incident_id IN ({}) ORDER BY id",
+            marks,
+            ids,
+        ):
+            by_id[_int(r[0])]["victims"].append(
+                {
+                    "pid": r[1],
+                    "comm": _py_text(r[2]),
+                    "rss": r[3],
+                    "signal": _py_text(r[4]),
+                    "reaped_ms": _float(r[5]),
+                    "at": iso_utc(_float(r[6])),
+                }
+            )
+        for r in self._rows_for(
+            "SELECT incident_id, at, cgroup, kind, data_json FROM events"
+            " WHERE incident_id IN ({}) ORDER BY id",
+            marks,
+            ids,
+        ):
+            at = _float(r[1])
+            by_id[_int(r[0])]["events"].append(
+                {
+                    "at": iso_utc(at),
+                    "at_ts": at,
+                    "cgroup": _py_text(r[2]),
+                    "kind": _py_text(r[3]),
+                    "data": _from_json(r[4]),
+                }
+            )
+        for r in self._rows_for(
+            "SELECT incident_id, kind, at, data_json FROM evidence"
+            " WHERE incident_id IN ({}) ORDER BY id",
+            marks,
+            ids,
+        ):
+            by_id[_int(r[0])]["evidence"].append(
+                {"kind": _py_text(r[1]), "at": iso_utc(_float(r[2])), "data": _from_json(r[3])}
+            )
+        for r in self._rows_for(
+            "SELECT incident_id, id, cgroup, kind, target, before_value, after_value,"
+            " recorded_at, restored_at FROM changes WHERE incident_id IN ({}) ORDER BY id",
+            marks,
+            ids,
+        ):
+            recorded = _float(r[7])
+            restored = _float(r[8])
+            by_id[_int(r[0])]["changes"].append(
+                {
+                    "id": r[1],
+                    "cgroup": _py_text(r[2]),
+                    "kind": _py_text(r[3]),
+                    "target": _py_text(r[4]),
+                    "before": _py_text(r[5]),
+                    "after": _py_text(r[6]),
+                    "recorded_at": iso_utc(recorded),
+                    "recorded_ts": recorded,
+                    "restored_at": iso_utc(restored),
+                    "restored_ts": restored,
+                }
+            )
+
+    def _rows_for(self, sql: str, marks: str, ids: Iterable[int]) -> list[tuple[object, ...]]:
+        return self._read(sql.format(marks), list(ids))
+
+
+def _float(v: object) -> float | None:
+    return float(v) if isinstance(v, int | float) else None
+
+
+def _int(v: object) -> int:
+    if not isinstance(v, int):
+        raise JournalError(f"expected an integer in the journal, found {v!r}")
+    return v

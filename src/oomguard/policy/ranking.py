@@ -1,0 +1,224 @@
+"""Victim ranking: a pure function of a process snapshot and a rule's marks.
+
+The hard safety rules live here, where the choice is made: a pid in `never_pids` (oomguard
+itself and its ancestors, supplied by the caller), pid <= 2 and kernel threads are never
+candidates, whatever the policy says.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, replace
+
+from oomguard.policy.match import ProcessMatcher
+from oomguard.policy.model import Rule, Strategy
+from oomguard.units import format_size
+
+KTHREADD_PID = 2
+
+
+@dataclass(frozen=True)
+class ProcSample:
+    """What ranking needs to know about one process, read once from /proc."""
+
+    pid: int
+    ppid: int
+    uid: int
+    comm: str
+    cmdline: str  # argv joined by spaces; "" for kernel threads and zombies
+    exe: str
+    rss_anon: int  # bytes
+    rss: int  # bytes
+    start_time: float  # seconds since boot
+    oom_score: int
+    growth_bps: float = 0.0  # anon RSS growth, bytes/second; 0 if unknown
+
+
+@dataclass(frozen=True)
+class Candidate:
+    sample: ProcSample
+    score: float  # the strategy's key: bytes, bytes/s, seconds since boot or oom_score
+    reason: str  # e.g. "largest anon rss 250M, preferred by 'leak'"
+
+
+def matches(matcher: ProcessMatcher, sample: ProcSample) -> bool:
+    return matcher.matches(sample.comm, sample.cmdline, sample.exe, sample.uid)
+
+
+def is_untouchable(sample: ProcSample, never_pids: frozenset[int] = frozenset()) -> bool:
+    """The hard rules: never oomguard or its ancestors, init, kthreadd or a kernel thread."""
+    if sample.pid <= KTHREADD_PID or sample.pid in never_pids:
+        return True
+    return sample.ppid == KTHREADD_PID and not sample.cmdline
+
+
+def _first_match(matchers: Sequence[ProcessMatcher], sample: ProcSample) -> ProcessMatcher | None:
+    for matcher in matchers:
+        if matches(matcher, sample):
+            return matcher
+    return None
+
+
+def _score(strategy: Strategy, sample: ProcSample) -> float:
+    if strategy is Strategy.LARGEST:
+        return float(sample.rss_anon)
+    if strategy is Strategy.GROWTH:
+        return sample.growth_bps
+    if strategy in (Strategy.NEWEST, Strategy.OLDEST):
+        return sample.start_time
+    return float(sample.oom_score)
+
+
+def _sort_key(strategy: Strategy, tier: int, sample: ProcSample) -> tuple[float, ...]:
+    """Ascending key: lower tier first, then the strategy's order, then the lower pid."""
+    if strategy is Strategy.LARGEST:
+        return (tier, -sample.rss_anon, sample.pid)
+    if strategy is Strategy.GROWTH:
+        return (tier, -sample.growth_bps, -sample.rss_anon, sample.pid)
+    if strategy is Strategy.NEWEST:
+        return (tier, -sample.start_time, sample.pid)
+    if strategy is Strategy.OLDEST:
+        return (tier, sample.start_time, sample.pid)
+    return (tier, -sample.oom_score, -sample.rss_anon, sample.pid)
+
+
+def _describe(strategy: Strategy, sample: ProcSample) -> str:
+    anon = format_size(sample.rss_anon)
+    if strategy is Strategy.LARGEST:
+        return f"largest anon rss {anon}"
+    if strategy is Strategy.GROWTH:
+        return f"growing {format_size(int(sample.growth_bps))}/s, anon rss {anon}"
+    if strategy is Strategy.NEWEST:
+        return f"newest (started {sample.start_time:.1f}s after boot), anon rss {anon}"
+    if strategy is Strategy.OLDEST:
+        return f"oldest (started {sample.start_time:.1f}s after boot), anon rss {anon}"
+    return f"highest oom_score {sample.oom_score}, anon rss {anon}"
+
+
+_PREFERRED, _NORMAL, _AVOIDED = 0, 1, 2
+
+
+def rank_victims(
+    samples: Iterable[ProcSample],
+    strategy: Strategy,
+    protect: Sequence[ProcessMatcher] = (),
+    prefer: Sequence[ProcessMatcher] = (),
+    avoid: Sequence[ProcessMatcher] = (),
+    never_pids: frozenset[int] = frozenset(),
+) -> list[Candidate]:
+    """Candidates best first. Protected and untouchable processes are left out.
+
+    Tiers: preferred, then the rest, then avoided (a process both preferred and avoided sits
+    with the rest). Within a tier the strategy orders; ties go to the lower pid.
+    """
+    ranked: list[tuple[tuple[float, ...], Candidate]] = []
+    for sample in samples:
+        if is_untouchable(sample, never_pids) or _first_match(protect, sample) is not None:
+            continue
+        preferred = _first_match(prefer, sample)
+        avoided = _first_match(avoid, sample)
+        notes: list[str] = []
+        tier = _NORMAL
+        if preferred is not None:
+            notes.append(f"preferred by {preferred.label}")
+            tier -= 1
+        if avoided is not None:
+            notes.append(f"avoided by {avoided.label}")
+            tier += 1
+        reason = ", ".join([_describe(strategy, sample), *notes])
+        candidate = Candidate(sample, _score(strategy, sample), reason)
+        ranked.append((_sort_key(strategy, tier, sample), candidate))
+    ranked.sort(key=lambda item: item[0])
+    return [candidate for _, candidate in ranked]
+
+
+def rank_for_rule(
+    samples: Iterable[ProcSample],
+    rule: Rule,
+    never_pids: frozenset[int] = frozenset(),
+    strategy: Strategy | None = None,
+) -> list[Candidate]:
+    """rank_victims with a rule's marks; `strategy` overrides the rule's (a step's own)."""
+    return rank_victims(
+        samples,
+        strategy or rule.strategy,
+        protect=rule.protect,
+        prefer=rule.prefer,
+        avoid=rule.avoid,
+        never_pids=never_pids,
+    )
+
+
+@dataclass(frozen=True)
+class _Point:
+    time: float
+    rss_anon: int
+
+
+class GrowthTracker:
+    """Anonymous RSS growth per process over a sliding window, in bytes per second.
+
+    Keyed by (pid, start_time) so a reused pid never inherits another process's history.
+    Memory is bounded: at most `max_points` points per process and `max_processes` processes
+    (the least recently updated is dropped first); `observe()` also forgets processes that are
+    not in the batch. Times are monotonic seconds supplied by the caller.
+    """
+
+    def __init__(
+        self, window: float = 10.0, max_points: int = 16, max_processes: int = 8192
+    ) -> None:
+        if window <= 0 or max_points < 2 or max_processes < 1:
+            raise ValueError("window must be > 0, max_points >= 2, max_processes >= 1")
+        self.window = window
+        self._max_points = max_points
+        self._max_processes = max_processes
+        self._history: dict[tuple[int, float], deque[_Point]] = {}
+
+    def __len__(self) -> int:
+        return len(self._history)
+
+    def record(self, now: float, pid: int, start_time: float, rss_anon: int) -> None:
+        key = (pid, start_time)
+        points = self._history.pop(key, None)  # re-insert: dict order = least recent first
+        if points is None:
+            points = deque(maxlen=self._max_points)
+            if len(self._history) >= self._max_processes:
+                del self._history[next(iter(self._history))]
+        if points and now < points[-1].time:
+            points.clear()  # time went backwards: not a monotonic clock; start over
+        points.append(_Point(now, rss_anon))
+        # Keep the newest point at or before the window's start, so a rate spans the window.
+        while len(points) >= 2 and points[1].time <= now - self.window:
+            points.popleft()
+        self._history[key] = points
+
+    def rate(self, pid: int, start_time: float) -> float:
+        """Bytes per second between the oldest and the newest kept point; 0.0 if unknown."""
+        points = self._history.get((pid, start_time))
+        if not points or len(points) < 2:
+            return 0.0
+        first, last = points[0], points[-1]
+        elapsed = last.time - first.time
+        if elapsed <= 0:
+            return 0.0
+        return (last.rss_anon - first.rss_anon) / elapsed
+
+    def forget(self, keep: Iterable[tuple[int, float]]) -> None:
+        """Drop every process whose (pid, start_time) is not in `keep`."""
+        wanted = set(keep)
+        for key in [key for key in self._history if key not in wanted]:
+            del self._history[key]
+
+    def observe(self, now: float, samples: Iterable[ProcSample]) -> list[ProcSample]:
+        """Record a whole snapshot; return it with growth_bps filled in.
+
+        Processes not in `samples` are forgotten (they exited or left the cgroup).
+        """
+        batch = list(samples)
+        for sample in batch:
+            self.record(now, sample.pid, sample.start_time, sample.rss_anon)
+        self.forget((sample.pid, sample.start_time) for sample in batch)
+        return [
+            replace(sample, growth_bps=self.rate(sample.pid, sample.start_time)) for sample in batch
+        ]

@@ -1,0 +1,65 @@
+"""Small programs that use memory on purpose, for the demo, the tests and bench.
+
+Each is Python source run with the current interpreter. They must only ever be
+started inside a memory cgroup with a limit (see procs.spawn).
+"""
+
+from __future__ import annotations
+
+import sys
+
+# Allocates STEP bytes at a time, touching every page, printing a monotonic
+# timestamp (ns) per step on stdout if asked; never frees. Stops at TOTAL if given.
+LEAK = r"""
+import os, sys, time
+step = int(sys.argv[1]) if len(sys.argv) > 1 else 1 << 20
+total = int(sys.argv[2]) if len(sys.argv) > 2 else 0
+stamp = len(sys.argv) > 3 and sys.argv[3] == "stamps"
+pause = float(sys.argv[4]) if len(sys.argv) > 4 else 0.0
+chunks, used = [], 0
+page = b"\x01" * (step // 4096)
+while not total or used < total:
+    b = bytearray(step)
+    b[::4096] = page
+    chunks.append(b)
+    used += step
+    if stamp:
+        os.write(1, b"%d\n" % time.monotonic_ns())
+    if pause:
+        time.sleep(pause)
+print("done", used, flush=True)
+"""
+
+# Takes SIZE bytes once, then sleeps: a well-behaved service.
+STEADY = r"""
+import signal, sys, time
+size = int(sys.argv[1]) if len(sys.argv) > 1 else 8 << 20
+b = bytearray(size)
+b[::4096] = b"\x01" * (size // 4096)
+print("ready", flush=True)
+while True:
+    time.sleep(3600)
+"""
+
+# Like LEAK but ignores SIGTERM, so only SIGKILL ends it.
+STUBBORN_LEAK = "import signal\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\n" + LEAK
+
+# Frees its cache on SIGUSR1: the RFC's "send a signal to shrink".
+SHRINKABLE = r"""
+import signal, sys, time
+size = int(sys.argv[1]) if len(sys.argv) > 1 else 32 << 20
+cache = []
+def drop(*_):
+    cache.clear()
+    print("dropped", flush=True)
+signal.signal(signal.SIGUSR1, drop)
+while True:
+    if sum(map(len, cache)) < size:
+        b = bytearray(1 << 20); b[::4096] = b"\x01" * 256; cache.append(b)
+    else:
+        time.sleep(0.05)
+"""
+
+
+def argv(source: str, *args: object) -> list[str]:
+    return [sys.executable, "-c", source, *map(str, args)]
