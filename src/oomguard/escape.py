@@ -8,6 +8,11 @@ for a person goes through `printable`.
 from __future__ import annotations
 
 _NAMED = {"\n": "\\n", "\t": "\\t", "\r": "\\r", "\\": "\\\\"}
+# U+2028/9 separate lines; the rest are the bidi controls of "Trojan Source"
+# (CVE-2021-42574): marks, embeddings/overrides and the isolates.
+_BIDI_AND_SEPARATORS = frozenset(
+    (0x061C, 0x200E, 0x200F, 0x2028, 0x2029, *range(0x202A, 0x202F), *range(0x2066, 0x206A))
+)
 
 
 def _escape_char(ch: str) -> str:
@@ -18,8 +23,8 @@ def _escape_char(ch: str) -> str:
         return f"\\x{code - 0xDC00:02x}"
     if code < 0x20 or code == 0x7F or 0x80 <= code < 0xA0:
         return f"\\x{code:02x}"
-    if code in (0x2028, 0x2029, 0x200E, 0x200F, 0x202A, 0x202B, 0x202C, 0x202D, 0x202E):
-        return f"\\u{code:04x}"  # line separators and bidi overrides
+    if code in _BIDI_AND_SEPARATORS or 0xD800 <= code <= 0xDFFF:
+        return f"\\u{code:04x}"  # line separators, bidi controls, lone surrogates
     return ch
 
 

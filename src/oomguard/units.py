@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtp]?)(i?b?)\s*$", re.IGNORECASE)
@@ -38,8 +39,8 @@ def format_size(n: int | None) -> str:
 def parse_duration(text: str | int | float) -> float:
     """Seconds from 3, 0.5, "30s", "500ms", "2m", "1h"."""
     if isinstance(text, (int, float)) and not isinstance(text, bool):
-        if text < 0:
-            raise ValueError(f"duration must not be negative: {text}")
+        if not math.isfinite(text) or text < 0:
+            raise ValueError(f"duration must be a finite number >= 0: {text}")
         return float(text)
     m = _DURATION_RE.match(str(text))
     if not m:

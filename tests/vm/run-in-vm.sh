@@ -466,8 +466,12 @@ say "VM ($ACCEL, ${MEM} MiB, $CPUS vCPU) wall time $((($(date +%s%N) - T0) / 100
 if [[ -s $JOB/status ]]; then
   exit "$(cat "$JOB/status")"
 fi
-if ((QRC == 124 || QRC == 137)); then
-  echo "run-in-vm: error: VM killed by the ${TIMEOUT}s timeout" >&2
+if ((stalled)); then
+  echo "run-in-vm: error: the guest did not boot in $attempt attempt(s) (OOMGUARD_VM_BOOT_TIMEOUT=${BOOT_TIMEOUT}s)" >&2
+elif ((SECONDS >= END)); then
+  echo "run-in-vm: error: VM killed by the ${TIMEOUT}s timeout (OOMGUARD_VM_TIMEOUT)" >&2
+elif ((QRC > 128)); then
+  echo "run-in-vm: error: qemu was killed by signal $((QRC - 128))" >&2
 else
   echo "run-in-vm: error: VM ended without an exit status (qemu status $QRC)" >&2
 fi

@@ -48,9 +48,13 @@ def read_text(cgroup_dir: Path, name: str) -> str:
 
 
 def write_text(cgroup_dir: Path, name: str, value: str) -> None:
-    """One write(2) of `value`: cgroupfs parses each write as a whole."""
+    """One write(2) of `value`: cgroupfs parses each write as a whole.
+
+    O_TRUNC is what `echo v > file` does: cgroupfs ignores it, and a plain file
+    (a fake tree, a test double) then holds exactly `value`, not old tail bytes.
+    """
     try:
-        fd = os.open(cgroup_dir / name, os.O_WRONLY | os.O_CLOEXEC)
+        fd = os.open(cgroup_dir / name, os.O_WRONLY | os.O_TRUNC | os.O_CLOEXEC)
     except OSError as exc:
         raise map_oserror(exc, cgroup_dir, name) from None
     try:

@@ -63,12 +63,23 @@ def _process_relpath(hier: Hierarchies, pid_text: str, spec: str) -> str:
         raise NoSuchProcess(pid) from None
     except PermissionError:
         raise CgroupPermissionDenied(spec, f"cannot read /proc/{pid}/cgroup") from None
-    v1 = memory_mount(hier).fstype == "cgroup"
+    mount = memory_mount(hier)
+    v1 = mount.fstype == "cgroup"
     for line in text.splitlines():
         _, controllers, path = line.split(":", 2)
         if (v1 and "memory" in controllers.split(",")) or (not v1 and controllers == ""):
-            return path
+            return _below_mount_root(path, mount, spec)
     raise NotAMemoryCgroup(spec, f"pid {pid} is in no memory cgroup")
+
+
+def _below_mount_root(path: str, mount: Mount, spec: str) -> str:
+    """/proc/PID/cgroup names the hierarchy path; the mount may show only a subtree of it."""
+    root = mount.root.rstrip("/")
+    if not root:
+        return path
+    if path == root or path.startswith(root + "/"):
+        return path[len(root):] or "/"
+    raise CgroupNotFound(spec, f"{path} is outside the mounted {mount.root} at {mount.mount_point}")
 
 
 def _relative_to_mount(path: Path, mount: Mount) -> str | None:

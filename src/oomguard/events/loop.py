@@ -131,10 +131,15 @@ class EventLoop:
                 self.run_once()
 
     def close(self) -> None:
+        """Restore signal handling and close the fds; a second call does nothing."""
+        if self._epoll.closed:
+            return  # closing the pipe again could close an fd number reused since
         for signum, old in self._old_signal_handlers.items():
             signal.signal(signum, old)  # type: ignore[arg-type]
+        self._old_signal_handlers.clear()
         if self._old_wakeup_fd is not None:
             signal.set_wakeup_fd(self._old_wakeup_fd)
+            self._old_wakeup_fd = None
         self._epoll.close()
         os.close(self._wake_r)
         os.close(self._wake_w)

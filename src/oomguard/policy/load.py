@@ -66,8 +66,8 @@ def _show(value: object) -> str:
     return f"a {type(value).__name__}"
 
 
-def _suggest(word: str, choices: Iterable[str]) -> str:
-    close = difflib.get_close_matches(word, sorted(choices), n=1, cutoff=0.6)
+def _suggest(word: str, choices: Iterable[str], cutoff: float = 0.6) -> str:
+    close = difflib.get_close_matches(word, sorted(choices), n=1, cutoff=cutoff)
     return f"; did you mean '{close[0]}'?" if close else ""
 
 
@@ -124,6 +124,8 @@ def _duration(positive: bool) -> Callable[[object], float]:
     def parse(value: object) -> float:
         if isinstance(value, bool) or not isinstance(value, int | float | str):
             raise _Invalid(f'expected a duration like "2s", got {_show(value)}')
+        if not isinstance(value, str) and value < 0:
+            raise _Invalid(f"must be at least 0, got {_show(value)}")
         try:
             seconds = parse_duration(value)
         except ValueError:
@@ -182,7 +184,7 @@ def parse_signal(value: object) -> int:
                 signum = signal.Signals[name].value
             else:
                 names = [s.name for s in signal.Signals]
-                raise _Invalid(f"unknown signal {_show(value)}{_suggest(name, names)}")
+                raise _Invalid(f"unknown signal {_show(value)}{_suggest(name, names, 0.8)}")
     if signum is None:
         raise _Invalid(f'expected a signal like "SIGUSR1", "USR1" or 10, got {_show(value)}')
     if not 1 <= signum <= signal.SIGRTMAX:

@@ -1,0 +1,126 @@
+"""Kill a victim chosen by the rule: SIGTERM, a grace time, then SIGKILL.
+
+The pidfd is opened before the signal and checked against the sample, so a
+recycled pid is never hit; its readability tells the loop the victim exited.
+Victims are killed one at a time, up to the rule's max_victims, until the
+group is no longer out of memory.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from typing import TYPE_CHECKING
+
+from oomguard.actions.pause import thaw_for_kill
+from oomguard.actions.victims import open_verified, sample_group
+from oomguard.policy import Candidate, Step, rank_for_rule
+from oomguard.procs import Pidfd, read_stat
+
+if TYPE_CHECKING:
+    from oomguard.incident import Done, Incident
+
+
+def choose(inc: Incident, step: Step) -> list[Candidate]:
+    samples = sample_group(inc.group, inc.watch.growth)
+    return rank_for_rule(samples, inc.rule, inc.engine.never_pids, inc.rule.strategy_for(step))
+
+
+def kill(inc: Incident, step: Step, done: Done) -> None:
+    rule, journal = inc.rule, inc.engine.journal
+    if inc.victims >= rule.max_victims:
+        sid = journal.begin_step(inc.id, "kill", None, None)
+        journal.finish_step(sid, "budget", None, f"max_victims {rule.max_victims} reached")
+        done("failed")
+        return
+    candidates = choose(inc, step)
+    for cand in candidates:
+        pfd = open_verified(cand.sample) if not inc.dry_run else None
+        if pfd is None and not inc.dry_run:
+            continue  # exited or pid reused since the sample: next candidate
+        _kill_one(inc, step, cand, pfd, done)
+        return
+    sid = journal.begin_step(inc.id, "kill", None, {"candidates": len(candidates)})
+    journal.finish_step(sid, "no-victim", None, "no process may be killed")
+    inc.engine.log.info(f"{inc.group.relpath}: no process may be killed")
+    done("failed")
+
+
+def _group_members(inc: Incident, victim: Candidate) -> list[Pidfd]:
+    """Other processes of the victim's process group inside the same cgroup."""
+    members = []
+    try:
+        pgid = read_stat(victim.sample.pid).pgid
+        for pid in inc.group.procs():
+            if pid != victim.sample.pid and pid not in inc.engine.never_pids \
+                    and read_stat(pid).pgid == pgid:
+                members.append(Pidfd.open(pid))
+    except Exception:  # noqa: BLE001 - racing exits: signal whoever is still there
+        pass
+    return members
+
+
+def _asleep_in_oom_wait(inc: Incident, pid: int) -> bool:
+    """A task asleep in the OOM wait cannot run a SIGTERM handler before memory is freed,
+    and without a handler SIGTERM kills it anyway: SIGKILL it at once (no grace)."""
+    try:
+        return read_stat(pid).state == "D" and inc.under_oom()
+    except Exception:  # noqa: BLE001 - gone: whatever we send will not matter
+        return False
+
+
+def _kill_one(inc: Incident, step: Step, cand: Candidate, pfd: Pidfd | None, done: Done) -> None:
+    s = cand.sample
+    engine, journal = inc.engine, inc.engine.journal
+    grace = inc.rule.grace_for(step)
+    first = signal.SIGTERM if grace > 0 and not _asleep_in_oom_wait(inc, s.pid) else signal.SIGKILL
+    sid = journal.begin_step(inc.id, "kill", s.pid,
+                             {"comm": s.comm, "rss": s.rss, "rss_anon": s.rss_anon,
+                              "reason": cand.reason, "signal": first.name})
+    if pfd is None:  # dry-run
+        journal.finish_step(sid, "dry-run", None, f"would kill pid {s.pid}: {cand.reason}")
+        engine.log.info(f"dry-run: would kill pid {s.pid} ({s.comm}) in {inc.group.relpath}")
+        done("done")
+        return
+    thaw_for_kill(inc)
+    members = _group_members(inc, cand) if inc.rule.kill_process_group else []
+    sent_at = time.monotonic()
+    sent = first
+    pfd.send(first)
+    for m in members:
+        m.send(first)
+    if first == signal.SIGTERM:
+        pfd.send(signal.SIGCONT)  # a stopped victim must run to act on SIGTERM
+
+    def escalate() -> None:
+        nonlocal sent
+        sent = signal.SIGKILL
+        pfd.send(signal.SIGKILL)
+        for m in members:
+            m.send(signal.SIGKILL)
+        pfd.mrelease()
+
+    def exited(_revents: int) -> None:
+        engine.loop.remove_reader(pfd.fileno())
+        reaped_ms = (time.monotonic() - sent_at) * 1000.0
+        pfd.close()
+        for m in members:
+            m.close()
+        inc.victims += 1
+        journal.add_victim(inc.id, s.pid, s.comm, s.rss, sent.name, reaped_ms)
+        journal.finish_step(sid, "killed", {"signal": sent.name, "reaped_ms": reaped_ms})
+        engine.log.killed(s.pid, s.comm, inc.group.relpath, s.rss,
+                          (time.monotonic() - inc.first_event) * 1000.0)
+        engine.victim_killed(inc)
+        done("relief")
+
+    def cleanup() -> None:
+        engine.loop.remove_reader(pfd.fileno())
+        pfd.close()
+        for m in members:
+            m.close()
+
+    engine.loop.add_reader(pfd.fileno(), exited)
+    inc.on_close(cleanup)
+    if first == signal.SIGTERM:
+        inc.later(grace, escalate)

@@ -1,0 +1,71 @@
+"""`oomguard events` and `oomguard show ID`: read the incident journal."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from datetime import datetime
+from typing import Any
+
+from oomguard.cli.output import emit_json
+from oomguard.errors import OomguardError, UsageError
+from oomguard.journal import Journal, default_journal_path, format_incident_detail, format_incident_line
+from oomguard.units import parse_duration
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("events", help="list incidents from the journal")
+    p.add_argument("--json", action="store_true", help="one JSON array of incidents")
+    p.add_argument("--since", metavar="T",
+                   help="only incidents opened after T: a duration ago (10m, 2h) or ISO time")
+    p.add_argument("--cgroup", metavar="PATH", help="only this cgroup and those below it")
+    p.add_argument("--journal", metavar="PATH", help="incident journal (SQLite)")
+    p.set_defaults(func=run_events)
+    s = sub.add_parser("show", help="one incident in full")
+    s.add_argument("id", type=int, metavar="ID")
+    s.add_argument("--json", action="store_true")
+    s.add_argument("--journal", metavar="PATH")
+    s.set_defaults(func=run_show)
+
+
+def parse_since(text: str) -> float:
+    try:
+        return time.time() - parse_duration(text)
+    except ValueError:
+        pass
+    try:
+        return datetime.fromisoformat(text).timestamp()
+    except ValueError:
+        raise UsageError(f"--since: expected a duration like 10m or an ISO time, got {text!r}") \
+            from None
+
+
+def _open(path: str | None) -> Journal:
+    journal_path = path or default_journal_path()
+    if path is None and not default_journal_path().exists():
+        raise OomguardError(f"{journal_path}: no journal yet (nothing has been handled)")
+    return Journal(journal_path)
+
+
+def run_events(args: argparse.Namespace) -> int:
+    since = parse_since(args.since) if args.since else None
+    with _open(args.journal) as journal:
+        rows = journal.incidents(since=since, cgroup=args.cgroup)
+    if args.json:
+        emit_json(rows)
+    else:
+        for row in rows:
+            print(format_incident_line(row))
+    return 0
+
+
+def run_show(args: argparse.Namespace) -> int:
+    with _open(args.journal) as journal:
+        row = journal.incident(args.id)
+    if row is None:
+        raise OomguardError(f"incident {args.id}: not in the journal")
+    if args.json:
+        emit_json(row)
+    else:
+        print(format_incident_detail(row))
+    return 0

@@ -1,0 +1,174 @@
+"""`oomguard run [options] -- CMD [ARGS...]`: run a command in its own memory cgroup
+with an OOM policy applied by this process.
+
+With only --memory: on OOM, snapshot, then kill the best victim by `largest`
+(never a protected one); the command goes on if its main process survives.
+--grow first grows the limit within --grow-max, then kills. Exits with the
+command's status (128+N if signal N ended it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from typing import Any
+
+from oomguard.cgroup import MemoryCgroup
+from oomguard.cgroup.transient import clean_stale, destroy, ensure_parent, new_group
+from oomguard.cgroup.v1 import V1MemoryCgroup
+from oomguard.cli.common import duration_arg, size_arg
+from oomguard.errors import UsageError
+from oomguard.policy import (
+    Policy,
+    Rule,
+    Step,
+    StepKind,
+    Strategy,
+    load_policy,
+    process_matcher,
+)
+from oomguard.procs import Pidfd, spawn_in
+from oomguard.session import Session
+
+RUN_PARENT = "/oomguard.run"
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("run", help="run a command in a memory cgroup with an OOM policy",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--memory", type=size_arg, metavar="SIZE", help="memory limit, e.g. 512M")
+    p.add_argument("--memsw", type=size_arg, metavar="SIZE", help="memory+swap limit")
+    p.add_argument("--grow", type=size_arg, metavar="STEP", help="grow the limit by STEP first")
+    p.add_argument("--grow-max", type=size_arg, metavar="SIZE", help="ceiling for --grow")
+    p.add_argument("--kill", choices=[s.value for s in Strategy], metavar="STRATEGY",
+                   help="victim ranking: largest (default), growth, newest, oldest, oom_score")
+    p.add_argument("--protect", action="append", default=[], metavar="REGEX",
+                   help="never kill a process whose name, cmdline or exe matches")
+    p.add_argument("--prefer", action="append", default=[], metavar="REGEX",
+                   help="kill matching processes first")
+    p.add_argument("--grace", type=duration_arg, metavar="SECONDS",
+                   help="SIGTERM -> SIGKILL wait (default 2s)")
+    p.add_argument("--deadline", type=duration_arg, metavar="SECONDS",
+                   help="hand an unresolved OOM to the kernel after this long (default 10s)")
+    p.add_argument("--dry-run", action="store_true", help="decide and record; change nothing")
+    p.add_argument("--policy", metavar="FILE", help="take the rule from a policy file")
+    p.add_argument("--journal", metavar="PATH", help="incident journal (SQLite)")
+    p.add_argument("--log-format", choices=["text", "json"], default="text")
+    p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
+    p.set_defaults(func=run)
+
+
+def build_rule(args: argparse.Namespace, relpath: str) -> Rule:
+    """The rule for this run: the policy file's, with the flags on top."""
+    base: Rule | None = None
+    if args.policy:
+        policy: Policy = load_policy(args.policy)
+        base = policy.rule_for(relpath) or policy.rules[0]
+    if base is None:
+        steps = [Step(StepKind.HOLD), Step(StepKind.SNAPSHOT)]
+        if args.grow:
+            steps.append(Step(StepKind.GROW))
+        steps.append(Step(StepKind.KILL))
+        base = Rule(name="run", match=relpath, steps=tuple(steps))
+    changes: dict[str, Any] = {"match": relpath}
+    if args.memory is not None:
+        changes["memory"] = args.memory
+    if args.memsw is not None:
+        changes["memsw"] = args.memsw
+    if args.grow is not None:
+        changes["grow_step"] = args.grow
+        changes["grow_max"] = args.grow_max
+    if args.kill:
+        changes["strategy"] = Strategy(args.kill)
+    if args.protect:
+        changes["protect"] = base.protect + tuple(_matcher(r) for r in args.protect)
+    if args.prefer:
+        changes["prefer"] = base.prefer + tuple(_matcher(r) for r in args.prefer)
+    if args.grace is not None:
+        changes["grace"] = args.grace
+    if args.deadline is not None:
+        changes["deadline"] = args.deadline
+    if args.dry_run:
+        changes["dry_run"] = True
+    rule = dataclasses.replace(base, **changes)
+    if rule.memory is None:
+        raise UsageError("run: --memory SIZE is required (or a policy rule with memory)")
+    if rule.grow_max is not None and rule.grow_max <= rule.memory:
+        raise UsageError("run: --grow-max must be above --memory")
+    if args.grow and rule.grow_max is None:
+        raise UsageError("run: --grow needs --grow-max (the ceiling)")
+    if rule.memsw is not None and rule.memsw < rule.memory:
+        raise UsageError("run: --memsw must be at least --memory")
+    return rule
+
+
+def _matcher(regex: str) -> Any:
+    try:
+        return process_matcher(anywhere=regex)
+    except ValueError as exc:
+        raise UsageError(f"run: bad regex {regex!r}: {exc}") from None
+
+
+def exit_status(returncode: int) -> int:
+    return 128 - returncode if returncode < 0 else returncode
+
+
+def run(args: argparse.Namespace) -> int:
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        raise UsageError("run: no command given (oomguard run --memory 512M -- CMD ...)")
+    session = Session.open(args.journal, args.log_format)
+    parent = ensure_parent(session.hier, RUN_PARENT)
+    clean_stale(parent)
+    group = new_group(parent, "run")
+    try:
+        rule = build_rule(args, group.relpath)
+        return _supervise(session, group, rule, command)
+    finally:
+        try:
+            session.close()
+        finally:
+            destroy(group)
+
+
+def _supervise(session: Session, group: MemoryCgroup, rule: Rule, command: list[str]) -> int:
+    engine, loop = session.engine, session.loop
+    engine.watch(group, rule)
+    dirs = [group.path]
+    if isinstance(group, V1MemoryCgroup) and group.hierarchies.freezer_v1 is not None:
+        dirs.append(group.ensure_freezer())
+    try:
+        child = spawn_in(dirs, command)
+    except FileNotFoundError:
+        raise UsageError(f"run: command not found: {command[0]!r}") from None
+    except PermissionError:
+        raise UsageError(f"run: permission denied: {command[0]!r}") from None
+    pidfd = Pidfd.open(child.pid)
+    main_done = False
+
+    def forward(signum: int) -> None:
+        pidfd.send(signum)
+
+    def maybe_stop() -> None:
+        open_incidents = [w for w in engine.watches.values()
+                          if w.incident is not None]
+        if main_done and not open_incidents:
+            loop.stop()
+
+    def child_exited(_revents: int) -> None:
+        nonlocal main_done
+        loop.remove_reader(pidfd.fileno())
+        main_done = True
+        maybe_stop()
+        loop.call_later(rule.settle + 1.0, loop.stop)  # never wait long on a settling episode
+
+    session.on_signals(forward)
+    engine.on_incident_closed = lambda _inc: maybe_stop()
+    loop.add_reader(pidfd.fileno(), child_exited)
+    loop.run()
+    pidfd.close()
+    status = child.wait()
+    return exit_status(status)
+
+
+__all__ = ["RUN_PARENT", "build_rule", "exit_status", "run"]

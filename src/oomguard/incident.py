@@ -1,0 +1,226 @@
+"""One OOM episode of one cgroup, from the first kernel event to its resolution.
+
+States: acting (running the rule's steps one after another) -> settling (the
+group is no longer out of memory; a new OOM event in this window is the same
+episode and resumes acting) -> closed. A deadline hands an unresolved OOM to
+the kernel's own killer, so oomguard never becomes a new way for a machine to
+hang.
+
+The incident owns its timers and pidfds; a step that finishes after the
+incident moved on is ignored (each step run carries a generation number).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from oomguard.errors import OomguardError
+from oomguard.events.loop import Timer
+from oomguard.ledger import ActiveChange
+from oomguard.policy import Rule, Step, StepKind
+
+if TYPE_CHECKING:
+    from oomguard.engine import Engine
+    from oomguard.watch import Watch
+
+Done = Callable[[str], None]
+
+# How long after a step to keep re-checking whether the kernel let go of the OOM.
+# The waiters wake asynchronously after memory is freed or the limit raised; these
+# checks run only inside an open incident, never while the daemon is idle.
+RECHECK_DELAYS = (0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128)
+
+
+class Incident:
+    def __init__(self, engine: Engine, watch: Watch, first_event: float, count: int) -> None:
+        self.engine = engine
+        self.watch = watch
+        self.group = watch.group
+        self.rule: Rule = watch.rule
+        self.dry_run = self.rule.dry_run
+        self.first_event = first_event
+        self.id = engine.journal.open_incident(self.group.relpath, self.rule.name, self.dry_run)
+        engine.journal.add_event(self.id, self.group.relpath, "oom", {"count": count})
+        self.index = 0
+        self.state = "acting"
+        self.outcome = ""
+        self.victims = 0
+        self.grows = 0
+        self.generation = 0
+        self.resolved_at: float | None = None
+        self.changes: list[ActiveChange] = []  # incident-scoped: undone at close
+        self._timers: list[Timer] = []
+        self._closers: list[Callable[[], None]] = []
+        self._last_step: Step | None = None
+        self._deadline = engine.loop.call_later(self.rule.deadline, self._on_deadline)
+        engine.log.incident_opened(self.group.relpath, self.id)
+
+    # -- helpers for steps --------------------------------------------------------
+    def later(self, delay: float, fn: Callable[[], None]) -> None:
+        gen = self.generation
+
+        def fire() -> None:
+            if gen == self.generation and self.state != "closed":
+                fn()
+
+        self._timers.append(self.engine.loop.call_later(delay, fire))
+
+    def on_close(self, fn: Callable[[], None]) -> None:
+        self._closers.append(fn)
+
+    def step_done(self) -> Done:
+        """The `done` callback for the step now starting; ignored if the incident moved on."""
+        gen = self.generation
+
+        def finish(result: str) -> None:
+            if gen == self.generation and self.state == "acting":
+                self._step_finished(result)
+
+        return finish
+
+    def under_oom(self) -> bool:
+        """Is the group still out of memory, by the kernel's own account?"""
+        try:
+            if self.group.version == 1:
+                return self.group.oom_state().under_oom
+            return self.watch.held_v2()
+        except OomguardError:
+            return False  # removed: nothing left to be out of memory
+
+    # -- the episode ----------------------------------------------------------------
+    def start(self) -> None:
+        self._advance()
+
+    def on_event(self, count: int) -> None:
+        """Another kernel OOM event for this group: the same episode."""
+        self.engine.journal.add_event(self.id, self.group.relpath, "oom", {"count": count})
+        if self.state == "settling":
+            self.state = "acting"
+            self.resolved_at = None
+            self.generation += 1
+            # Repeat the step that had resolved it (kill another, grow again) if it may.
+            if self._last_step is not None and self._last_step.kind in (StepKind.KILL,
+                                                                        StepKind.GROW):
+                self.index -= 1
+            self._advance()
+
+    def _advance(self) -> None:
+        if self.state != "acting":
+            return
+        if not self.dry_run and not self.under_oom() and self.index > 0:
+            self._resolved()
+            return
+        if self.index >= len(self.rule.steps):
+            if self.dry_run:
+                self.close("dry-run")
+            else:
+                self.hand_over("no step resolved it")
+            return
+        step = self.rule.steps[self.index]
+        self.index += 1
+        self._last_step = step
+        self.generation += 1
+        self.engine.run_step(self, step, self.step_done())
+
+    def _step_finished(self, result: str) -> None:
+        """Steps end with "relief" when they expect the kernel to let go (a victim
+        exited, the limit grew): then re-check briefly. Anything else: next step."""
+        if result == "kernel":
+            return  # the step handed over; hand_over() drives the rest
+        if result == "relief" and not self.dry_run:
+            self.await_relief(self._resolved, self._retry_or_advance)
+        else:
+            self._advance()
+
+    def _retry_or_advance(self) -> None:
+        """Still out of memory after a kill: the next victim, while the rule allows."""
+        last = self._last_step
+        if last is not None and last.kind is StepKind.KILL and self.victims < self.rule.max_victims:
+            self.index -= 1
+        self._advance()
+
+    def await_relief(self, relieved: Callable[[], None], still: Callable[[], None],
+                     budget: float | None = None) -> None:
+        """Call `relieved` as soon as the group is no longer out of memory, else `still`
+        after the short re-check schedule (or `budget` seconds) runs out."""
+        if not self.under_oom():
+            relieved()
+            return
+        delays = list(RECHECK_DELAYS)
+        if budget is not None:
+            total, kept = 0.0, []
+            for d in delays:
+                if total + d > budget:
+                    break
+                kept.append(d)
+                total += d
+            while total < budget:
+                d = min(0.25, budget - total)
+                kept.append(d)
+                total += d
+            delays = kept
+
+        def check(i: int) -> None:
+            if not self.under_oom():
+                relieved()
+            elif i >= len(delays):
+                still()
+            else:
+                self.later(delays[i], lambda: check(i + 1))
+
+        check(0)
+
+    def _resolved(self) -> None:
+        if self.state != "acting":
+            return
+        self.state = "settling"
+        self.resolved_at = time.monotonic()
+        self.later(self.rule.settle, lambda: self.close(self.outcome or "resolved"))
+
+    def hand_over(self, reason: str) -> None:
+        """Give the OOM to the kernel's killer: the fail-safe."""
+        self.generation += 1
+        self.outcome = "kernel"
+        self.engine.log.handed_to_kernel(self.group.relpath, reason)
+        step_id = self.engine.journal.begin_step(self.id, "kernel", None, {"reason": reason})
+        try:
+            self.engine.release_hold(self)
+        except OomguardError as exc:
+            self.engine.journal.finish_step(step_id, "failed", None, str(exc))
+        else:
+            self.engine.journal.finish_step(step_id, "handed-over", None, reason)
+        self.await_relief(self._resolved, self._handover_stuck, budget=self.rule.deadline)
+
+    def _handover_stuck(self) -> None:
+        self.engine.log.info(f"{self.group.relpath}: still out of memory after handing over")
+        self.close("kernel")
+
+    def _on_deadline(self) -> None:
+        if self.state == "acting" and not self.dry_run and self.outcome != "kernel":
+            self.hand_over(f"deadline of {self.rule.deadline:g}s passed")
+        elif self.state == "acting" and self.dry_run:
+            self.close("dry-run")
+
+    def close(self, outcome: str) -> None:
+        if self.state == "closed":
+            return
+        self.state = "closed"
+        self.generation += 1
+        self._deadline.cancel()
+        for t in self._timers:
+            t.cancel()
+        for fn in reversed(self._closers):
+            fn()
+        # Resume what the incident paused and undo its temporary changes (not grows:
+        # those shrink back once usage allows, see Engine.try_shrink).
+        for change in reversed(self.changes):
+            if change.id in self.engine.ledger.active:
+                self.engine.ledger.restore(change)
+        latency = None
+        if self.resolved_at is not None:
+            latency = (self.resolved_at - self.first_event) * 1000.0
+        self.outcome = outcome
+        self.engine.journal.close_incident(self.id, outcome, latency)
+        self.engine.incident_closed(self, latency)

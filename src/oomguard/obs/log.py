@@ -1,0 +1,300 @@
+"""The decision log: one line per decision, for a person (text) or a machine (json).
+
+Text, on stderr by default (journald adds the timestamp under systemd):
+
+    oomguard: watching 3 cgroups
+    oomguard: incident 7 opened in /jobs/a (oom)
+    oomguard: killed pid 123 (leak) in /jobs/a, rss 250M, resolved in 3.1 ms
+    oomguard: incident 7 in /jobs/a closed: resolved in 3.1 ms
+
+JSON (`--log-format json`), one object per line, ASCII only:
+
+    {"ts": 1712345678.123, "event": "killed", "msg": "killed pid 123 ...", "pid": 123, ...}
+
+A process names itself: every string that reaches a text line goes through
+`oomguard.escape.printable`, so a comm with a newline cannot forge a second line
+and an escape sequence cannot repaint the operator's terminal. In JSON the
+encoder escapes control characters and `ensure_ascii` the rest; bytes that were
+not UTF-8 appear as `\\xNN` text.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Callable, Mapping
+from typing import TextIO
+
+from oomguard.escape import printable
+from oomguard.units import format_size
+
+FORMATS = ("text", "json")
+PREFIX = "oomguard: "
+
+
+def format_ms(ms: float) -> str:
+    """3.1 ms, 250 ms, 1.25 s."""
+    if ms >= 1000:
+        return f"{ms / 1000:.2f} s"
+    if ms >= 100:
+        return f"{ms:.0f} ms"
+    return f"{ms:.1f} ms"
+
+
+def _s(value: object) -> str:
+    """A value for a text line: escaped, whatever it is."""
+    if isinstance(value, (str, bytes)):
+        return printable(value)
+    return printable(str(value))
+
+
+def _size(value: object) -> str:
+    if value is None or isinstance(value, int):
+        return format_size(value)
+    return _s(value)
+
+
+# One formatter per standard event, so `decision("killed", ...)` and `killed(...)`
+# print the same line. Each gets the fields and returns the text after the prefix.
+def _fmt_killed(f: Mapping[str, object]) -> str:
+    text = f"killed pid {_s(f.get('pid'))} ({_s(f.get('comm', '?'))}) in {_s(f.get('cgroup'))}"
+    if f.get("rss") is not None:
+        text += f", rss {_size(f['rss'])}"
+    if f.get("signal") not in (None, "SIGKILL"):
+        text += f" with {_s(f['signal'])}"
+    ms = f.get("ms")
+    if isinstance(ms, (int, float)):
+        text += f", resolved in {format_ms(float(ms))}"
+    return text
+
+
+def _fmt_signalled(f: Mapping[str, object]) -> str:
+    return (f"sent {_s(f.get('signal'))} to pid {_s(f.get('pid'))} ({_s(f.get('comm', '?'))})"
+            f" in {_s(f.get('cgroup'))}")
+
+
+def _fmt_grew(f: Mapping[str, object]) -> str:
+    what = _s(f.get("what", "limit"))
+    return f"grew {_s(f.get('cgroup'))} {what} {_size(f.get('old'))} -> {_size(f.get('new'))}"
+
+
+def _fmt_shrank(f: Mapping[str, object]) -> str:
+    what = _s(f.get("what", "limit"))
+    return f"shrank {_s(f.get('cgroup'))} {what} {_size(f.get('old'))} -> {_size(f.get('new'))}"
+
+
+def _fmt_held(f: Mapping[str, object]) -> str:
+    return f"holding the OOM in {_s(f.get('cgroup'))} (kernel killer off, tasks wait)"
+
+
+def _fmt_stopped(f: Mapping[str, object]) -> str:
+    n = f.get("tasks")
+    how = _s(f.get("how", "SIGSTOP"))
+    count = f"{_s(n)} tasks" if n is not None else "all tasks"
+    return f"stopped {count} in {_s(f.get('cgroup'))} ({how})"
+
+
+def _fmt_continued(f: Mapping[str, object]) -> str:
+    n = f.get("tasks")
+    count = f"{_s(n)} tasks" if n is not None else "all tasks"
+    return f"continued {count} in {_s(f.get('cgroup'))}"
+
+
+def _fmt_kernel(f: Mapping[str, object]) -> str:
+    return f"handed {_s(f.get('cgroup'))} to the kernel OOM killer: {_s(f.get('reason'))}"
+
+
+def _fmt_watching(f: Mapping[str, object]) -> str:
+    return f"watching {_s(f.get('n'))} cgroups"
+
+
+def _fmt_opened(f: Mapping[str, object]) -> str:
+    ident = f" {_s(f['incident'])}" if f.get("incident") is not None else ""
+    reason = f" ({_s(f['reason'])})" if f.get("reason") else ""
+    return f"incident{ident} opened in {_s(f.get('cgroup'))}{reason}"
+
+
+def _fmt_closed(f: Mapping[str, object]) -> str:
+    ident = f" {_s(f['incident'])}" if f.get("incident") is not None else ""
+    where = f" in {_s(f['cgroup'])}" if f.get("cgroup") is not None else ""
+    text = f"incident{ident}{where} closed: {_s(f.get('outcome'))}"
+    ms = f.get("ms")
+    if isinstance(ms, (int, float)):
+        text += f" in {format_ms(float(ms))}"
+    return text
+
+
+def _fmt_restored(f: Mapping[str, object]) -> str:
+    return f"restored {_s(f.get('what'))} of {_s(f.get('cgroup'))}"
+
+
+def _fmt_info(f: Mapping[str, object]) -> str:
+    return _s(f.get("msg", ""))
+
+
+def _fmt_warning(f: Mapping[str, object]) -> str:
+    return "warning: " + _s(f.get("msg", ""))
+
+
+def _fmt_error(f: Mapping[str, object]) -> str:
+    return "error: " + _s(f.get("msg", ""))
+
+
+_FORMATTERS: dict[str, Callable[[Mapping[str, object]], str]] = {
+    "killed": _fmt_killed,
+    "signalled": _fmt_signalled,
+    "grew": _fmt_grew,
+    "shrank": _fmt_shrank,
+    "held": _fmt_held,
+    "stopped": _fmt_stopped,
+    "continued": _fmt_continued,
+    "kernel": _fmt_kernel,
+    "watching": _fmt_watching,
+    "incident_opened": _fmt_opened,
+    "incident_closed": _fmt_closed,
+    "restored": _fmt_restored,
+    "info": _fmt_info,
+    "warning": _fmt_warning,
+    "error": _fmt_error,
+}
+
+
+def format_text(event: str, fields: Mapping[str, object]) -> str:
+    """The text line for `event` (without prefix or newline); unknown events as key=value."""
+    formatter = _FORMATTERS.get(event)
+    if formatter is not None:
+        return formatter(fields)
+    pairs = " ".join(f"{_s(k)}={_s(v)}" for k, v in fields.items())
+    return f"{_s(event)} {pairs}".rstrip()
+
+
+def _json_safe(value: object) -> object:
+    """Strings with undecodable bytes (surrogateescape) or bytes become valid text."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "backslashreplace")
+    if isinstance(value, str):
+        return value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, dict):
+        return {str(_json_safe(k)): _json_safe(v) for k, v in value.items()}
+    if value is None or isinstance(value, (bool, int, float)):
+        return value
+    return _json_safe(str(value))
+
+
+class DecisionLog:
+    """Writes one line per decision to `stream` (stderr by default, looked up at each write)."""
+
+    def __init__(
+        self,
+        stream: TextIO | None = None,
+        fmt: str = "text",
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if fmt not in FORMATS:
+            raise ValueError(f'log format must be "text" or "json", got {fmt!r}')
+        self._stream = stream
+        self.fmt = fmt
+        self._clock = clock
+        self.dropped = 0  # lines that could not be written (a closed or full stream)
+
+    @property
+    def stream(self) -> TextIO:
+        return self._stream if self._stream is not None else sys.stderr
+
+    # -- the one entry point -----------------------------------------------------------
+    def decision(self, event: str, **fields: object) -> None:
+        """Log `event` with `fields`: one text line, or one JSON object with every field."""
+        text = format_text(event, fields)
+        if self.fmt == "json":
+            record: dict[str, object] = {"ts": round(self._clock(), 6), "event": event,
+                                         "msg": text}
+            for key, value in fields.items():
+                if key not in record:
+                    record[key] = _json_safe(value)
+            line = json.dumps(record, ensure_ascii=True, allow_nan=False, default=str)
+        else:
+            line = PREFIX + text
+        self._write(line + "\n")
+
+    def _write(self, line: str) -> None:
+        try:
+            stream = self.stream
+            stream.write(line)
+            stream.flush()
+        except (OSError, ValueError):  # closed stderr must not stop the handler
+            self.dropped += 1
+
+    # -- the standard decisions --------------------------------------------------------
+    def killed(
+        self,
+        pid: int,
+        comm: str | bytes,
+        cgroup: str,
+        rss: int | None,
+        ms: float | None = None,
+        *,
+        signal: str = "SIGKILL",
+        incident: int | None = None,
+    ) -> None:
+        """`killed pid 123 (leak) in /jobs/a, rss 250M, resolved in 3.1 ms`."""
+        self.decision("killed", pid=pid, comm=comm, cgroup=cgroup, rss=rss, ms=ms,
+                      signal=signal, incident=incident)
+
+    def signalled(self, pid: int, comm: str | bytes, cgroup: str, signal: str) -> None:
+        self.decision("signalled", pid=pid, comm=comm, cgroup=cgroup, signal=signal)
+
+    def grew(self, cgroup: str, old: int | None, new: int | None, *, what: str = "limit") -> None:
+        """`grew /jobs/a limit 100M -> 150M` (`what="memsw limit"` for the v1 memsw limit)."""
+        self.decision("grew", cgroup=cgroup, old=old, new=new, what=what)
+
+    def shrank(self, cgroup: str, old: int | None, new: int | None, *, what: str = "limit") -> None:
+        self.decision("shrank", cgroup=cgroup, old=old, new=new, what=what)
+
+    def held(self, cgroup: str) -> None:
+        self.decision("held", cgroup=cgroup)
+
+    def stopped(self, cgroup: str, tasks: int | None = None, how: str = "SIGSTOP") -> None:
+        """`stopped 3 tasks in /jobs/a (SIGSTOP)`; `how="freezer"` for a freeze."""
+        self.decision("stopped", cgroup=cgroup, tasks=tasks, how=how)
+
+    def continued(self, cgroup: str, tasks: int | None = None) -> None:
+        self.decision("continued", cgroup=cgroup, tasks=tasks)
+
+    def handed_to_kernel(self, cgroup: str, reason: str) -> None:
+        self.decision("kernel", cgroup=cgroup, reason=reason)
+
+    def watching(self, n: int) -> None:
+        """Exactly `oomguard: watching N cgroups`."""
+        self.decision("watching", n=n)
+
+    def incident_opened(
+        self, cgroup: str, incident: int | None = None, reason: str = "oom"
+    ) -> None:
+        self.decision("incident_opened", incident=incident, cgroup=cgroup, reason=reason)
+
+    def incident_closed(
+        self,
+        outcome: str,
+        ms: float | None,
+        *,
+        incident: int | None = None,
+        cgroup: str | None = None,
+    ) -> None:
+        self.decision("incident_closed", outcome=outcome, ms=ms, incident=incident, cgroup=cgroup)
+
+    def restored(self, cgroup: str, what: str) -> None:
+        """On shutdown: `restored limit 100M of /jobs/a` and the like."""
+        self.decision("restored", cgroup=cgroup, what=what)
+
+    def info(self, msg: str) -> None:
+        self.decision("info", msg=msg)
+
+    def warning(self, msg: str) -> None:
+        self.decision("warning", msg=msg)
+
+    def error(self, msg: str) -> None:
+        self.decision("error", msg=msg)
