@@ -47,8 +47,8 @@ def main() -> int:
     for i in range(1, n):
         notifier = OomNotifier(cgroup_at(hier, f"/{rel}/g{i:05d}"))
         if one_fd:
-            os.close(notifier._control_fd)  # noqa: SLF001 - see the module docstring
-            notifier._control_fd = -1  # noqa: SLF001
+            os.close(notifier._control_fd)
+            notifier._control_fd = -1
         loop.add_reader(notifier.fileno(), lambda _r, nt=notifier: nt.read(), notifier.poll_events)
         idle.append(notifier)
     took = time.monotonic() - t0

@@ -15,12 +15,13 @@ from collections.abc import Iterator
 
 import pytest
 
-from conftest import Spawn, task_state, wait_until
 from oomguard.cgroup import MemoryCgroup, V1MemoryCgroup
 from oomguard.cgroup.files import ValueRejected
 from oomguard.cgroup.transient import destroy, new_group
 from oomguard.errors import CgroupRemoved, Unsupported
 from oomguard.workloads import LEAK, STEADY
+
+from conftest import Spawn, task_state, wait_until
 
 MiB = 1 << 20
 

@@ -8,12 +8,13 @@ import signal
 import subprocess
 
 import pytest
-from cli_helpers import oomguard, oomguard_bg
-from conftest import Spawn, task_state, wait_until
 
 from oomguard.cgroup import MemoryCgroup
 from oomguard.cgroup.transient import new_group
 from oomguard.workloads import LEAK, STEADY
+
+from cli_helpers import oomguard, oomguard_bg
+from conftest import Spawn, task_state, wait_until
 
 
 def _hold(group: MemoryCgroup) -> None:

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Spawn
 from oomguard.cgroup import MemoryCgroup, resolve
 from oomguard.cgroup.mounts import Hierarchies, Mount, discover, hierarchies_from, parse_mountinfo
 from oomguard.errors import (
@@ -18,6 +17,8 @@ from oomguard.errors import (
     UsageError,
 )
 from oomguard.workloads import STEADY
+
+from conftest import Spawn
 
 # What this project's machines show (v1 memory and freezer, cgroup2 without memory).
 V1_MACHINE = """\

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import select
 import signal
@@ -14,7 +15,6 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Spawn, task_state, wait_until
 from oomguard.cgroup import Hierarchies, MemoryCgroup
 from oomguard.cgroup.files import ValueRejected
 from oomguard.cgroup.transient import new_group
@@ -25,6 +25,8 @@ from oomguard.events.psi import PsiTrigger
 from oomguard.events.v1 import OomNotifier, PressureLevelNotifier, ThresholdNotifier
 from oomguard.events.v2 import CounterFileWatcher
 from oomguard.workloads import LEAK, STEADY
+
+from conftest import Spawn, task_state, wait_until
 
 MiB = 1 << 20
 
@@ -351,7 +353,7 @@ def test_timers_fire_in_order_and_cancel_works(loop: EventLoop) -> None:
 def test_same_deadline_keeps_insertion_order(loop: EventLoop) -> None:
     fired: list[int] = []
     for i in range(5):
-        loop.call_later(0.0, lambda i=i: fired.append(i))
+        loop.call_later(0.0, functools.partial(fired.append, i))
     loop.run_once(0.1)
     assert fired == [0, 1, 2, 3, 4]
 
@@ -397,8 +399,11 @@ def test_reader_callback_runs_on_an_eventfd_write(loop: EventLoop) -> None:
 def test_signal_is_delivered_from_the_loop(loop: EventLoop) -> None:
     previous = signal.getsignal(signal.SIGUSR1)
     got: list[tuple[int, list[str]]] = []
-    loop.add_signal(signal.SIGUSR1,
-                    lambda s: got.append((s, [f.name for f in traceback.extract_stack()])))
+
+    def on_usr1(signum: int) -> None:
+        got.append((signum, [f.name for f in traceback.extract_stack()]))
+
+    loop.add_signal(signal.SIGUSR1, on_usr1)
     loop.call_later(0.02, lambda: os.kill(os.getpid(), signal.SIGUSR1))
     loop.call_later(0.04, loop.stop)
     loop.run(deadline=time.monotonic() + 2)

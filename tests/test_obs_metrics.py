@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import math
 import re
 import socket
@@ -358,3 +359,29 @@ def test_inline_mode_without_attach_drops_a_silent_client() -> None:
         slow.close()
         server.close()
         loop.close()
+
+
+def test_accept_failure_backs_off_instead_of_spinning(
+    served: tuple[EventLoop, MetricsServer, Metrics], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    loop, server, _ = served
+    calls = []
+    real_accept = socket.socket.accept
+
+    def emfile(self: socket.socket) -> tuple[socket.socket, object]:
+        if self.fileno() != server.fileno():
+            return real_accept(self)
+        calls.append(1)
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(socket.socket, "accept", emfile)
+    client = socket.create_connection(server.address)
+    try:
+        for _ in range(20):
+            loop.run_once(0.005)
+        assert len(calls) == 1, "the listening socket must leave the loop for a while"
+        monkeypatch.undo()
+        got = _fetch(loop, server.url)  # resumes after the back-off (1 s)
+        assert got["status"] == 200
+    finally:
+        client.close()

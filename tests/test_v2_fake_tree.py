@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pytest
 
-from fake_cgroupfs import MiB, FakeCgroupFs
 from oomguard.cgroup import Hierarchies, Mount, OomState, V2MemoryCgroup, cgroup_at, resolve
 from oomguard.errors import (
     CgroupNotFound,
@@ -27,9 +26,10 @@ from oomguard.errors import (
     Unsupported,
     UsageError,
 )
-from oomguard.events import v2 as events_v2
 from oomguard.events.v1 import OomNotifier
 from oomguard.events.v2 import CounterFileWatcher, cgroup_events, memory_events
+
+from fake_cgroupfs import FakeCgroupFs, MiB
 
 
 @pytest.fixture
@@ -104,7 +104,7 @@ def test_memsw_is_memory_max_plus_swap_max(group: V2MemoryCgroup, fs: FakeCgroup
     assert fs.get(d, "memory.swap.max") == "max"
     assert group.memsw_limit() is None
     fs.set(d, "memory.max", "max\n")
-    with pytest.raises(Unsupported, match="memory.max"):
+    with pytest.raises(Unsupported, match=r"memory\.max"):
         group.set_memsw_limit(96 * MiB)
     assert fs.get(d, "memory.swap.max") == "max"  # nothing written
 
@@ -118,8 +118,9 @@ def test_set_limits_on_v2(group: V2MemoryCgroup, fs: FakeCgroupFs) -> None:
     assert (fs.get(d, "memory.max"), fs.get(d, "memory.swap.max")) == (
         str(32 * MiB), str(16 * MiB))
     assert (group.limit(), group.memsw_limit()) == (32 * MiB, 48 * MiB)
-    group.set_limits(None, None)
-    assert (fs.get(d, "memory.max"), fs.get(d, "memory.swap.max")) == ("max", "max")
+    group.set_limits(None)  # memsw=None leaves swap.max alone; memsw is unlimited anyway
+    assert fs.get(d, "memory.max") == "max"
+    assert (group.limit(), group.memsw_limit()) == (None, None)
 
 
 def test_oom_state_and_events(group: V2MemoryCgroup, fs: FakeCgroupFs) -> None:
@@ -185,7 +186,7 @@ def test_freeze_and_thaw_write_cgroup_freeze(group: V2MemoryCgroup, fs: FakeCgro
 def test_no_cgroup_freeze(fs: FakeCgroupFs) -> None:
     fs.make_group("old", cgroup_freeze=None)
     g = cgroup_at(fs.hier, "/old")
-    with pytest.raises(Unsupported, match="cgroup.freeze"):
+    with pytest.raises(Unsupported, match=r"cgroup\.freeze"):
         g.freeze()
     g.thaw()  # nothing to undo
     assert g.freezer_state() == "THAWED"
@@ -245,10 +246,12 @@ def test_removed_and_missing_files(group: V2MemoryCgroup, fs: FakeCgroupFs) -> N
         group.events(local=True)
     assert ei.value.path == str(group.path)
     shutil.rmtree(group.path)
-    for read in (group.usage, group.limit, group.oom_state, group.procs, group.freezer_state):
+    for read in (group.usage, group.limit, group.oom_state, group.procs, group.freezer_state,
+                 group.freeze, group.thaw, group.children):
         with pytest.raises(CgroupRemoved) as rm:
             read()
         assert rm.value.path == str(group.path)
+    group.remove()  # already gone: nothing to do
 
 
 # -- resolve() on the fake tree -------------------------------------------------------
@@ -366,7 +369,7 @@ def test_counter_watcher_read_after_rmdir(group: V2MemoryCgroup, fs: FakeCgroupF
         def gone(fd: int, n: int, off: int) -> bytes:
             raise OSError(code, os.strerror(code))
 
-        monkeypatch.setattr(events_v2.os, "pread", gone)
+        monkeypatch.setattr(os, "pread", gone)  # the watcher reads with os.pread
         ch = w.read()
         assert ch.removed is True and ch.deltas == {} and ch.values["oom_kill"] == 1
         assert w.read().removed is True  # stays removed
@@ -384,7 +387,7 @@ def test_counter_watcher_other_read_errors_are_typed(group: V2MemoryCgroup,
         def eio(fd: int, n: int, off: int) -> bytes:
             raise OSError(errno.EIO, "Input/output error")
 
-        monkeypatch.setattr(events_v2.os, "pread", eio)
+        monkeypatch.setattr(os, "pread", eio)
         with pytest.raises(CgroupError) as ei:
             w.read()
         assert ei.value.path == str(group.path) and "memory.events" in str(ei.value)

@@ -146,7 +146,7 @@ _oomguard_main()
         --metrics)
             COMPREPLY=( $(compgen -W "127.0.0.1:9101 [::1]:9101 0.0.0.0:9101" -- "$cur") )
             return ;;
-        --timeout|--memory|--memsw|--grow|--grow-max|--since|--protect|--prefer)
+        --timeout|--memory|--memsw|--grow|--grow-max|--since|--protect|--prefer|--grace|--deadline)
             return ;;  # a value the user types
     esac
 
@@ -155,12 +155,12 @@ _oomguard_main()
         wait)   flags="--timeout --json" ;;
         ps)     flags="-r --recursive --json" ;;
         status) flags="--json" ;;
-        run)    flags="--memory --memsw --grow --grow-max --kill --protect --prefer --core
-                       --dry-run --policy --journal --" ;;
+        run)    flags="--memory --memsw --grow --grow-max --kill --protect --prefer --grace
+                       --deadline --dry-run --policy --journal --log-format --" ;;
         daemon) flags="--config --journal --metrics --log-format --dry-run" ;;
         events) flags="--json --since --cgroup --journal" ;;
         show)   flags="--json --journal" ;;
-        demo)   flags="" ;;
+        demo)   flags="--journal" ;;
     esac
     flags+=" --help"
 

@@ -85,8 +85,7 @@ class Daemon:
         self.discovery.scan()
         if self.metrics_addr:
             self.server = MetricsServer(self.metrics_addr, s.metrics)
-            s.loop.add_reader(self.server.fileno(), lambda _r: self.server.handle_ready()
-                              if self.server else None)
+            self.server.attach(s.loop)
         s.engine.on_unwatched = lambda _w: self._health()
         self._health()
         n = len(s.engine.watches)
@@ -107,6 +106,8 @@ class Daemon:
 
     def stop(self) -> None:
         sdnotify.stopping()
+        if self.server is not None:
+            self.server.close()
         if self.discovery is not None:
             self.discovery.close()
 

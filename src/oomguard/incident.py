@@ -109,7 +109,7 @@ class Incident:
     def _advance(self) -> None:
         if self.state != "acting":
             return
-        if not self.dry_run and not self.under_oom() and self.index > 0:
+        if not self.dry_run and self.index > 0 and not self.paused() and not self.under_oom():
             self._resolved()
             return
         if self.index >= len(self.rule.steps):
@@ -129,15 +129,25 @@ class Incident:
         exited, the limit grew): then re-check briefly. Anything else: next step."""
         if result == "kernel":
             return  # the step handed over; hand_over() drives the rest
-        if result == "relief" and not self.dry_run:
+        if result == "relief" and not self.dry_run and not self.paused():
             self.await_relief(self._resolved, self._retry_or_advance)
         else:
             self._advance()
 
+    def paused(self) -> bool:
+        """Tasks stopped or frozen by this incident: not out of memory, but not resolved
+        either, until a later step (continue) or the close lets them run again."""
+        active = self.engine.ledger.active
+        return any(c.kind in ("stop", "freeze") and c.id in active for c in self.changes)
+
     def _retry_or_advance(self) -> None:
-        """Still out of memory after a kill: the next victim, while the rule allows."""
+        """Still out of memory after a kill or a grow: again, while the rule allows
+        (the kill takes the next victim; the grow stops at its ceiling or budget)."""
         last = self._last_step
-        if last is not None and last.kind is StepKind.KILL and self.victims < self.rule.max_victims:
+        if last is not None and (
+            (last.kind is StepKind.KILL and self.victims < self.rule.max_victims)
+            or (last.kind is StepKind.GROW and self.grows < self.rule.grow_budget)
+        ):
             self.index -= 1
         self._advance()
 

@@ -141,7 +141,8 @@ class Ledger:
         self.active.pop(change.id, None)
         return True
 
-    def find(self, group: MemoryCgroup, kind: str, target: str | None = None) -> ActiveChange | None:
+    def find(self, group: MemoryCgroup, kind: str,
+             target: str | None = None) -> ActiveChange | None:
         """The oldest active change of `kind` on `group` (whose `before` is the original)."""
         for change in self.active.values():
             if change.group == group and change.kind == kind and target in (None, change.target):

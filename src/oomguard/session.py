@@ -39,7 +39,8 @@ class Session:
         return cls(loop, journal, engine, log, hier, metrics)
 
     def on_signals(self, handler: Callable[[int], None],
-                   signums: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)) -> None:
+                   signums: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM,
+                                               signal.SIGHUP)) -> None:
         for signum in signums:
             self.loop.add_signal(signum, handler)
 

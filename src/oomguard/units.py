@@ -28,7 +28,8 @@ def format_size(n: int | None) -> str:
     """Short human size: 64M, 1.5G, 512K, 900B; "max" for no limit."""
     if n is None:
         return "max"
-    for unit, factor in (("P", 1 << 50), ("T", 1 << 40), ("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
+    units = (("P", 1 << 50), ("T", 1 << 40), ("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10))
+    for unit, factor in units:
         if abs(n) >= factor:
             value = n / factor
             text = f"{value:.1f}".rstrip("0").rstrip(".") if value < 10 else f"{value:.0f}"

@@ -41,8 +41,8 @@ while True:
     time.sleep(3600)
 """
 
-# Like LEAK but ignores SIGTERM, so only SIGKILL ends it.
-STUBBORN_LEAK = "import signal\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\n" + LEAK
+# Like STEADY but ignores SIGTERM, so only SIGKILL ends it.
+STUBBORN = "import signal\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\n" + STEADY
 
 # Frees its cache on SIGUSR1: the RFC's "send a signal to shrink".
 SHRINKABLE = r"""

@@ -58,10 +58,10 @@ def exec_step(inc: Incident, step: Step, done: Done) -> None:
         journal.finish_step(sid, "dry-run", None, "would run the hook")
         done("done")
         return
-    out = tempfile.TemporaryFile()
+    out = tempfile.TemporaryFile()  # noqa: SIM115 - lives until the hook exits
     started = time.monotonic()
     try:
-        proc = subprocess.Popen(list(step.argv), stdin=subprocess.DEVNULL, stdout=out,  # noqa: S603
+        proc = subprocess.Popen(list(step.argv), stdin=subprocess.DEVNULL, stdout=out,
                                 stderr=subprocess.STDOUT, env=hook_environment(inc),
                                 start_new_session=True, close_fds=True)
         pfd = Pidfd.open(proc.pid)

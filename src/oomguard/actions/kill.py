@@ -55,7 +55,7 @@ def _group_members(inc: Incident, victim: Candidate) -> list[Pidfd]:
             if pid != victim.sample.pid and pid not in inc.engine.never_pids \
                     and read_stat(pid).pgid == pgid:
                 members.append(Pidfd.open(pid))
-    except Exception:  # noqa: BLE001 - racing exits: signal whoever is still there
+    except Exception:
         pass
     return members
 
@@ -65,7 +65,7 @@ def _asleep_in_oom_wait(inc: Incident, pid: int) -> bool:
     and without a handler SIGTERM kills it anyway: SIGKILL it at once (no grace)."""
     try:
         return read_stat(pid).state == "D" and inc.under_oom()
-    except Exception:  # noqa: BLE001 - gone: whatever we send will not matter
+    except Exception:
         return False
 
 

@@ -144,10 +144,7 @@ def try_shrink(ledger: Ledger, group: MemoryCgroup, baseline: int | None) -> boo
         return True
     if baseline is not None and group.usage() > baseline:
         return False
-    for change in sorted(grown, key=lambda c: -c.id):
-        if not ledger.restore(change):
-            return False
-    return True
+    return all(ledger.restore(change) for change in sorted(grown, key=lambda c: -c.id))
 
 
 def release_hold(inc: Incident) -> None:

@@ -13,7 +13,6 @@ import signal
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import ClassVar
 
 from oomguard.cgroup import files

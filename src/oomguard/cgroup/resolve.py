@@ -107,7 +107,8 @@ def resolve(spec: str, hier: Hierarchies | None = None) -> MemoryCgroup:
             for other in hier.mounts:
                 if other != mount and _relative_to_mount(path, other) is not None:
                     if path.exists():
-                        raise NotAMemoryCgroup(spec, f"{other.mount_point} has no memory controller")
+                        raise NotAMemoryCgroup(
+                            spec, f"{other.mount_point} has no memory controller")
                     raise CgroupNotFound(spec)
             relpath = _normalise(spec, spec)
     else:

@@ -49,7 +49,7 @@ def _owner_alive(name: str) -> bool:
         return True  # not a name we make: leave it alone
     try:
         return read_stat(int(bits[1])).start_ticks == int(bits[2])
-    except Exception:  # noqa: BLE001 - gone or unreadable: the owner is dead
+    except Exception:
         return False
 
 
@@ -95,7 +95,7 @@ def destroy(group: MemoryCgroup, timeout: float = 10.0) -> None:
 
 def clean_stale(parent: MemoryCgroup) -> list[str]:
     """Destroy children of `parent` whose owner process is gone; returns their paths."""
-    cleaned = []
+    cleaned: list[str] = []
     if not parent.exists():
         return cleaned
     for child in parent.children():

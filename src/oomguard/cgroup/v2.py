@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from oomguard.cgroup import files
 from oomguard.cgroup.base import MemoryCgroup, OomState
-from oomguard.errors import Unsupported
+from oomguard.errors import CgroupRemoved, Unsupported
 
 
 def _parse_max(text: str) -> int | None:
@@ -29,7 +29,7 @@ class V2MemoryCgroup(MemoryCgroup):
         # Children of this group need the controller switched on here to get memory.* files.
         try:
             self.write("cgroup.subtree_control", "+memory")
-        except Exception:  # noqa: BLE001 - a leaf with tasks cannot delegate; that is fine
+        except Exception:
             pass
 
     def tasks(self) -> list[int]:
@@ -92,7 +92,8 @@ class V2MemoryCgroup(MemoryCgroup):
         return self.read_kv("memory.events.local" if local else "memory.events")
 
     def set_oom_kill_disable(self, disabled: bool) -> None:
-        raise Unsupported(str(self.path), "cgroup v2 has no oom_kill_disable; hold with memory.high")
+        raise Unsupported(str(self.path),
+                          "cgroup v2 has no oom_kill_disable; hold with memory.high")
 
     def oom_group(self) -> bool:
         return self.has_file("memory.oom.group") and self.read_int("memory.oom.group") == 1
@@ -100,17 +101,25 @@ class V2MemoryCgroup(MemoryCgroup):
     def cgroup_events(self) -> dict[str, int]:
         return self.read_kv("cgroup.events")
 
+    def _has_freeze(self) -> bool:
+        """cgroup.freeze exists; its absence means an old kernel only if the group exists."""
+        if self.has_file("cgroup.freeze"):
+            return True
+        if not self.exists():
+            raise CgroupRemoved(str(self.path))
+        return False
+
     def freeze(self) -> None:
-        if not self.has_file("cgroup.freeze"):
+        if not self._has_freeze():
             raise Unsupported(str(self.path), "no cgroup.freeze (kernel < 5.2)")
         self.write("cgroup.freeze", "1")
 
     def thaw(self) -> None:
-        if self.has_file("cgroup.freeze"):
+        if self._has_freeze():
             self.write("cgroup.freeze", "0")
 
     def freezer_state(self) -> str:
-        if not self.has_file("cgroup.freeze"):
+        if not self._has_freeze():
             return "THAWED"
         wanted = self.read_int("cgroup.freeze") == 1
         frozen = self.cgroup_events().get("frozen", 0) == 1

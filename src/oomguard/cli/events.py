@@ -9,7 +9,12 @@ from typing import Any
 
 from oomguard.cli.output import emit_json
 from oomguard.errors import OomguardError, UsageError
-from oomguard.journal import Journal, default_journal_path, format_incident_detail, format_incident_line
+from oomguard.journal import (
+    Journal,
+    default_journal_path,
+    format_incident_detail,
+    format_incident_line,
+)
 from oomguard.units import parse_duration
 
 

@@ -44,7 +44,7 @@ class DirectoryWatcher:
         if fd < 0:
             err = ctypes.get_errno()
             raise OSError(err, os.strerror(err))
-        self._fd = fd
+        self._fd: int = int(fd)
         self._paths: dict[int, str] = {}
         self._wds: dict[str, int] = {}
 

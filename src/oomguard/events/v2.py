@@ -55,7 +55,8 @@ class CounterFileWatcher:
             now = self._read()
         except CgroupRemoved:
             return CounterChange({}, dict(self.values), removed=True)
-        deltas = {k: v - self.values.get(k, 0) for k, v in now.items() if v != self.values.get(k, 0)}
+        old = self.values
+        deltas = {k: v - old.get(k, 0) for k, v in now.items() if v != old.get(k, 0)}
         self.values = now
         return CounterChange(deltas, now, removed=False)
 

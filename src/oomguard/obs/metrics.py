@@ -395,7 +395,8 @@ class MetricsServer:
             sock, _ = self._sock.accept()
         except (BlockingIOError, InterruptedError, ConnectionAbortedError):
             return
-        except OSError:  # EMFILE and the like: nothing to do but try again later
+        except OSError:  # EMFILE and the like: stop listening for a second, not spin
+            self._back_off()
             return
         conn = _Conn(sock)
         try:
@@ -409,6 +410,19 @@ class MetricsServer:
             self._read(conn)  # the request is often there already: answered at once
         except OSError:
             self._drop(conn)
+
+    def _back_off(self, seconds: float = 1.0) -> None:
+        loop = self._loop
+        if loop is None or self._sock.fileno() < 0:
+            return
+        fd = self._sock.fileno()
+        loop.remove_reader(fd)
+
+        def resume() -> None:
+            if self._sock.fileno() == fd:
+                loop.add_reader(fd, self.handle_ready, select.EPOLLIN)
+
+        loop.call_later(seconds, resume)
 
     def _serve_inline(self, conn: _Conn) -> None:
         deadline = time.monotonic() + self.inline_timeout

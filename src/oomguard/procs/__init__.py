@@ -5,8 +5,8 @@ Like psutil, a process that vanishes mid-read is normal and surfaces as
 """
 
 from oomguard.procs.pidfd import Pidfd, signal_all
-from oomguard.procs.spawn import spawn_in
 from oomguard.procs.reader import ProcessInfo, process_info, read_stat, smaps_rollup
+from oomguard.procs.spawn import spawn_in
 
 __all__ = [
     "Pidfd",

@@ -26,7 +26,8 @@ def _joiner(procs_files: list[bytes]) -> Any:
     return join
 
 
-def spawn_in(cgroup_dirs: Sequence[Path], argv: Sequence[str], **popen: Any) -> subprocess.Popen[bytes]:
+def spawn_in(cgroup_dirs: Sequence[Path], argv: Sequence[str],
+             **popen: Any) -> subprocess.Popen[bytes]:
     """Popen(argv) with the child already a member of every group in `cgroup_dirs`."""
     files = [os.fsencode(Path(d) / "cgroup.procs") for d in cgroup_dirs]
-    return subprocess.Popen(list(argv), preexec_fn=_joiner(files), **popen)  # noqa: S603
+    return subprocess.Popen(list(argv), preexec_fn=_joiner(files), **popen)
