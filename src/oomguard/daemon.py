@@ -9,6 +9,7 @@ SIGTERM or SIGINT it leaves every cgroup as it found it.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import fcntl
 import os
 import signal
@@ -20,7 +21,7 @@ from oomguard.errors import OomguardError, UsageError
 from oomguard.ledger import recover
 from oomguard.obs import sdnotify
 from oomguard.obs.metrics import MetricsServer
-from oomguard.policy import Policy, Rule
+from oomguard.policy import Policy, Rule, load_policy
 from oomguard.session import Session
 
 MCL_CURRENT, MCL_FUTURE = 1, 2
@@ -114,12 +115,8 @@ class Daemon:
 
 def run_daemon(config: str, journal: str | None, log_format: str, metrics: str | None,
                dry_run: bool) -> int:
-    from oomguard.policy import load_policy
-
     policy = load_policy(config)
     if dry_run:
-        import dataclasses
-
         policy = dataclasses.replace(
             policy, rules=tuple(dataclasses.replace(r, dry_run=True) for r in policy.rules))
     session = Session.open(journal, log_format)

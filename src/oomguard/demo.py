@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import TextIO
 
+from oomguard.cgroup import MemoryCgroup
 from oomguard.cgroup.transient import clean_stale, destroy, ensure_parent, new_group
 from oomguard.cgroup.v1 import V1MemoryCgroup
 from oomguard.journal import format_incident_detail
@@ -59,11 +60,8 @@ def run_demo(journal_path: str | None = None, out: TextIO = sys.stdout) -> int:
             tmp.cleanup()
 
 
-def _demo(session: Session, group: V1MemoryCgroup | object, procs: list[subprocess.Popen[bytes]],
+def _demo(session: Session, group: MemoryCgroup, procs: list[subprocess.Popen[bytes]],
           out: TextIO) -> int:
-    from oomguard.cgroup import MemoryCgroup
-
-    assert isinstance(group, MemoryCgroup)
     engine, loop = session.engine, session.loop
     v = f"cgroup v{group.version}"
     _say(out, f"made memory cgroup {group.relpath} ({v}) with a {format_size(LIMIT)} limit")

@@ -13,7 +13,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from oomguard.actions import limits
-from oomguard.actions.registry import run_step
+from oomguard.actions.registry import run_kind, run_step
+from oomguard.actions.victims import open_verified, sample_group
 from oomguard.cgroup import Hierarchies, MemoryCgroup
 from oomguard.cgroup.v2 import V2MemoryCgroup
 from oomguard.errors import CgroupError, OomguardError
@@ -23,7 +24,7 @@ from oomguard.incident import Incident
 from oomguard.journal import Journal
 from oomguard.ledger import Ledger
 from oomguard.obs.log import DecisionLog
-from oomguard.policy import Rule, StepKind
+from oomguard.policy import Rule, StepKind, rank_for_rule
 from oomguard.procs import Pidfd, read_stat
 from oomguard.watch import Watch
 
@@ -55,6 +56,7 @@ class Engine:
         self.never_pids = ancestors_of_self()
         self.watches: dict[str, Watch] = {}
         self.run_step = run_step
+        self.run_kind = run_kind
         self.release_hold = limits.release_hold
         self.on_incident_closed: Callable[[Incident], None] | None = None
         self.on_unwatched: Callable[[Watch], None] | None = None
@@ -216,9 +218,6 @@ class Engine:
         """A grown limit cannot come back while usage is above it. Without oomguard the
         kernel would already have killed by its own rule (the largest task): do that,
         then restore, so no limit stays raised."""
-        from oomguard.actions.victims import open_verified, sample_group
-        from oomguard.policy import rank_for_rule
-
         for _ in range(watch.rule.max_victims + 2):
             if not self.ledger.for_group(watch.group):
                 return

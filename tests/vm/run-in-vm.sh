@@ -66,15 +66,15 @@ apt_update_once() {
   [[ $APT_UPDATED == 1 ]] && return 0
   APT_UPDATED=1
   say "refreshing apt package lists"
-  apt-get update -qq >&2 || say "apt-get update failed"
+  apt-get update -qq -o DPkg::Lock::Timeout=300 </dev/null >&2 || say "apt-get update failed"
 }
 fetch_deb() {   # fetch_deb PKG -> prints path of the .deb
   local pkg=$1 deb
   mkdir -p "$CACHE/deb"
   rm -f "$CACHE/deb/${pkg}"_*.deb
-  if ! (cd "$CACHE/deb" && apt-get download -q "$pkg" >&2 2>/dev/null); then
+  if ! (cd "$CACHE/deb" && apt-get download -q "$pkg" </dev/null >&2 2>/dev/null); then
     apt_update_once
-    (cd "$CACHE/deb" && apt-get download -q "$pkg" >&2) || fail "apt-get download $pkg failed"
+    (cd "$CACHE/deb" && apt-get download -q "$pkg" </dev/null >&2) || fail "apt-get download $pkg failed"
   fi
   deb=$(ls "$CACHE/deb/${pkg}"_*.deb 2>/dev/null | head -n1)
   [[ -n $deb ]] || fail "apt-get download $pkg left no .deb"
@@ -85,8 +85,11 @@ kernel_package() {
   local pkg=${OOMGUARD_VM_KERNEL_PKG:-}
   [[ -n $pkg ]] && { echo "$pkg"; return; }
   # Reuse whatever kernel is already in the cache: no apt look-up at all.
-  pkg=$(ls "$CACHE/kernel" 2>/dev/null | grep -v '\.tmp$' | sort -V | tail -n1 || true)
-  [[ -n $pkg && -d $CACHE/kernel/$pkg/boot ]] && { echo "$pkg"; return; }
+  local d
+  for d in "$CACHE"/kernel/linux-image-*/boot; do
+    [[ -d $d ]] && pkg=${d%/boot} && pkg=${pkg##*/}
+  done
+  [[ -n $pkg ]] && { echo "$pkg"; return; }
   pkg=$(apt-cache depends linux-image-amd64 2>/dev/null |
         awk '$1 == "Depends:" && $2 ~ /^linux-image-[0-9]/ {print $2; exit}')
   if [[ -z $pkg ]]; then
@@ -331,11 +334,11 @@ fi
 if [[ $ACCEL == kvm ]]; then
   ACCEL_ARGS=(-accel kvm -cpu "${OOMGUARD_VM_CPU_MODEL:-host}")
 else
-  ACCEL_ARGS=(-accel tcg,thread=multi -cpu "${OOMGUARD_VM_CPU_MODEL:-max}")
+  ACCEL_ARGS=(-accel "tcg,thread=multi" -cpu "${OOMGUARD_VM_CPU_MODEL:-max}")
 fi
 
 JOB=$(mktemp -d "${TMPDIR:-/tmp}/oomguard-vm.XXXXXX")
-QPID= TAILS= WATCH=
+QPID='' TAILS='' WATCH=''
 cleanup() {
   local rc=$?
   set +e
@@ -457,7 +460,7 @@ while :; do
   wait "$QPID"; QRC=$?
   wait $TAILS
   set -e
-  QPID= TAILS=
+  QPID='' TAILS=''
   ((stalled && attempt <= BOOT_RETRIES)) || break
   say "booting again"
 done

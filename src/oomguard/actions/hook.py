@@ -112,8 +112,6 @@ def exec_step(inc: Incident, step: Step, done: Done) -> None:
 
 def _follow(inc: Incident, step: Step, action: OnExit, done: Done) -> None:
     """Carry out what the hook's exit status chose."""
-    from oomguard.actions.registry import run_kind
-
     if action is OnExit.RESOLVED:
         done("relief")
     elif action is OnExit.NEXT:
@@ -122,4 +120,4 @@ def _follow(inc: Incident, step: Step, action: OnExit, done: Done) -> None:
         done("kernel")
         inc.hand_over("the hook said so")
     else:
-        run_kind(inc, action.value, done)
+        inc.engine.run_kind(inc, action.value, done)
