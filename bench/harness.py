@@ -54,9 +54,15 @@ NOTIFY_SIZES = (1, 100, 1000, 10000)
 WATCHING_RE = re.compile(rb"oomguard: watching (\d+) cgroups")
 SCENARIOS = ("resolution", "notify", "idle", "footprint", "storm")
 
-# A LEAK that first reports "r" and waits for its stdin to close: the storm's start line.
-BARRIER_LEAK = (
-    "import os as _os, sys as _sys\n_os.write(1, b'r\\n')\n_sys.stdin.buffer.read(1)\n" + LEAK
+# The storm's hog: takes PREFILL bytes (touched), reports "r", waits for its stdin to close
+# (the start line, shared by all), then runs LEAK: a few steps later it hits its limit.
+STORM_PREFILL = 16 * MiB
+STORM_LIMIT = 24 * MiB
+STORM_HOG = (
+    "import os as _os, sys as _sys\n"
+    f"_pre = bytearray({STORM_PREFILL})\n"
+    f"_pre[::4096] = b'\\x01' * {STORM_PREFILL // 4096}\n"
+    "_os.write(1, b'r\\n')\n_sys.stdin.buffer.read(1)\n" + LEAK
 )
 
 
@@ -405,7 +411,7 @@ class Daemon:
     def stop(self) -> int | None:
         if self.proc is None:
             return None
-        code = self.ctx.procs.stop(self.proc, timeout=30.0)
+        code = self.ctx.procs.stop(self.proc, timeout=180.0)
         self.stderr_f.close()
         return code
 
@@ -780,12 +786,14 @@ def scenario_notify(ctx: Context, many: MemoryCgroup, count: int) -> None:
     target = many.child("g00000")
     target.set_limit(64 * MiB)
     target.set_oom_kill_disable(True)  # the hog waits; the bench kills it after the event
-    probes: dict[int, tuple[subprocess.Popen[bytes], LineReader]] = {}
-    setup = {}
+    probes: dict[int | str, tuple[subprocess.Popen[bytes], LineReader]] = {}
+    setup: dict[int | str, dict[str, Any]] = {}
+    keys: list[int | str] = ["raw", *sizes]
     try:
-        for size in sizes:
+        for size in keys:
+            extra = ["1", "raw"] if size == "raw" else [str(size)]
             p = ctx.procs.add(subprocess.Popen(
-                [PY, str(HERE / "notify_probe.py"), str(many.path), str(size)],
+                [PY, str(HERE / "notify_probe.py"), str(many.path), *extra],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE))
             rd = LineReader(p.stdout)
             line = rd.readline(300)
@@ -796,11 +804,11 @@ def scenario_notify(ctx: Context, many: MemoryCgroup, count: int) -> None:
                            "control_fd_closed": bool(int(one_fd)),
                            "rss_mb": proc_status(p.pid).get("VmRSS", 0) / 1024}
             probes[size] = (p, rd)
-        log(f"notify: probes ready {setup}; {n} iterations x {len(sizes)} sizes, interleaved")
-        samples: dict[int, list[float]] = {s: [] for s in sizes}
+        log(f"notify: probes ready {setup}; {n} iterations x {len(keys)} probes, interleaved")
+        samples: dict[int | str, list[float]] = {s: [] for s in keys}
         errors = 0
         for i in range(n):
-            order = sizes[i % len(sizes):] + sizes[: i % len(sizes)]
+            order = keys[i % len(keys):] + keys[: i % len(keys)]
             for size in order:
                 p, rd = probes[size]
                 assert p.stdin is not None
@@ -845,15 +853,16 @@ def scenario_notify(ctx: Context, many: MemoryCgroup, count: int) -> None:
             ctx.procs.stop(p)
         with contextlib.suppress(CgroupError):
             target.set_oom_kill_disable(False)
-    out = {}
-    for size in sizes:
+    out: dict[str, Any] = {}
+    for size in keys:
         st = summary(samples[size])
         st.update(setup[size])
         out[str(size)] = st
         ctx.results[f"notify_p50_ms_{size}"] = st["median_ms"]
         ctx.results[f"notify_p99_ms_{size}"] = st["p99_ms"]
-        log(f"  notify {size:5d} watched: n={st['n']} p50 {st['median_ms']:.3f} "
-            f"p99 {st['p99_ms']:.3f} max {st['max_ms']:.3f} ms")
+        if st["n"]:
+            log(f"  notify {size!s:>5} watched: n={st['n']} p50 {st['median_ms']:.3f} "
+                f"p99 {st['p99_ms']:.3f} max {st['max_ms']:.3f} ms")
     out["errors"] = errors
     ctx.results["notify"] = out
     top = max(sizes)
@@ -861,13 +870,86 @@ def scenario_notify(ctx: Context, many: MemoryCgroup, count: int) -> None:
         out[str(top)]["p99_ms"], out["1"]["p99_ms"])
     ctx.results[f"notify_p50_ratio_{top}_vs_1"] = ratio(
         out[str(top)]["median_ms"], out["1"]["median_ms"])
+    ctx.results["notify_p50_ratio_1_vs_raw"] = ratio(out["1"]["median_ms"], out["raw"]["median_ms"])
 
 
 # -- c. idle cost and d. footprint ------------------------------------------------------------
-def watched_pattern(many: MemoryCgroup, n: int) -> str:
-    """A glob over many/g00000.. that matches exactly the first n groups (n in 1, 1000, 10000)."""
-    return {1: "g00000", 10: "g0000?", 100: "g000??", 1000: "g00???",
-            10000: "g0????"}[n]
+def watched_patterns(n: int) -> list[str]:
+    """Globs over many/g00000.. that together match exactly the first n groups
+    (n = 1, or a multiple of 100 up to 10,000)."""
+    if n == 1:
+        return ["g00000"]
+    if n >= 10000:
+        return ["g0????"]
+    thousands, hundreds = divmod(n // 100, 10)
+    pats = []
+    if thousands:
+        pats.append(f"g0[0-{thousands - 1}]???")
+    if hundreds:
+        pats.append(f"g0{thousands}[0-{hundreds - 1}]??")
+    return pats
+
+
+def nofile_fit() -> int:
+    """The most groups a daemon with two fds per group can watch under RLIMIT_NOFILE."""
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return max(100, (soft - 200) // 2 // 100 * 100)
+
+
+def footprint_once(ctx: Context, many: MemoryCgroup, size: int, rep: int,
+                   idle_s: float | None) -> dict[str, Any]:
+    rules = "\n".join(
+        rule_toml(f"bench-watch-{i}", f"{many.relpath}/{pat}", ["hold", "kill"])
+        for i, pat in enumerate(watched_patterns(size)))
+    d = Daemon(ctx, f"footprint-{size}-{rep}", rules)
+    d.start()
+    r: dict[str, Any] = {"watched": size}
+    try:
+        secs, seen = d.wait_watching(size, timeout=300)
+    except RuntimeError as exc:
+        d.stop()
+        r["error"] = str(exc)
+        return r
+    assert d.proc is not None
+    pid = d.proc.pid
+    st = proc_status(pid)
+    r["startup_s"] = round(secs, 4)
+    r["watching"] = seen
+    r["rss_mb"] = round(st["VmRSS"] / 1024, 2)
+    r["rss_anon_mb"] = round(st.get("RssAnon", 0) / 1024, 2)
+    r["rss_file_mb"] = round(st.get("RssFile", 0) / 1024, 2)
+    r["locked_mb"] = round(st.get("VmLck", 0) / 1024, 2)
+    r["fds"] = len(os.listdir(f"/proc/{pid}/fd"))
+    r["threads"] = len(os.listdir(f"/proc/{pid}/task"))
+    time.sleep(1.0)
+    r["rss_mb_after_1s"] = round(proc_status(pid)["VmRSS"] / 1024, 2)
+    if idle_s:
+        c0, t0, n0, w0 = ctx_switches(pid), cpu_ticks(pid), cpu_ns(pid), time.monotonic()
+        log(f"idle: oomguard daemon watching {seen} cgroups, sampling {idle_s:.0f} s")
+        time.sleep(idle_s)
+        c1, t1, n1, w1 = ctx_switches(pid), cpu_ticks(pid), cpu_ns(pid), time.monotonic()
+        window = w1 - w0
+        ctx.results["idle_window_s"] = round(window, 2)
+        ctx.results["idle_watched"] = seen
+        ctx.results["idle_ctx_switches"] = c1 - c0
+        ctx.results["idle_wakeups_per_s"] = round((c1 - c0) / window, 4)
+        ctx.results["idle_cpu_s"] = round((t1 - t0) / os.sysconf("SC_CLK_TCK"), 4)
+        ctx.results["idle_cpu_s_schedstat"] = round((n1 - n0) / 1e9, 6)
+        ctx.results["idle_rss_mb_end"] = round(proc_status(pid)["VmRSS"] / 1024, 2)
+        log(f"  idle: {c1 - c0} context switches in {window:.1f} s, cpu {(n1 - n0) / 1e6:.2f} ms")
+    t = time.monotonic()
+    code = d.stop()
+    r["shutdown_s"] = round(time.monotonic() - t, 3)
+    r["exit_code"] = code
+    r["restored"] = not any(oom_kill_disabled(many.child(f"g{i:05d}")) for i in range(size))
+    if code != 0 or not r["restored"]:
+        ctx.error(f"footprint {size}: daemon exit {code}, restored={r['restored']}: {d.tail()}")
+    log(f"  footprint {size:5d}: start-up {r['startup_s']:.3f} s, RSS {r['rss_mb']:.1f} MiB "
+        f"(anon {r['rss_anon_mb']:.1f}, file {r['rss_file_mb']:.1f}), {r['fds']} fds, "
+        f"SIGTERM to exit {r['shutdown_s']:.2f} s")
+    return r
 
 
 def scenario_footprint(ctx: Context, many: MemoryCgroup, count: int, want_idle: bool,
@@ -879,64 +961,45 @@ def scenario_footprint(ctx: Context, many: MemoryCgroup, count: int, want_idle: 
     for size in sizes:
         runs = []
         for rep in range(repeats):
-            rules = rule_toml("bench-idle", f"{many.relpath}/{watched_pattern(many, size)}",
-                              ["hold", "kill"])
-            d = Daemon(ctx, f"footprint-{size}-{rep}", rules)
-            d.start()
-            r: dict[str, Any] = {}
-            try:
-                secs, seen = d.wait_watching(size, timeout=300)
-            except RuntimeError as exc:
-                ctx.error(f"footprint {size}: {exc}")
-                d.stop()
-                break
-            assert d.proc is not None
-            pid = d.proc.pid
-            r["startup_s"] = round(secs, 4)
-            r["watching"] = seen
-            r["rss_mb"] = round(proc_status(pid)["VmRSS"] / 1024, 2)
-            r["fds"] = len(os.listdir(f"/proc/{pid}/fd"))
-            r["threads"] = len(os.listdir(f"/proc/{pid}/task"))
-            time.sleep(1.0)
-            r["rss_mb_after_1s"] = round(proc_status(pid)["VmRSS"] / 1024, 2)
-            if want_idle and size == 1000 and rep == 0:
-                c0, t0, n0, w0 = ctx_switches(pid), cpu_ticks(pid), cpu_ns(pid), time.monotonic()
-                log(f"idle: oomguard daemon watching {seen} cgroups, sampling {idle_s:.0f} s")
-                time.sleep(idle_s)
-                c1, t1, n1, w1 = ctx_switches(pid), cpu_ticks(pid), cpu_ns(pid), time.monotonic()
-                window = w1 - w0
-                ctx.results["idle_window_s"] = round(window, 2)
-                ctx.results["idle_watched"] = seen
-                ctx.results["idle_ctx_switches"] = c1 - c0
-                ctx.results["idle_wakeups_per_s"] = round((c1 - c0) / window, 4)
-                ctx.results["idle_cpu_s"] = round((t1 - t0) / os.sysconf("SC_CLK_TCK"), 4)
-                ctx.results["idle_cpu_s_schedstat"] = round((n1 - n0) / 1e9, 6)
-                ctx.results["idle_rss_mb_end"] = round(proc_status(pid)["VmRSS"] / 1024, 2)
-                log(f"  idle: {c1 - c0} context switches in {window:.1f} s, "
-                    f"cpu {(n1 - n0) / 1e6:.2f} ms")
-            code = d.stop()
-            r["exit_code"] = code
-            groups = [many.child(f"g{i:05d}") for i in range(size)]
-            r["restored"] = not any(oom_kill_disabled(g) for g in groups)
-            if code != 0 or not r["restored"]:
-                ctx.error(f"footprint {size}: daemon exit {code}, restored={r['restored']}: "
-                          f"{d.tail()}")
+            r = footprint_once(ctx, many, size, rep,
+                               idle_s if want_idle and size == 1000 and rep == 0 else None)
+            if "error" in r:
+                ctx.error(f"footprint {size}: {r['error'][-600:]}")
+                fit = nofile_fit()
+                if "Too many open files" in r["error"] and fit < size:
+                    ctx.results[f"footprint_{size}_error"] = (
+                        f"EMFILE: the daemon keeps 2 fds per watched v1 group and "
+                        f"RLIMIT_NOFILE is {fit * 2 + 200} here; measured {fit} instead")
+                    ctx.results["footprint_max_watched"] = fit
+                    out[f"{size}_failed"] = r
+                    size = fit  # measure what fits, under its own name
+                    r = footprint_once(ctx, many, size, rep, None)
+                    if "error" in r:
+                        ctx.error(f"footprint {size}: {r['error'][-600:]}")
+                        break
+                else:
+                    break
             runs.append(r)
-            log(f"  footprint {size:5d}: start-up {r['startup_s']:.3f} s, RSS {r['rss_mb']:.1f} "
-                f"MiB, {r['fds']} fds")
         if not runs:
             continue
         out[str(size)] = runs
         if want_footprint:
             ctx.results[f"startup_s_{size}"] = pct([r["startup_s"] for r in runs], 50)
             ctx.results[f"rss_mb_{size}"] = pct([r["rss_mb"] for r in runs], 50)
+            ctx.results[f"shutdown_s_{size}"] = pct([r["shutdown_s"] for r in runs], 50)
     ctx.results["footprint"] = out
+    one, big = out.get("1"), [k for k in out if k.isdigit() and int(k) >= 1000]
+    if one and big:
+        top = max(big, key=int)
+        per = ((pct([r["rss_mb"] for r in out[top]], 50) or 0)
+               - (pct([r["rss_mb"] for r in one], 50) or 0)) / (int(top) - 1)
+        ctx.results["rss_kb_per_watched"] = round(per * 1024, 2)
 
 
 # -- e. storm -------------------------------------------------------------------------------
 def scenario_storm(ctx: Context) -> None:
     n_groups = ctx.args.storm_groups
-    limit = 24 * MiB
+    limit = STORM_LIMIT
     repeats = 1 if ctx.quick else 3
     groups = [ctx.group(f"storm/s{i:03d}", limit) for i in range(n_groups)]
     observers = [ctx.observer(g) for g in groups]
@@ -968,7 +1031,7 @@ def scenario_storm(ctx: Context) -> None:
 def run_storm_once(ctx: Context, groups: list[MemoryCgroup], observers: list[OomNotifier],
                    mode: str, rep: int) -> dict[str, Any]:
     for g, obs in zip(groups, observers, strict=True):
-        g.set_limit(24 * MiB)
+        g.set_limit(STORM_LIMIT)
         if mode == "kernel":
             g.set_oom_kill_disable(False)
         obs.read()
@@ -990,7 +1053,7 @@ def run_storm_once(ctx: Context, groups: list[MemoryCgroup], observers: list[Oom
     hogs = []
     try:
         for g in groups:
-            hogs.append(spawn_hog(g, MiB, 0, source=BARRIER_LEAK, stdin=r_fd))
+            hogs.append(spawn_hog(g, MiB, 0, source=STORM_HOG, stdin=r_fd))
     finally:
         os.close(r_fd)
     readers = [LineReader(h.stdout) for h in hogs]

@@ -1,6 +1,7 @@
 """Notification probe for `bench/run`: N watched v1 memory cgroups in one epoll loop.
 
     notify_probe.py DIR N
+    notify_probe.py DIR 1 raw
 
 Registers an oomguard `OomNotifier` (eventfd on memory.oom_control) on DIR/g00001 ..
 DIR/g{N-1} in oomguard's own `EventLoop`, the way the daemon watches groups, and prints
@@ -11,8 +12,11 @@ DIR/g{N-1} in oomguard's own `EventLoop`, the way the daemon watches groups, and
     quit     exit
 
 Each wake-up of an armed registration prints `event MONOTONIC_NS COUNT`, the time taken
-right after the eventfd read returned. The probe never acts on the OOM: the bench kills the
-hog. It holds nothing: oom_kill_disable on g00000 is the bench's to set and to restore.
+right after the eventfd read returned. With `raw` the probe is the floor instead: no
+oomguard code, no epoll, a plain eventfd registered at `arm` and a blocking read(2) on it
+(as in bare_handler.py), then `disarm` closes it. The probe never acts on the OOM: the
+bench kills the hog. It holds nothing: oom_kill_disable on g00000 is the bench's to set
+and to restore.
 
 The open file limit here is 20,000 (hard, and raising it needs CAP_SYS_RESOURCE), and an
 `OomNotifier` keeps two fds (the eventfd and memory.oom_control, kept to tell an rmdir from
@@ -34,8 +38,39 @@ from oomguard.events.loop import EventLoop
 from oomguard.events.v1 import OomNotifier
 
 
+def out(line: str) -> None:
+    os.write(1, (line + "\n").encode())
+
+
+def raw(base: str) -> int:
+    """The floor: one blocking eventfd read, no event loop."""
+    oom_control = os.path.join(base, "g00000", "memory.oom_control")
+    out("ready 0 0 0")
+    efd = cfd = -1
+    for line in sys.stdin:
+        cmd = line.strip()
+        if cmd == "arm":
+            cfd = os.open(oom_control, os.O_RDONLY | os.O_CLOEXEC)
+            efd = os.eventfd(0, os.EFD_CLOEXEC)
+            with open(os.path.join(base, "g00000", "cgroup.event_control"), "w") as f:
+                f.write(f"{efd} {cfd}")
+            out("armed")
+            count = os.eventfd_read(efd)
+            out(f"event {time.monotonic_ns()} {count}")
+        elif cmd == "disarm" and efd >= 0:
+            os.close(efd)
+            os.close(cfd)
+            efd = cfd = -1
+            out("disarmed")
+        elif cmd == "quit":
+            break
+    return 0
+
+
 def main() -> int:
     base, n = sys.argv[1], int(sys.argv[2])
+    if sys.argv[3:] == ["raw"]:
+        return raw(base)
     hier = discover()
     mount = str(hier.memory.mount_point) if hier.memory else ""
     rel = os.path.relpath(base, mount)
@@ -54,9 +89,6 @@ def main() -> int:
     took = time.monotonic() - t0
     armed: list[OomNotifier] = []
     target = cgroup_at(hier, f"/{rel}/g00000")
-
-    def out(line: str) -> None:
-        os.write(1, (line + "\n").encode())
 
     def on_event(_revents: int) -> None:
         note = armed[0].read()

@@ -32,7 +32,7 @@ out=$(OOMGUARD_VM_QUIET=1 "$VM" bash -c '
   [ -r /proc/pressure/memory ] && echo psi
   mkdir $cg/smoke && echo +memory > $cg/smoke/cgroup.subtree_control && mkdir $cg/smoke/hog
   echo 16M > $cg/smoke/hog/memory.max
-  (sh -c "echo \$\$ > $cg/smoke/hog/cgroup.procs; exec tail /dev/zero") 2>/dev/null && echo hog-survived
+  { sh -c "echo \$\$ > $cg/smoke/hog/cgroup.procs; exec tail /dev/zero"; } 2>/dev/null && echo hog-survived
   grep "^oom_kill " $cg/smoke/hog/memory.events')
 check "v2 memory controller, PSI, OOM kill in a child group" \
   "controllers:memory subtree:memory psi oom_kill 1" "$(echo $out)"
