@@ -16,7 +16,7 @@ import json
 import os
 import sqlite3
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -243,6 +243,9 @@ class Journal:
         self.path = str(path)
         self._db: sqlite3.Connection | None = None
         self._writes = 0  # commits since the last checkpoint()
+        # Told of every finished step (incident id, kind, result): metrics and step hooks.
+        self.step_listener: Callable[[int, str, str], None] | None = None
+        self._open_steps: dict[int, tuple[int, str]] = {}
         try:
             if self.path != ":memory:":
                 _create_private_file(Path(self.path))
@@ -387,7 +390,7 @@ class Journal:
         detail: str = "",
     ) -> int:
         """Record that a step starts; `seq` is the next number within the incident."""
-        return self._insert(
+        step_id = self._insert(
             _INSERT_STEP,
             (
                 incident_id,
@@ -399,6 +402,8 @@ class Journal:
                 _db_text(detail),
             ),
         )
+        self._open_steps[step_id] = (incident_id, kind)
+        return step_id
 
     def finish_step(
         self,
@@ -422,6 +427,9 @@ class Journal:
             ),
             f"step {step_id}",
         )
+        opened = self._open_steps.pop(step_id, None)
+        if opened is not None and self.step_listener is not None:
+            self.step_listener(opened[0], opened[1], result)
 
     def add_victim(
         self,

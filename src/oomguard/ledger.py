@@ -40,23 +40,6 @@ def _parse_pid_target(target: str) -> tuple[int, int]:
     return int(pid), int(start)
 
 
-def _same_process_pidfd(target: str) -> Pidfd | None:
-    """A pidfd for target's process if it still is that process (start time matches)."""
-    pid, start = _parse_pid_target(target)
-    try:
-        pfd = Pidfd.open(pid)
-    except OomguardError:
-        return None
-    try:
-        if read_stat(pid).start_ticks != start:
-            pfd.close()
-            return None
-    except OomguardError:
-        pfd.close()
-        return None
-    return pfd
-
-
 def _value(text: str) -> int | None:
     return None if text == MAX else int(text)
 
@@ -83,7 +66,7 @@ def write_change(group: MemoryCgroup, kind: str, target: str, value: str) -> Non
         else:
             group.thaw()
     elif kind == "stop":
-        pfd = _same_process_pidfd(target)
+        pfd = Pidfd.open_if_same(*_parse_pid_target(target))
         if pfd is not None:
             with pfd:
                 pfd.send(signal.SIGSTOP if value == "stopped" else signal.SIGCONT)

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from oomguard.actions.pause import thaw_for_kill
 from oomguard.actions.victims import open_verified, sample_group
-from oomguard.policy import Candidate, Step, rank_for_rule
+from oomguard.policy import Candidate, Step, Target, rank_for_rule
 from oomguard.procs import Pidfd, read_stat
 
 if TYPE_CHECKING:
@@ -24,6 +24,12 @@ if TYPE_CHECKING:
 def choose(inc: Incident, step: Step) -> list[Candidate]:
     samples = sample_group(inc.group, inc.watch.growth)
     return rank_for_rule(samples, inc.rule, inc.engine.never_pids, inc.rule.strategy_for(step))
+
+
+def targets_for(inc: Incident, step: Step) -> list[Candidate]:
+    """Whom a signal or move step acts on: the best candidate, or all of them."""
+    candidates = choose(inc, step)
+    return candidates if step.to is Target.ALL else candidates[:1]
 
 
 def kill(inc: Incident, step: Step, done: Done) -> None:

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from oomguard.actions.kill import choose
+from oomguard.actions.kill import targets_for
 from oomguard.cgroup import cgroup_at
 from oomguard.errors import OomguardError
 from oomguard.ledger import pid_target
-from oomguard.policy import Step, Target
+from oomguard.policy import Step
 from oomguard.procs import read_stat
 
 if TYPE_CHECKING:
@@ -24,8 +24,7 @@ if TYPE_CHECKING:
 def move(inc: Incident, step: Step, done: Done) -> None:
     journal, ledger, group = inc.engine.journal, inc.engine.ledger, inc.group
     dest = cgroup_at(group.hierarchies, step.target or "/")
-    candidates = choose(inc, step)
-    targets = candidates if step.to is Target.ALL else candidates[:1]
+    targets = targets_for(inc, step)
     pids = [c.sample.pid for c in targets]
     sid = journal.begin_step(inc.id, "move", pids[0] if len(pids) == 1 else None,
                              {"to": dest.relpath, "pids": pids})

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from oomguard.actions.kill import choose
+from oomguard.actions.kill import targets_for
 from oomguard.actions.victims import open_verified
-from oomguard.policy import Step, Target, signal_name
+from oomguard.policy import Step, signal_name
 
 if TYPE_CHECKING:
     from oomguard.incident import Done, Incident
@@ -20,8 +20,7 @@ if TYPE_CHECKING:
 def signal_step(inc: Incident, step: Step, done: Done) -> None:
     journal = inc.engine.journal
     signum = step.signal or 10
-    candidates = choose(inc, step)
-    targets = candidates if step.to is Target.ALL else candidates[:1]
+    targets = targets_for(inc, step)
     pids = [c.sample.pid for c in targets]
     sid = journal.begin_step(inc.id, "signal", pids[0] if len(pids) == 1 else None,
                              {"signal": signal_name(signum), "pids": pids})

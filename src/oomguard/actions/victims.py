@@ -13,7 +13,8 @@ import time
 from oomguard.cgroup import MemoryCgroup
 from oomguard.errors import CgroupError, OomguardError
 from oomguard.policy import GrowthTracker, ProcSample
-from oomguard.procs import Pidfd, process_info, read_stat
+from oomguard.procs import Pidfd, process_info
+from oomguard.procs.reader import CLK_TCK
 
 
 def sample_group(group: MemoryCgroup, growth: GrowthTracker | None = None) -> list[ProcSample]:
@@ -39,15 +40,4 @@ def sample_group(group: MemoryCgroup, growth: GrowthTracker | None = None) -> li
 
 def open_verified(sample: ProcSample) -> Pidfd | None:
     """A pidfd for the sampled process, or None if it is gone or its pid was reused."""
-    try:
-        pfd = Pidfd.open(sample.pid)
-    except OomguardError:
-        return None
-    try:
-        if abs(read_stat(sample.pid).start_time - sample.start_time) > 1e-6:
-            pfd.close()
-            return None
-    except OomguardError:
-        pfd.close()
-        return None
-    return pfd
+    return Pidfd.open_if_same(sample.pid, round(sample.start_time * CLK_TCK))

@@ -21,6 +21,7 @@ from typing import Any
 from oomguard.errors import ConfigError
 from oomguard.policy.match import ProcessMatcher, compile_glob, normalize_path, process_matcher
 from oomguard.policy.model import (
+    ASK_ACTIONS,
     DEFAULT_STEPS,
     OnExit,
     Policy,
@@ -304,6 +305,25 @@ def _argv(value: object) -> tuple[str, ...]:
     return tuple(value)
 
 
+def _ask_actions(value: object) -> tuple[str, ...]:
+    if not isinstance(value, list) or not value:
+        raise _Invalid(f'expected a non-empty list like ["grow", "kill"], got {_show(value)}')
+    for item in value:
+        if item not in ASK_ACTIONS:
+            hint = _suggest(item, ASK_ACTIONS) if isinstance(item, str) else ""
+            raise _Invalid(f"expected one of {_one_of(ASK_ACTIONS)}, got {_show(item)}{hint}")
+    return tuple(dict.fromkeys(value))
+
+
+def _bus_address(value: object) -> str:
+    address = _string(value)
+    if not address.startswith(("unix:path=", "unix:abstract=")):
+        raise _Invalid(
+            f'expected a D-Bus address like "unix:path=/run/user/1000/bus", got {_show(value)}'
+        )
+    return address
+
+
 _ON_EXIT_VALUES = [action.value for action in OnExit]
 _ON_EXIT_SPECIAL = ("default", "timeout")
 
@@ -351,6 +371,9 @@ _STEP_OPTIONS: dict[str, tuple[str, Callable[[object], Any]]] = {
     "on_exit": ("on_exit", _on_exit),
     "by": ("grow_by", _size),
     "dry_run": ("dry_run", _boolean),
+    "max_size": ("max_size", _size),
+    "actions": ("actions", _ask_actions),
+    "bus": ("bus", _bus_address),
 }
 _KIND_OPTIONS: dict[StepKind, tuple[str, ...]] = {
     StepKind.HOLD: (),
@@ -364,7 +387,8 @@ _KIND_OPTIONS: dict[StepKind, tuple[str, ...]] = {
     StepKind.EXEC: ("argv", "timeout", "on_exit"),
     StepKind.CONTINUE: (),
     StepKind.KERNEL: (),
-    StepKind.CORE: ("strategy", "timeout"),
+    StepKind.CORE: ("strategy", "timeout", "max_size"),
+    StepKind.ASK: ("timeout", "actions", "bus"),
 }
 _REQUIRED_OPTIONS: dict[StepKind, tuple[str, ...]] = {
     StepKind.SIGNAL: ("signal",),
@@ -479,6 +503,9 @@ _RULE_KEYS: dict[str, Callable[[object], Any]] = {
     "dry_run": _boolean,
     "max_victims": _count(1),
     "settle": _duration(positive=False),
+    "before_step": _argv,
+    "after_step": _argv,
+    "hook_timeout": _duration(positive=True),
 }
 _RULE_ONLY = ("name", "match")
 _DEFAULTS_KEYS = tuple(key for key in _RULE_KEYS if key not in _RULE_ONLY)

@@ -39,6 +39,7 @@ class StepKind(enum.Enum):
     CONTINUE = "continue"  # SIGCONT / thaw the tasks that stop/freeze held
     KERNEL = "kernel"  # hand the OOM back to the kernel's own OOM killer
     CORE = "core"  # take a core dump of the chosen victim
+    ASK = "ask"  # ask the person at the desktop (notification with action buttons)
 
 
 #: Steps that choose a victim with the rule's (or the step's) strategy.
@@ -67,6 +68,14 @@ _NO_EXITS: Mapping[int, OnExit] = MappingProxyType({})
 
 #: Used when an exec step has no `timeout`, capped by the rule's deadline.
 DEFAULT_EXEC_TIMEOUT = 5.0
+#: An ask step waits at most this long by default (and at most half the rule's deadline).
+DEFAULT_ASK_TIMEOUT = 20.0
+#: The answers an ask step offers unless it lists its own.
+ASK_ACTIONS = ("grow", "kill", "core")
+#: A core step skips a victim whose RSS is larger than this unless it says otherwise.
+DEFAULT_CORE_MAX = 1 << 30
+#: Step hooks (before_step/after_step) are killed after this long unless the rule says.
+DEFAULT_HOOK_TIMEOUT = 5.0
 
 
 @dataclass(frozen=True)
@@ -85,12 +94,15 @@ class Step:
     to: Target = Target.VICTIM  # signal, move
     target: str | None = None  # move: destination cgroup path
     argv: tuple[str, ...] = ()  # exec
-    timeout: float | None = None  # exec, core
+    timeout: float | None = None  # exec, core, ask
     on_exit: Mapping[int, OnExit] = field(default_factory=lambda: _NO_EXITS, hash=False)  # exec
     on_other_exit: OnExit = OnExit.NEXT  # exec: any status not in on_exit
     on_timeout: OnExit = OnExit.NEXT  # exec: timed out (then killed) or died of a signal
     grow_by: int | None = None  # grow
     dry_run: bool | None = None
+    max_size: int | None = None  # core: the largest core to write (None: DEFAULT_CORE_MAX)
+    actions: tuple[str, ...] = ()  # ask: the buttons offered (() = ASK_ACTIONS)
+    bus: str | None = None  # ask: a D-Bus session bus address to notify besides those found
 
     def exit_action(self, status: int | None) -> OnExit:
         """What an exec step's outcome means; `status` None = timed out or killed by a signal.
@@ -157,6 +169,9 @@ class Rule:
     dry_run: bool = False
     max_victims: int = 3
     settle: float = 1.0
+    before_step: tuple[str, ...] = ()  # argv run before every step (waited for, hook_timeout)
+    after_step: tuple[str, ...] = ()  # argv run after every step (not waited for)
+    hook_timeout: float = DEFAULT_HOOK_TIMEOUT
     glob: PathGlob = field(init=False, repr=False, compare=False, hash=False)
 
     def __post_init__(self) -> None:
@@ -182,11 +197,14 @@ class Rule:
         return self.dry_run if step.dry_run is None else step.dry_run
 
     def timeout_for(self, step: Step) -> float:
-        """exec: step.timeout or min(5s, deadline); core and others: step.timeout or deadline."""
+        """exec: step.timeout or min(5s, deadline); ask: or min(20s, deadline/2); core and
+        others: step.timeout or deadline."""
         if step.timeout is not None:
             return step.timeout
         if step.kind is StepKind.EXEC:
             return min(DEFAULT_EXEC_TIMEOUT, self.deadline)
+        if step.kind is StepKind.ASK:
+            return min(DEFAULT_ASK_TIMEOUT, self.deadline / 2)
         return self.deadline
 
 

@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 
 from oomguard.errors import AccessDenied, NoSuchProcess
+from oomguard.procs.reader import read_stat
 
 _SYS_PROCESS_MRELEASE = 448  # x86_64 and the generic table
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -35,6 +36,23 @@ class Pidfd:
             raise NoSuchProcess(pid) from None
         except PermissionError:
             raise AccessDenied(pid, "pidfd_open") from None
+
+    @classmethod
+    def open_if_same(cls, pid: int, start_ticks: int) -> Pidfd | None:
+        """A pidfd for `pid` only if it is still the process that started at
+        `start_ticks` (pid reuse check, done after the pidfd pins the process)."""
+        try:
+            pfd = cls.open(pid)
+        except (NoSuchProcess, AccessDenied):
+            return None
+        try:
+            same = read_stat(pid).start_ticks == start_ticks
+        except (NoSuchProcess, AccessDenied):
+            same = False
+        if not same:
+            pfd.close()
+            return None
+        return pfd
 
     def fileno(self) -> int:
         return self.fd
