@@ -337,3 +337,12 @@ def test_stale_transient_groups_are_cleaned(hier: object, tmp_path: Path) -> Non
     assert r.returncode == 0
     assert not cgroup_at(hier, stale.relpath).exists()
     _ = os
+
+
+def test_run_dry_run_still_limits_and_kernel_kills(tmp_path: Path, backend: int) -> None:
+    r = oomguard("run", "--dry-run", "--memory", "64M", "--journal", str(tmp_path / "j.db"),
+                 "--", *argv(LEAK, MiB))
+    assert r.returncode == 137, r.stderr  # the kernel's own killer, inside the 64M limit
+    [inc] = json.loads(oomguard("events", "--json", "--journal", str(tmp_path / "j.db")).stdout)
+    assert inc["dry_run"] and inc["outcome"] == "dry-run"
+    assert not inc["victims"]

@@ -19,12 +19,13 @@ from typing import TextIO
 from oomguard.cgroup import MemoryCgroup
 from oomguard.cgroup.transient import clean_stale, destroy, ensure_parent, new_group
 from oomguard.cgroup.v1 import V1MemoryCgroup
+from oomguard.cli.output import table
 from oomguard.journal import format_incident_detail
 from oomguard.policy import Rule, Step, StepKind, process_matcher
 from oomguard.procs import process_info, spawn_in
 from oomguard.session import Session
 from oomguard.units import format_size
-from oomguard.workloads import LEAK, STEADY, argv
+from oomguard.workloads import run_as
 
 DEMO_PARENT = "/oomguard.demo"
 LIMIT = 96 << 20
@@ -67,21 +68,21 @@ def _demo(session: Session, group: MemoryCgroup, procs: list[subprocess.Popen[by
     _say(out, f"made memory cgroup {group.relpath} ({v}) with a {format_size(LIMIT)} limit")
     rule = Rule(name="demo", match=group.relpath, memory=LIMIT, grace=0.0, settle=0.3,
                 steps=(Step(StepKind.HOLD), Step(StepKind.SNAPSHOT), Step(StepKind.KILL)),
-                protect=(process_matcher(cmdline="demo-service", label="demo-service"),))
+                protect=(process_matcher(comm="^service$", label="service"),))
     engine.watch(group, rule)
     _say(out, "policy: hold the OOM, snapshot the group, kill the largest; "
               "protect the service")
     dirs = [group.path]
     if isinstance(group, V1MemoryCgroup) and group.hierarchies.freezer_v1 is not None:
         dirs.append(group.ensure_freezer())
-    service = spawn_in(dirs, [*argv(STEADY, SERVICE_SIZE), "demo-service"],
+    service = spawn_in(dirs, run_as(["steady", str(SERVICE_SIZE)], "service"),
                        stdout=subprocess.PIPE)
     procs.append(service)
     assert service.stdout is not None
     service.stdout.readline()
     before = process_info(service.pid)
     _say(out, f"service  pid {service.pid} running, rss {format_size(before.rss)}")
-    job = spawn_in(dirs, [*argv(LEAK, 1 << 20, 0, "quiet", 0.004), "demo-batch-job"],
+    job = spawn_in(dirs, run_as(["leak", str(1 << 20), "0", "quiet", "0.004"], "batch-job"),
                    stdout=subprocess.DEVNULL)
     procs.append(job)
     _say(out, f"batch job pid {job.pid} started: it leaks 1M every 4 ms")
@@ -99,6 +100,8 @@ def _demo(session: Session, group: MemoryCgroup, procs: list[subprocess.Popen[by
     incident = session.journal.incident(closed[0])
     assert incident is not None
     out.write("\n" + _short(format_incident_detail(incident)) + "\n\n")
+    _say(out, "what was running when the OOM hit (the RFC's ps listing, from the snapshot):")
+    out.write(_ps_table(incident) + "\n\n")
     job_status = job.wait(timeout=5)
     alive = service.poll() is None
     after = process_info(service.pid) if alive else None
@@ -112,6 +115,19 @@ def _demo(session: Session, group: MemoryCgroup, procs: list[subprocess.Popen[by
     ok = job_status < 0 and alive
     _say(out, "OK: the leaker was killed and the service survived" if ok else "FAILED")
     return 0 if ok else 1
+
+
+def _ps_table(incident: dict[str, object]) -> str:
+    evidence = incident.get("evidence")
+    rows: list[list[object]] = []
+    for item in evidence if isinstance(evidence, list) else []:
+        data = item.get("data") if isinstance(item, dict) else None
+        if isinstance(item, dict) and item.get("kind") == "snapshot" and isinstance(data, dict):
+            for p in data.get("ps") or []:
+                args = " ".join(p.get("args") or []) or f"[{p.get('comm')}]"
+                rows.append([p["pid"], p["ppid"], p["uid"], p["state"], int(p["vsz"]) // 1024,
+                             int(p["rss"]) // 1024, args[:100]])
+    return table(["PID", "PPID", "UID", "S", "VSZ", "RSS", "ARGS"], rows)
 
 
 def _short(text: str) -> str:

@@ -63,3 +63,30 @@ while True:
 
 def argv(source: str, *args: object) -> list[str]:
     return [sys.executable, "-c", source, *map(str, args)]
+
+
+def run_as(argv_: list[str], name: str | None = None) -> list[str]:
+    """argv that runs workload `argv_[0]` (leak, steady, stubborn, shrinkable) by name,
+    so that ps and the journal show what it is: python -m oomguard.workloads KIND ARGS."""
+    tail = [f"--name={name}"] if name else []
+    return [sys.executable, "-m", "oomguard.workloads", *argv_, *tail]
+
+
+_BY_NAME = {"leak": LEAK, "steady": STEADY, "stubborn": STUBBORN, "shrinkable": SHRINKABLE}
+
+
+def _main() -> None:
+    import ctypes
+
+    kind, *args = sys.argv[1:]
+    names = [a for a in args if a.startswith("--name=")]
+    args = [a for a in args if not a.startswith("--name=")]
+    if names:
+        name = names[0].split("=", 1)[1].encode()[:15]
+        ctypes.CDLL(None).prctl(15, ctypes.c_char_p(name), 0, 0, 0)  # PR_SET_NAME
+    sys.argv = [kind, *args]
+    exec(compile(_BY_NAME[kind], f"<oomguard workload {kind}>", "exec"), {"__name__": "__main__"})
+
+
+if __name__ == "__main__":
+    _main()

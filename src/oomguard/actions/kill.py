@@ -95,6 +95,8 @@ def _kill_one(inc: Incident, step: Step, cand: Candidate, pfd: Pidfd | None, don
     pfd.send(first)
     for m in members:
         m.send(first)
+    if first == signal.SIGKILL:
+        pfd.mrelease()  # reap its memory now where the kernel lets us; ESRCH: keep waiting
     if first == signal.SIGTERM:
         pfd.send(signal.SIGCONT)  # a stopped victim must run to act on SIGTERM
 

@@ -133,6 +133,10 @@ def run(args: argparse.Namespace) -> int:
 
 def _supervise(session: Session, group: MemoryCgroup, rule: Rule, command: list[str]) -> int:
     engine, loop = session.engine, session.loop
+    # The group is run's own, new and empty: its limit is part of making it, not a change
+    # to the system, so it is set even in a dry run (a dry run must never run unlimited).
+    assert rule.memory is not None
+    group.set_limits(rule.memory, rule.memsw)
     engine.watch(group, rule)
     dirs = [group.path]
     if isinstance(group, V1MemoryCgroup) and group.hierarchies.freezer_v1 is not None:
