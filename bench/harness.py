@@ -576,6 +576,13 @@ def scenario_resolution(ctx: Context) -> None:
             incidents = daemon.incidents()
             by_group = collections.Counter(inc.get("cgroup") for inc in incidents)
             out["oomguard_incidents"] = {str(k): v for k, v in by_group.items()}
+            lat: dict[str, list[float]] = collections.defaultdict(list)
+            for inc in incidents:
+                if isinstance(inc.get("latency_ms"), (int, float)):
+                    lat[str(inc.get("cgroup"))].append(float(inc["latency_ms"]))
+            out["oomguard_journal_latency_ms_p50"] = {k: pct(v, 50) for k, v in lat.items()}
+            out["oomguard_outcomes"] = collections.Counter(
+                str(inc.get("outcome")) for inc in incidents).most_common()
         except (RuntimeError, OSError, ValueError, subprocess.TimeoutExpired) as exc:
             ctx.error(f"resolution: oomguard events: {exc}")
         code = daemon.stop()
@@ -653,7 +660,10 @@ def run_resolution_once(ctx: Context, g: MemoryCgroup, obs: OomNotifier, mode: s
 
 def finish_resolution(ctx: Context, label: str,
                       samples: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
-    """Grow latencies need the stamp index of the OOM: the kill modes' stamp count."""
+    """Grow latencies need the stamp index of the OOM. The same hog in the same group stops
+    after the same number of stamps in the kill modes (at 1 GiB it varies by one), so the
+    OOM of a grow run is after stamp S-1 for one of the S seen there: of those candidate
+    gaps, the largest (a normal 1 MiB step takes ~0.4 ms, an OOM and a raise more)."""
     counts = collections.Counter(
         s["stamps"] for m in KILL_MODES for s in samples.get(m, []) if "latency_ms" in s)
     ref = counts.most_common(1)[0][0] if counts else None
@@ -664,8 +674,9 @@ def finish_resolution(ctx: Context, label: str,
             if not stamps or "error" in s:
                 continue
             gaps = [b - a for a, b in itertools.pairwise(stamps)]
-            if ref is not None and ref < len(stamps):
-                k = ref - 1
+            cands = sorted(c - 1 for c in counts if 0 < c < len(stamps))
+            if cands:
+                k = max(cands, key=gaps.__getitem__)
                 s["oom_index"] = k
                 window = gaps[max(0, k - 3): k + 4]
                 if gaps[k] < max(window):
@@ -735,9 +746,13 @@ def analyse_trace(path: Path, samples: dict[str, list[dict[str, Any]]]) -> dict[
             sends = [r for r in win if r[2] == "Pidfd.send" and r[0] <= hi]
             if sends:
                 marks["sigkill_sent_ms"].append((sends[0][0] - lo) / 1e6)
-            raises = [r for r in win if r[2] == "raise_limit" and r[0] <= hi]
-            if raises:
-                marks["limit_raised_ms"].append((raises[0][1] - lo) / 1e6)
+                if reads:
+                    marks["event_to_sigkill_ms"].append((sends[0][0] - reads[0][1]) / 1e6)
+            raises = [r for r in win if r[2] == "write_change" and r[0] <= hi]
+            if raises and not sends:
+                marks["limit_write_started_ms"].append((raises[0][0] - lo) / 1e6)
+                if reads:
+                    marks["event_to_limit_write_ms"].append((raises[0][0] - reads[0][1]) / 1e6)
             marks["resolved_ms"].append((hi - lo) / 1e6)
         out[key] = {
             "timeline_median_ms": {k: round(pct(v, 50) or 0, 4) for k, v in marks.items()},
@@ -1013,12 +1028,20 @@ def scenario_storm(ctx: Context) -> None:
     for mode in modes:
         ok = [r for r in runs[mode] if r.get("resolve_s") is not None]
         out[mode] = {"resolve_s_median": pct([r["resolve_s"] for r in ok], 50),
-                     "resolve_s_max": max((r["resolve_s"] for r in ok), default=None)}
+                     "resolve_s_max": max((r["resolve_s"] for r in ok), default=None),
+                     "per_group_p50_ms": pct([r["per_group_ms"]["median_ms"] for r in ok
+                                              if r.get("per_group_ms")], 50),
+                     "per_group_max_ms": max((r["per_group_ms"]["max_ms"] for r in ok
+                                              if r.get("per_group_ms")), default=None)}
     ctx.results["storm"] = out
     ctx.results["storm_groups"] = n_groups
     ctx.results["storm_resolve_s_kernel"] = out["kernel"]["resolve_s_median"]
+    ctx.results["storm_group_p50_ms_kernel"] = out["kernel"]["per_group_p50_ms"]
+    ctx.results["storm_group_max_ms_kernel"] = out["kernel"]["per_group_max_ms"]
     if "oomguard" in runs:
         ctx.results["storm_resolve_s"] = out["oomguard"]["resolve_s_median"]
+        ctx.results["storm_group_p50_ms"] = out["oomguard"]["per_group_p50_ms"]
+        ctx.results["storm_group_max_ms"] = out["oomguard"]["per_group_max_ms"]
         ctx.results["storm_vs_kernel_ratio"] = ratio(ctx.results["storm_resolve_s"],
                                                      ctx.results["storm_resolve_s_kernel"])
         lost = [r.get("lost_events") for r in runs["oomguard"]]
@@ -1053,7 +1076,7 @@ def run_storm_once(ctx: Context, groups: list[MemoryCgroup], observers: list[Oom
     hogs = []
     try:
         for g in groups:
-            hogs.append(spawn_hog(g, MiB, 0, source=STORM_HOG, stdin=r_fd))
+            hogs.append(spawn_hog(g, MiB, 0, "stamps", source=STORM_HOG, stdin=r_fd))
     finally:
         os.close(r_fd)
     readers = [LineReader(h.stdout) for h in hogs]
@@ -1086,17 +1109,26 @@ def run_storm_once(ctx: Context, groups: list[MemoryCgroup], observers: list[Oom
             release(groups[i])
             kill_by_pidfd(hogs[i])
             reap(hogs[i], 30)
-    t_done = []
+    t_done, after_oom, oom_at = [], [], []
     for i, g in enumerate(groups):
         t_clear = wait_oom_clear(g) if under_oom(g) else None
         if i in t_exit:
             t_done.append(max(t_exit[i], t_clear or 0))
+            rest = [*readers[i].drain(), readers[i].buf]
+            stamps = [int(x) for x in rest if x.isdigit()]
+            if stamps:
+                oom_at.append((stamps[-1] - t_go) / 1e9)
+                after_oom.append((t_done[-1] - stamps[-1]) / 1e6)
     for fd in pidfds:
         os.close(fd)
     ep.close()
     for h in hogs:
         if h.stdout is not None:
             h.stdout.close()
+    if daemon is not None:  # let the incidents close (settle) before SIGTERM
+        t_wait = time.monotonic()
+        for g in groups:
+            daemon.wait_closed(g.relpath, 1, t_wait)
     counts = [obs.read().count for obs in observers]
     kills = [g.oom_state().oom_kill - b for g, b in zip(groups, kills_before, strict=True)]
     oomed = [i for i, c in enumerate(counts) if c > 0 or kills[i] > 0]
@@ -1104,6 +1136,9 @@ def run_storm_once(ctx: Context, groups: list[MemoryCgroup], observers: list[Oom
     res.update({
         "resolve_s": round(per_group[-1], 4) if per_group and not unresolved else None,
         "resolve_s_p50": round(pct(per_group, 50) or 0, 4),
+        "last_oom_at_s": round(max(oom_at), 4) if oom_at else None,
+        "first_oom_at_s": round(min(oom_at), 4) if oom_at else None,
+        "per_group_ms": summary(after_oom, 3) if after_oom else None,
         "unresolved": len(unresolved),
         "groups_oomed": len(oomed),
         "kernel_kills": sum(kills),
@@ -1137,6 +1172,10 @@ def run_storm_once(ctx: Context, groups: list[MemoryCgroup], observers: list[Oom
             ctx.error(f"storm: oomguard events: {exc}")
         if daemon.profile is not None and daemon.profile.exists():
             res["profile"] = profile_text(daemon.profile)
+    pg = res.get("per_group_ms") or {}
+    log(f"  storm {mode}: OOMs from {res['first_oom_at_s']} to {res['last_oom_at_s']} s; "
+        f"each resolved (last stamp -> reaped) p50 {pg.get('median_ms')} max "
+        f"{pg.get('max_ms')} ms")
     log(f"  storm {mode}: all resolved in {res['resolve_s']} s (p50 {res['resolve_s_p50']} s), "
         f"oomed {res['groups_oomed']}, kernel kills {res['kernel_kills']}"
         + (f", incidents {res.get('incidents')}, lost {res.get('lost_events')}"
@@ -1163,7 +1202,33 @@ def judge(results: dict[str, Any]) -> dict[str, Any]:
         v = results.get(name)
         out[name] = {"target": f"{op} {target:g}", "value": v,
                      "met": None if v is None else bool(ok(v, target))}
+    fit = results.get("footprint_max_watched")
+    if results.get("startup_s_10000") is None and fit is not None:
+        out["startup_s_10000"].update(
+            met=False, note=f"could not watch 10,000: {results.get('footprint_10000_error')}; "
+            f"start-up at {fit:,}: {results.get(f'startup_s_{fit}')} s")
     return out
+
+
+def cpu_times() -> tuple[int, int, int]:
+    """(busy, total) jiffies of the whole machine, and this process tree's own jiffies."""
+    with open("/proc/stat") as f:
+        vals = [int(x) for x in f.readline().split()[1:]]
+    idle = vals[3] + vals[4]
+    t = os.times()
+    own = int((t.user + t.system + t.children_user + t.children_system)
+              * os.sysconf("SC_CLK_TCK"))
+    return sum(vals) - idle, sum(vals), own
+
+
+def other_busy(start: tuple[int, int, int], _t0: float) -> float | None:
+    """Share of the machine's CPU time used by anything but this bench and its children
+    (other sessions' tests, VMs) while the bench ran: a noise indicator."""
+    busy1, total1, own1 = cpu_times()
+    total = total1 - start[1]
+    if total <= 0:
+        return None
+    return round(max(0, (busy1 - start[0]) - (own1 - start[2])) / total, 3)
 
 
 def machine() -> dict[str, Any]:
@@ -1229,6 +1294,8 @@ def main(argv_: Sequence[str] | None = None) -> int:
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, on_signal)
     started = time.monotonic()
+    load_start = os.getloadavg()
+    cpu_start = cpu_times()
     ctx = Context(args)
     status = 0
     try:
@@ -1263,6 +1330,9 @@ def main(argv_: Sequence[str] | None = None) -> int:
     results["targets"] = judge(results)
     results["meta"] = {
         "quick": args.quick,
+        "loadavg_start": load_start,
+        "loadavg_end": os.getloadavg(),
+        "other_cpu_busy": other_busy(cpu_start, started),
         "scenarios": only,
         "duration_s": round(time.monotonic() - started, 1),
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

@@ -15,6 +15,7 @@ def make_plots(results: dict[str, Any], outdir: Path, suffix: str = "") -> list[
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
 
     outdir.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
@@ -34,6 +35,9 @@ def make_plots(results: dict[str, Any], outdir: Path, suffix: str = "") -> list[
                 ax.scatter(jitter, xs, s=9, color=COLOURS[m], alpha=0.8, zorder=3)
             ax.set_xticks(range(1, len(modes) + 1), modes, rotation=15)
             ax.set_yscale("log")
+            ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+            ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+            ax.yaxis.set_minor_formatter(NullFormatter())
             ax.set_ylabel("hog's last timestamp -> resolved (ms, log)")
             ax.set_title(f"OOM resolution latency, {size}iB memcg "
                          f"(n={min(len(d) for d in data) if data else 0} per mode)")
@@ -52,6 +56,12 @@ def make_plots(results: dict[str, Any], outdir: Path, suffix: str = "") -> list[
             ax.scatter([c] * len(xs), xs, s=8, color="#999999", alpha=0.6)
         ax.plot(counts, [notify[str(c)]["median_ms"] for c in counts], "o-", label="p50")
         ax.plot(counts, [notify[str(c)]["p99_ms"] for c in counts], "s--", label="p99")
+        raw = notify.get("raw", {})
+        if raw.get("median_ms") is not None:
+            ax.axhline(raw["median_ms"], color="#2ca02c", lw=1, ls=":",
+                       label="floor p50 (blocking read, no epoll)")
+            ax.axhline(raw["p99_ms"], color="#2ca02c", lw=1, ls="-.",
+                       label="floor p99")
         ax.set_xscale("log")
         ax.set_xlabel("watched cgroups (one of them OOMs)")
         ax.set_ylabel("hog's last timestamp -> eventfd read returns (ms)")

@@ -146,10 +146,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.skip(
                 reason="needs a real cgroup v2 memory controller: runs in the VM "
                        "(scripts/test-cgroup2)"))
-        if "v1" in item.keywords and version != 1:
+        v1 = item.get_closest_marker("v1")
+        if v1 is not None and version != 1:
+            why = v1.kwargs.get("reason", "oom_kill_disable, the v1 freezer")
             item.add_marker(pytest.mark.skip(
-                reason="cgroup v1 only (oom_kill_disable, the v1 freezer): this kernel's "
-                       "memory controller is on v2"))
+                reason=f"cgroup v1 only ({why}): this kernel's memory controller is on v2"))
 
 
 class Daemon:

@@ -156,7 +156,7 @@ _oomguard_main()
         ps)     flags="-r --recursive --json" ;;
         status) flags="--json" ;;
         run)    flags="--memory --memsw --grow --grow-max --kill --protect --prefer --grace
-                       --deadline --dry-run --policy --journal --log-format --" ;;
+                       --deadline --core --dry-run --policy --journal --log-format --" ;;
         daemon) flags="--config --journal --metrics --log-format --dry-run" ;;
         events) flags="--json --since --cgroup --journal" ;;
         show)   flags="--json --journal" ;;

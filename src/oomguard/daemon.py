@@ -15,6 +15,7 @@ import os
 import signal
 from pathlib import Path
 
+from oomguard.actions import ask
 from oomguard.cgroup import MemoryCgroup, resolve
 from oomguard.discovery import Discovery
 from oomguard.errors import OomguardError, UsageError
@@ -82,11 +83,13 @@ class Daemon:
         self.check_not_inside()
         recover(s.journal, s.hier, s.log.info)
         self.discovery = Discovery(s.hier, self.policy, s.loop, self.adopt,
-                                   skip=lambda p: p.startswith("/oomguard.run/"))
+                                   skip=lambda p: "/oomguard.run/" in p)
         self.discovery.scan()
         if self.metrics_addr:
             self.server = MetricsServer(self.metrics_addr, s.metrics)
             self.server.attach(s.loop)
+            s.log.info(f"serving metrics at {self.server.url}")
+        ask.setup(s.engine, self.policy.rules)  # D-Bus for `ask` steps, only if a rule asks
         s.engine.on_unwatched = lambda _w: self._health()
         self._health()
         n = len(s.engine.watches)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TextIO
 
 from oomguard.cgroup import MemoryCgroup
-from oomguard.cgroup.transient import clean_stale, destroy, ensure_parent, new_group
+from oomguard.cgroup.transient import clean_stale, destroy, ensure_own_parent, new_group
 from oomguard.cgroup.v1 import V1MemoryCgroup
 from oomguard.cli.output import table
 from oomguard.journal import format_incident_detail
@@ -43,7 +43,7 @@ def run_demo(journal_path: str | None = None, out: TextIO = sys.stdout) -> int:
         tmp = tempfile.TemporaryDirectory(prefix="oomguard-demo-")
         journal_path = str(Path(tmp.name) / "journal.db")
     session = Session.open(journal_path, log_stream=out)
-    parent = ensure_parent(session.hier, DEMO_PARENT)
+    parent = ensure_own_parent(session.hier, DEMO_PARENT)
     clean_stale(parent)
     group = new_group(parent, "demo")
     procs: list[subprocess.Popen[bytes]] = []

@@ -10,9 +10,10 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING
 
-from oomguard.actions import limits
+from oomguard.actions import limits, stephooks
 from oomguard.actions.registry import run_kind, run_step
 from oomguard.actions.victims import open_verified, sample_group
 from oomguard.cgroup import Hierarchies, MemoryCgroup
@@ -23,12 +24,14 @@ from oomguard.events.v1 import ThresholdNotifier
 from oomguard.incident import Incident
 from oomguard.journal import Journal
 from oomguard.ledger import Ledger
+from oomguard.obs.evidence import EvidenceStore, default_evidence_root, default_total_max
 from oomguard.obs.log import DecisionLog
-from oomguard.policy import Rule, StepKind, rank_for_rule
+from oomguard.policy import Rule, Step, StepKind, rank_for_rule
 from oomguard.procs import Pidfd, read_stat
-from oomguard.watch import Watch
+from oomguard.watch import RemovalWatcher, Watch
 
 if TYPE_CHECKING:
+    from oomguard.obs.desktop import Desktop
     from oomguard.obs.metrics import Metrics
 
 
@@ -55,12 +58,55 @@ class Engine:
         self.ledger = Ledger(journal, log.warning)
         self.never_pids = ancestors_of_self()
         self.watches: dict[str, Watch] = {}
-        self.run_step = run_step
+        self.run_step = self._run_step
         self.run_kind = run_kind
         self.release_hold = limits.release_hold
         self.on_incident_closed: Callable[[Incident], None] | None = None
         self.on_unwatched: Callable[[Watch], None] | None = None
         self.incidents_closed = 0
+        self.removals = RemovalWatcher(loop, self._on_removed)  # v2: rmdir of watched groups
+        # Evidence files (obs/evidence.py): made on first use, beside the journal.
+        self.evidence: EvidenceStore | None = None
+        # Desktop notifications for `ask` steps (obs/desktop.py): set up at start-up, if any.
+        self.desktop: Desktop | None = None
+        self._step_results: dict[int, list[tuple[str, str]]] = {}
+        journal.step_listener = self._step_recorded
+
+    # -- steps -------------------------------------------------------------------------
+    def _run_step(self, inc: Incident, step: Step, done: Callable[[str], None]) -> None:
+        stephooks.run_with_hooks(inc, step, done, run_step)
+
+    def _step_recorded(self, incident_id: int, kind: str, result: str) -> None:
+        """Every finished step, as the journal records it: metrics, and step hooks."""
+        if self.metrics is not None:
+            self.metrics.action(kind, result)
+        results = self._step_results.get(incident_id)
+        if results is not None:
+            results.append((kind, result))
+
+    def track_step_results(self, incident_id: int) -> list[tuple[str, str]]:
+        """A fresh list that collects (kind, result) of the incident's finished steps."""
+        results: list[tuple[str, str]] = []
+        self._step_results[incident_id] = results
+        return results
+
+    def report_cgroup(self, group: MemoryCgroup) -> None:
+        """Usage and limit into the metrics (at adoption and incident close: no polling)."""
+        if self.metrics is None:
+            return
+        try:
+            limit = limits.current_hold_limit(group)  # v2: memory.high, where the hold is
+            self.metrics.set_cgroup(group.relpath, group.usage(),
+                                    limit if limit is not None else group.limit())
+        except OomguardError:
+            pass
+
+    def evidence_store(self) -> EvidenceStore | None:
+        if self.evidence is None:
+            root = default_evidence_root(self.journal.path)
+            if root is not None:
+                self.evidence = EvidenceStore(root, default_total_max())
+        return self.evidence
 
     # -- watching ----------------------------------------------------------------------
     def watch(self, group: MemoryCgroup, rule: Rule) -> Watch:
@@ -70,7 +116,7 @@ class Engine:
         if rule.memory is not None and not rule.dry_run:
             current = group.limit()
             if current != rule.memory:
-                if rule.memsw is not None:
+                if rule.memsw is not None and group.version == 1:  # v1: memsw >= memory always
                     old = group.memsw_limit()
                     if old is None or old < rule.memory:
                         self.ledger.apply(group, "memsw_limit", group.relpath, _t(old),
@@ -86,7 +132,15 @@ class Engine:
         if holds and not rule.dry_run:
             limits.establish_hold(self.ledger, group, baseline)
         watch.start(self.loop, self._on_oom, self._on_removed)
+        if group.version == 2:
+            self.removals.add(watch)
+        if rule.psi is not None:
+            try:
+                watch.start_pressure(self.loop, self._on_pressure)
+            except OomguardError as exc:
+                self.log.warning(f"{group.relpath}: no psi trigger: {exc}")
         self.watches[group.relpath] = watch
+        self.report_cgroup(group)
         return watch
 
     def holds(self, group: MemoryCgroup) -> bool:
@@ -101,14 +155,29 @@ class Engine:
         if isinstance(inc, Incident) and inc.state != "closed":
             inc.close("removed" if removed else "interrupted")
         watch.stop(self.loop)
+        self.removals.discard(watch)
         if removed:
             for change in self.ledger.for_group(watch.group):
                 self.journal.mark_restored(change.id)  # nothing left to restore
                 self.ledger.active.pop(change.id, None)
         else:
             self._restore_group(watch)
+        if self.metrics is not None:
+            self.metrics.forget_cgroup(watch.relpath)
         if self.on_unwatched is not None:
             self.on_unwatched(watch)
+
+    def _on_pressure(self, watch: Watch, averages: dict[str, float]) -> None:
+        """The rule's PSI trigger fired: an early warning (log line and journal event)."""
+        spec = watch.rule.psi
+        inc = watch.incident
+        inc_id = inc.id if isinstance(inc, Incident) and inc.state != "closed" else None
+        data: dict[str, object] = {"trigger": spec.describe() if spec else ""}
+        data.update({k: v for k, v in averages.items() if k.endswith(("avg10", "total"))})
+        self.journal.add_event(inc_id, watch.relpath, "pressure", data)
+        self.log.warning(f"memory pressure in {watch.relpath}: {data['trigger']} "
+                         f"(some avg10 {averages.get('some_avg10', 0.0):g}%, "
+                         f"full avg10 {averages.get('full_avg10', 0.0):g}%)")
 
     def _on_removed(self, watch: Watch) -> None:
         self.log.info(f"{watch.relpath} was removed")
@@ -133,7 +202,10 @@ class Engine:
                                          (latency_ms or 0.0) / 1000.0)
         if inc.watch.incident is inc:
             inc.watch.incident = None
+        self._step_results.pop(inc.id, None)
         self.try_shrink(inc.watch)
+        if inc.watch.relpath in self.watches:
+            self.report_cgroup(inc.group)
         if self.on_incident_closed is not None:
             self.on_incident_closed(inc)
 
@@ -142,7 +214,34 @@ class Engine:
             self.metrics.victim(inc.group.relpath)
 
     def evidence_saved(self, inc: Incident, data: dict[str, object]) -> None:
-        """Hook for the evidence directory (obs); the journal already has the data."""
+        """A snapshot into the incident's evidence directory (obs/evidence.py). The /proc
+        files are read now; the files are written after the step's successors started
+        (the kill is not delayed by disk writes). The journal names the directory once."""
+        store = self.evidence_store()
+        if store is None:
+            return
+        files = store.snapshot_files(inc.group, data)
+
+        def write() -> None:
+            try:
+                saved = store.save_files(inc.id, files)
+            except OSError as exc:
+                self.log.warning(f"evidence of incident {inc.id} not saved in {store.root}: {exc}")
+                return
+            if saved.pop("new"):
+                self.journal.add_evidence(inc.id, "evidence-dir", saved)
+
+        self.loop.call_soon(write)
+
+    def evidence_dir(self, inc: Incident) -> Path | None:
+        """The incident's evidence directory, made (and named in the journal) if new."""
+        store = self.evidence_store()
+        if store is None:
+            return None
+        directory, new = store.dir_for(inc.id)
+        if new:
+            self.journal.add_evidence(inc.id, "evidence-dir", {"path": str(directory)})
+        return directory
 
     # -- shrinking back after a grow ---------------------------------------------------
     def arm_shrink(self, watch: Watch) -> None:
@@ -210,9 +309,25 @@ class Engine:
     # -- shutdown ----------------------------------------------------------------------
     def _restore_group(self, watch: Watch) -> None:
         self._disarm_shrink(watch)
+        if isinstance(watch.group, V2MemoryCgroup) and self._grown_past_baseline(watch):
+            # v1 refuses a limit below usage; v2 takes memory.max down by OOM-killing on
+            # its own, blind to the rule's protect. Choose the victim as v1 does first
+            # (after letting paused tasks run again, as restore_all would).
+            for change in self.ledger.for_group(watch.group):
+                if change.kind in ("stop", "freeze"):
+                    self.ledger.restore(change)
+            self._last_resort(watch)
         failed = self.ledger.restore_all(watch.group)
         if failed:
             self._last_resort(watch)
+
+    def _grown_past_baseline(self, watch: Watch) -> bool:
+        grown = any(c.tag == "grow" for c in self.ledger.for_group(watch.group))
+        try:
+            return (grown and watch.baseline_limit is not None
+                    and watch.group.usage() > watch.baseline_limit)
+        except CgroupError:
+            return False
 
     def _last_resort(self, watch: Watch) -> None:
         """A grown limit cannot come back while usage is above it. Without oomguard the
@@ -241,6 +356,10 @@ class Engine:
         """Close incidents and undo every change: nothing held, stopped, frozen or raised."""
         for watch in list(self.watches.values()):
             self.unwatch(watch)
+        self.removals.close()
+        stephooks.cancel_all()
+        if self.desktop is not None:
+            self.desktop.close()
         leftover = self.ledger.restore_all()
         for change in leftover:
             self.log.error(f"could not restore {change.kind} of {change.group.relpath}")

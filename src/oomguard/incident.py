@@ -83,9 +83,7 @@ class Incident:
     def under_oom(self) -> bool:
         """Is the group still out of memory, by the kernel's own account?"""
         try:
-            if self.group.version == 1:
-                return self.group.oom_state().under_oom
-            return self.watch.held_v2()
+            return self.watch.out_of_memory()
         except OomguardError:
             return False  # removed: nothing left to be out of memory
 

@@ -1,26 +1,32 @@
 """A watched memory cgroup: its rule, its kernel notification fds, its baseline.
 
-Turns the kernel's per-version noise into three calls on the engine:
-`on_oom(watch)`, `on_removed(watch)` and, for v2 counters, the same `on_oom`
-when `oom`/`max` moved or the hold (`memory.high`) is being hit.
+Turns the kernel's per-version noise into two calls on the engine:
+`on_oom(watch)` and `on_removed(watch)`. v1: the OOM eventfd (an rmdir fires it
+too). v2: `memory.events.local` counters (`oom`/`max` moved, or `high` moved
+while the group is out of memory at the hold) and `cgroup.events`.
 """
 
 from __future__ import annotations
 
+import select
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from oomguard.cgroup import MemoryCgroup
 from oomguard.cgroup.v2 import V2MemoryCgroup
+from oomguard.errors import OomguardError, Unsupported
+from oomguard.events.inotify import DirectoryWatcher
 from oomguard.events.loop import EventLoop
+from oomguard.events.psi import PsiTrigger
 from oomguard.events.v1 import OomNotifier, ThresholdNotifier
-from oomguard.events.v2 import CounterFileWatcher, memory_events
+from oomguard.events.v2 import CounterFileWatcher, cgroup_events, memory_events
 from oomguard.policy import GrowthTracker, Rule
 from oomguard.procs import Pidfd
 
 OnOom = Callable[["Watch", int, float], None]
 OnRemoved = Callable[["Watch"], None]
+OnPressure = Callable[["Watch", dict[str, float]], None]
 
 
 @dataclass(eq=False)
@@ -63,7 +69,11 @@ class Watch:
         self._add(loop, notifier.fileno(), ready, notifier.poll_events, notifier.close)
 
     def _start_v2(self, loop: EventLoop, on_oom: OnOom, on_removed: OnRemoved) -> None:
-        events: CounterFileWatcher = memory_events(self.group.path)
+        group = self.group
+        # memory.events.local counts only this group's own limits being hit; the
+        # hierarchical memory.events would also report every descendant's OOM here.
+        local = group.has_file("memory.events.local")
+        events: CounterFileWatcher = memory_events(group.path, local=local)
 
         def ready(_revents: int) -> None:
             change = events.read()
@@ -72,21 +82,63 @@ class Watch:
                 return
             moved = change.deltas
             hit = moved.get("oom", 0) + moved.get("max", 0)
-            if moved.get("high", 0) and self.held_v2():
+            if moved.get("high", 0) > 0 and self.out_of_memory():
                 hit += moved["high"]
             if hit > 0:
                 self.oom_events += hit
                 on_oom(self, hit, time.monotonic())
 
         self._add(loop, events.fileno(), ready, events.poll_events, events.close)
+        # cgroup.events: "populated 0" when the last task leaves, which precedes an rmdir;
+        # the rmdir itself is seen by the engine's inotify watch on the directory.
+        state: CounterFileWatcher = cgroup_events(group.path)
 
-    def held_v2(self) -> bool:
-        """v2: usage is at the hold (memory.high), so allocators are being throttled."""
+        def state_changed(_revents: int) -> None:
+            change = state.read()
+            if change.removed or (change.values.get("populated", 1) == 0
+                                  and not group.exists()):
+                on_removed(self)
+
+        self._add(loop, state.fileno(), state_changed, state.poll_events, state.close)
+
+    def start_pressure(self, loop: EventLoop, on_pressure: OnPressure) -> None:
+        """The rule's PSI trigger (`psi = "some 150ms 1s"`) on the group's memory.pressure:
+        an early warning before the hold is reached. cgroup v2 only; raises typed errors
+        (Unsupported without PSI or on v1, CgroupError if the kernel refuses the trigger)."""
+        spec = self.rule.psi
+        if spec is None:
+            return
+        if self.group.version != 2:
+            raise Unsupported(str(self.group.path), "psi needs cgroup v2 (memory.pressure)")
+        trigger = PsiTrigger(self.group.path / "memory.pressure", spec.kind,
+                             round(spec.stall * 1e6), round(spec.window * 1e6))
+
+        def fired(revents: int) -> None:
+            if revents & select.EPOLLERR:  # the group is gone; the removal watch tells
+                loop.remove_reader(trigger.fileno())
+                return
+            try:
+                averages = trigger.read()
+            except OomguardError:
+                return
+            on_pressure(self, averages)
+
+        self._add(loop, trigger.fileno(), fired, trigger.poll_events, trigger.close)
+
+    def out_of_memory(self) -> bool:
+        """Is the group out of memory by the kernel's own account right now?
+
+        v1: tasks asleep in the OOM wait (`under_oom`). v2 has no such state: usage is
+        at the hold (memory.high) and nothing reclaimable is left (see
+        V2MemoryCgroup.out_of_memory_at). After a hand-over lifted memory.high, the
+        group is judged at the hold it had until the kernel's killer has acted.
+        """
         group = self.group
-        if not isinstance(group, V2MemoryCgroup):
-            return False
-        high = group.high()
-        return high is not None and group.usage() >= high - (256 << 10)
+        if isinstance(group, V2MemoryCgroup):
+            high = group.high()
+            level = high if high is not None else self.baseline_limit
+            return level is not None and group.out_of_memory_at(level)
+        return group.oom_state().under_oom
 
     def _add(self, loop: EventLoop, fd: int, cb: Callable[[int], None], events: int,
              closer: Callable[[], None]) -> None:
@@ -105,3 +157,63 @@ class Watch:
             loop.remove_reader(self.shrink_threshold.fileno())
             self.shrink_threshold.close()
             self.shrink_threshold = None
+
+
+class RemovalWatcher:
+    """The rmdir of watched v2 groups, seen as IN_DELETE on their parent directories.
+
+    A v2 group's own control-file fds get no event when it is removed, and kernfs
+    sends no IN_DELETE_SELF (measured), so one inotify instance watches the parents,
+    each once however many watched children it has. Created on the first v2 watch.
+    """
+
+    def __init__(self, loop: EventLoop, on_removed: OnRemoved) -> None:
+        self.loop = loop
+        self.on_removed = on_removed
+        self._inotify: DirectoryWatcher | None = None
+        self._watches: dict[tuple[str, str], Watch] = {}  # (parent dir, name) -> watch
+        self._refs: dict[str, int] = {}
+
+    def add(self, watch: Watch) -> None:
+        parent, name = str(watch.group.path.parent), watch.group.path.name
+        if self._inotify is None:
+            self._inotify = DirectoryWatcher()
+            self.loop.add_reader(self._inotify.fileno(), self._ready, self._inotify.poll_events)
+        if not self._refs.get(parent):
+            try:
+                self._inotify.watch(parent)
+            except OSError:
+                return  # the parent is gone too: cgroup.events and ENODEV still tell
+        self._refs[parent] = self._refs.get(parent, 0) + 1
+        self._watches[(parent, name)] = watch
+
+    def discard(self, watch: Watch) -> None:
+        parent, name = str(watch.group.path.parent), watch.group.path.name
+        if self._watches.pop((parent, name), None) is None:
+            return
+        self._refs[parent] -= 1
+        if not self._refs[parent]:
+            del self._refs[parent]
+            if self._inotify is not None:
+                self._inotify.unwatch(parent)
+
+    def _ready(self, _revents: int) -> None:
+        assert self._inotify is not None
+        for ev in self._inotify.read():
+            if ev.overflow:
+                gone = [w for w in self._watches.values() if not w.group.exists()]
+            elif ev.created:
+                continue
+            else:
+                watch = self._watches.get((ev.path, ev.name))
+                gone = [watch] if watch is not None and not watch.group.exists() else []
+            for watch in gone:
+                self.on_removed(watch)
+
+    def close(self) -> None:
+        if self._inotify is not None:
+            self.loop.remove_reader(self._inotify.fileno())
+            self._inotify.close()
+            self._inotify = None
+        self._watches.clear()
+        self._refs.clear()

@@ -1,20 +1,225 @@
-"""Core dump of the victim before it dies (gdb's gcore, from outside the cgroup).
+"""Core dump of the victim before it dies: gdb's gcore, run from outside the cgroup.
 
-Not built yet: the step records that it was skipped, so a rule that asks for a
-core still goes on to its next step.
+A task asleep in the OOM wait cannot be ptrace-stopped until it wakes, so the step:
+
+1. picks the victim as a kill would (the step's or the rule's strategy);
+2. refuses, with the reason in the journal and the log, when gdb's `gcore` is not on
+   PATH, when the victim's RSS is above the cap (`max_size`, default 1G), when the
+   evidence directory's total cap or the free disk space leaves no room;
+3. stops it (SIGSTOP, through the ledger: it is always continued) and, if it sleeps in
+   the OOM wait, lets it wake with a small temporary grow (through the ledger, tagged
+   like any grow: it shrinks back once usage fits under the limit again). A woken task
+   stops before it runs another instruction;
+4. runs `gcore -o <evidence dir>/core <pid>` in a session of its own (oomguard's cgroup,
+   not the one out of memory) under `prlimit --fsize=N --core=0`, so the file can never
+   outgrow the room it was given; its exit arrives through a pidfd, a timer kills its
+   session at the step's `timeout` (default: the rule's deadline);
+5. continues the victim and goes on with the next step (typically `kill`).
+
+The core is `<evidence dir>/core.<pid>`; the journal has it as evidence of kind "core".
 """
 
 from __future__ import annotations
 
+import os
+import shutil
+import signal
+from pathlib import Path
 from typing import TYPE_CHECKING
 
-from oomguard.policy import Step
+from oomguard.actions import limits, stephooks
+from oomguard.actions.kill import choose
+from oomguard.actions.victims import open_verified
+from oomguard.errors import OomguardError
+from oomguard.ledger import ActiveChange, pid_target
+from oomguard.policy import Candidate, Step
+from oomguard.policy.model import DEFAULT_CORE_MAX
+from oomguard.procs import read_stat
+from oomguard.units import format_size
 
 if TYPE_CHECKING:
     from oomguard.incident import Done, Incident
 
+WAKE_GROW = 8 << 20  # enough for the sleeper to finish its fault and reach the stop
+DISK_MARGIN = 64 << 20  # free space left on the evidence file system after the core
+# How long to watch a woken victim reach the stop before gcore attaches anyway (gdb's
+# attach then waits for it, within the step's timeout).
+STOP_CHECKS = (0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128, 0.25)
+OUTPUT_TAIL = 4096
+
+
+def find_gcore() -> str | None:
+    return shutil.which("gcore")
+
+
+def core_estimate(rss: int) -> int:
+    """Room to ask for: a core holds the resident memory, plus stacks and libraries' data."""
+    return rss + rss // 8 + (16 << 20)
+
 
 def core(inc: Incident, step: Step, done: Done) -> None:
-    sid = inc.engine.journal.begin_step(inc.id, "core", None, None)
-    inc.engine.journal.finish_step(sid, "skipped", None, "core dumps are not available yet")
-    done("failed")
+    engine, journal = inc.engine, inc.engine.journal
+    cand, pfd = None, None
+    for c in choose(inc, step):
+        if inc.dry_run:
+            cand = c
+            break
+        pfd = open_verified(c.sample)
+        if pfd is not None:
+            cand = c
+            break
+    if cand is None:
+        sid = journal.begin_step(inc.id, "core", None, None)
+        journal.finish_step(sid, "no-victim", None, "no process to dump")
+        done("failed")
+        return
+    if pfd is not None:
+        pfd.close()  # the stop below names the process by pid and start time
+    s = cand.sample
+    cap = step.max_size if step.max_size is not None else DEFAULT_CORE_MAX
+    sid = journal.begin_step(inc.id, "core", s.pid, {"comm": s.comm, "rss": s.rss,
+                                                      "max_size": cap})
+
+    def refuse(result: str, reason: str) -> None:
+        journal.finish_step(sid, result, None, reason)
+        engine.log.info(f"no core of pid {s.pid} in {inc.group.relpath}: {reason}")
+        done("failed")
+
+    gcore = find_gcore()
+    if gcore is None:
+        refuse("refused", "gdb is not installed (no gcore on PATH)")
+        return
+    if s.rss > cap:
+        refuse("skipped", f"its rss {format_size(s.rss)} is above the core cap "
+                          f"{format_size(cap)} (max_size)")
+        return
+    store = engine.evidence_store()
+    if store is None:
+        refuse("refused", "no evidence directory (the journal is in memory)")
+        return
+    if inc.dry_run:
+        journal.finish_step(sid, "dry-run", None, f"would dump pid {s.pid}")
+        done("done")
+        return
+    need = core_estimate(s.rss)
+    try:
+        directory = engine.evidence_dir(inc)
+        assert directory is not None
+        if not store.make_room(need, keep=directory):
+            refuse("skipped", f"the evidence cap {format_size(store.total_max)} leaves no room "
+                              f"for a core of about {format_size(need)}")
+            return
+        st = os.statvfs(directory)
+    except OSError as exc:
+        refuse("failed", f"evidence directory: {exc}")
+        return
+    free = st.f_bavail * st.f_frsize
+    if free < need + DISK_MARGIN:
+        refuse("skipped", f"only {format_size(free)} free for the evidence directory")
+        return
+    room = min(max(cap, need), store.room_left(), free - DISK_MARGIN)
+    _stop_and_dump(inc, step, done, sid, cand, gcore, directory, room)
+
+
+def _stop_and_dump(inc: Incident, step: Step, done: Done, sid: int, cand: Candidate,
+                   gcore: str, directory: Path, room: int) -> None:
+    engine, journal, ledger, group = inc.engine, inc.engine.journal, inc.engine.ledger, inc.group
+    s = cand.sample
+    try:
+        stat = read_stat(s.pid)
+        stop = ledger.apply(group, "stop", pid_target(s.pid, stat.start_ticks), "running",
+                            "stopped", inc.id, tag="incident")
+    except OomguardError as exc:
+        journal.finish_step(sid, "failed", None, f"could not stop it: {exc}")
+        done("failed")
+        return
+    inc.changes.append(stop)
+    woke_by = 0
+    if stat.state == "D":  # asleep (in the OOM wait): a SIGSTOP waits until it wakes
+        try:
+            current = limits.current_hold_limit(group)
+            if current is not None:
+                limits.raise_limit(ledger, group, current, current + WAKE_GROW, inc.id)
+                woke_by = WAKE_GROW
+                engine.arm_shrink(inc.watch)
+        except OomguardError as exc:
+            engine.log.warning(f"{group.relpath}: could not wake pid {s.pid} for its core: {exc}")
+
+    def check(i: int) -> None:
+        try:
+            state = read_stat(s.pid).state
+        except OomguardError:
+            state = "gone"
+        if state in ("T", "t", "gone") or i >= len(STOP_CHECKS):
+            _dump(inc, step, done, sid, cand, gcore, directory, room, stop, woke_by, state)
+        else:
+            inc.later(STOP_CHECKS[i], lambda: check(i + 1))
+
+    check(0)
+
+
+def _dump(inc: Incident, step: Step, done: Done, sid: int, cand: Candidate, gcore: str,
+          directory: Path, room: int, stop: ActiveChange, woke_by: int, state: str) -> None:
+    engine, journal, ledger = inc.engine, inc.engine.journal, inc.engine.ledger
+    s = cand.sample
+    if state == "gone":
+        if stop.id in ledger.active:
+            ledger.restore(stop)
+        journal.finish_step(sid, "gone", None, "the victim exited before its core")
+        done("relief")
+        return
+    path = directory / f"core.{s.pid}"
+    argv: list[str] = [gcore, "-o", str(directory / "core"), str(s.pid)]
+    prlimit = shutil.which("prlimit")
+    if prlimit is not None:
+        argv = [prlimit, f"--fsize={room}", "--core=0", *argv]
+    env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"), "LC_ALL": "C"}
+    timeout = inc.rule.timeout_for(step)
+
+    def finished(rec: dict[str, object]) -> None:
+        status, timed_out = rec.get("status"), bool(rec.get("timed_out"))
+        try:
+            size = path.stat().st_size
+        except OSError:
+            size = 0
+        ok = status == 0 and size > 0 and not timed_out and not rec.get("cancelled")
+        if stop.id in ledger.active:
+            ledger.restore(stop)  # continue it: the next step decides its fate
+        if ok:
+            result, detail = "dumped", ""
+            try:
+                os.chmod(path, 0o600)  # gdb made it 0644; the directory is 0700 anyway
+            except OSError:
+                pass
+        else:
+            result = ("timeout" if timed_out else "cancelled" if rec.get("cancelled")
+                      else "too-large" if status in (128 + signal.SIGXFSZ, -signal.SIGXFSZ)
+                      else "failed")
+            detail = f"gcore: {result} (status {status})"
+            try:
+                path.unlink()
+            except OSError:
+                pass
+            size = 0
+        output = str(rec.get("output", ""))[-OUTPUT_TAIL:]
+        ms = float(str(rec.get("ms", 0.0)))
+        journal.add_evidence(inc.id, "core", {
+            "pid": s.pid, "comm": s.comm, "path": str(path) if ok else None, "size": size,
+            "ms": ms, "status": status, "timed_out": timed_out, "limit": room,
+            "woke_by": woke_by, "output": output})
+        journal.finish_step(sid, result, {"path": str(path) if ok else None, "size": size,
+                                          "ms": ms}, detail)
+        if ok:
+            engine.log.info(f"dumped core of pid {s.pid} ({s.comm}) in {inc.group.relpath}: "
+                            f"{format_size(size)} in {ms:.0f} ms, {path}")
+        else:
+            engine.log.info(f"no core of pid {s.pid} in {inc.group.relpath}: {detail}")
+        store = engine.evidence_store()
+        if store is not None:
+            store.refresh(directory)
+            store.make_room(0, keep=directory)
+        done("done" if ok else "failed")
+
+    hook = stephooks.spawn(engine.loop, tuple(argv), env, timeout, finished)
+    if hook is not None:
+        inc.on_close(hook.cancel)

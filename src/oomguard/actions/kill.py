@@ -3,17 +3,21 @@
 The pidfd is opened before the signal and checked against the sample, so a
 recycled pid is never hit; its readability tells the loop the victim exited.
 Victims are killed one at a time, up to the rule's max_victims, until the
-group is no longer out of memory.
+group is no longer out of memory. On cgroup v2 a group with memory.oom.group = 1
+is killed as a whole, as the kernel would (cgroup.kill).
 """
 
 from __future__ import annotations
 
+import functools
 import signal
 import time
 from typing import TYPE_CHECKING
 
 from oomguard.actions.pause import thaw_for_kill
 from oomguard.actions.victims import open_verified, sample_group
+from oomguard.cgroup.v2 import V2MemoryCgroup
+from oomguard.errors import OomguardError, Unsupported
 from oomguard.policy import Candidate, Step, Target, rank_for_rule
 from oomguard.procs import Pidfd, read_stat
 
@@ -39,6 +43,9 @@ def kill(inc: Incident, step: Step, done: Done) -> None:
         journal.finish_step(sid, "budget", None, f"max_victims {rule.max_victims} reached")
         done("failed")
         return
+    if isinstance(inc.group, V2MemoryCgroup) and _oom_group(inc.group):
+        _kill_group(inc, step, inc.group, done)
+        return
     candidates = choose(inc, step)
     for cand in candidates:
         pfd = open_verified(cand.sample) if not inc.dry_run else None
@@ -50,6 +57,83 @@ def kill(inc: Incident, step: Step, done: Done) -> None:
     journal.finish_step(sid, "no-victim", None, "no process may be killed")
     inc.engine.log.info(f"{inc.group.relpath}: no process may be killed")
     done("failed")
+
+
+def _oom_group(group: V2MemoryCgroup) -> bool:
+    try:
+        return group.oom_group()
+    except OomguardError:
+        return False
+
+
+def _kill_group(inc: Incident, step: Step, group: V2MemoryCgroup, done: Done) -> None:
+    """memory.oom.group = 1 says the group's tasks are one workload that must not be
+    left half-killed: like the kernel, kill all of them at once with SIGKILL (no grace),
+    through cgroup.kill. Processes the rule protects (and oomguard itself) are spared,
+    and then the others get SIGKILL one pidfd each. Counts as one kill of max_victims."""
+    engine, journal = inc.engine, inc.engine.journal
+    candidates = choose(inc, step)
+    try:
+        members = group.procs()
+    except OomguardError:
+        members = []
+    chosen = {c.sample.pid for c in candidates}
+    spared = [p for p in members if p not in chosen]
+    sid = journal.begin_step(inc.id, "kill", None,
+                             {"oom_group": True, "pids": sorted(chosen), "spared": spared,
+                              "signal": "SIGKILL"})
+    if inc.dry_run:
+        journal.finish_step(sid, "dry-run", None,
+                            f"would kill the whole group (memory.oom.group): {sorted(chosen)}")
+        done("done")
+        return
+    pidfds = [(c, pfd) for c in candidates if (pfd := open_verified(c.sample)) is not None]
+    if not pidfds:
+        journal.finish_step(sid, "no-victim", None, "no process may be killed")
+        engine.log.info(f"{group.relpath}: no process may be killed")
+        done("failed")
+        return
+    thaw_for_kill(inc)
+    sent_at = time.monotonic()
+    how = "cgroup.kill"
+    try:
+        if spared or not group.has_file("cgroup.kill"):
+            raise Unsupported(str(group.path), "some tasks are spared")
+        group.write("cgroup.kill", "1")
+    except OomguardError:
+        how = "pidfd"
+        for _, pfd in pidfds:
+            pfd.send(signal.SIGKILL)
+    left = len(pidfds)
+    reaped: list[float] = []
+
+    def exited(_revents: int, cand: Candidate, pfd: Pidfd) -> None:
+        nonlocal left
+        engine.loop.remove_reader(pfd.fileno())
+        pfd.close()
+        s = cand.sample
+        ms = (time.monotonic() - sent_at) * 1000.0
+        reaped.append(ms)
+        journal.add_victim(inc.id, s.pid, s.comm, s.rss, "SIGKILL", ms)
+        engine.log.killed(s.pid, s.comm, group.relpath, s.rss,
+                          (time.monotonic() - inc.first_event) * 1000.0)
+        engine.victim_killed(inc)
+        left -= 1
+        if left == 0:
+            inc.victims += 1
+            journal.finish_step(sid, "killed", {"signal": "SIGKILL", "how": how,
+                                                "victims": len(reaped), "reaped_ms": max(reaped)})
+            done("relief")
+
+    def cleanup() -> None:
+        for _, pfd in pidfds:
+            if pfd.fileno() >= 0:
+                engine.loop.remove_reader(pfd.fileno())
+                pfd.close()
+
+    for cand, pfd in pidfds:
+        engine.loop.add_reader(pfd.fileno(), functools.partial(exited, cand=cand, pfd=pfd))
+    inc.on_close(cleanup)
 
 
 def _group_members(inc: Incident, victim: Candidate) -> list[Pidfd]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from oomguard.actions import core, hook, kill, limits, move, pause, shrink, snapshot
+from oomguard.actions import ask, core, hook, kill, limits, move, pause, shrink, snapshot
 from oomguard.policy import Step, StepKind
 
 if TYPE_CHECKING:
@@ -27,6 +27,7 @@ STEPS: dict[StepKind, StepFn] = {
     StepKind.CONTINUE: pause.continue_,
     StepKind.KERNEL: limits.kernel,
     StepKind.CORE: core.core,
+    StepKind.ASK: ask.ask,
 }
 
 

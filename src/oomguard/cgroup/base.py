@@ -122,6 +122,8 @@ class MemoryCgroup(ABC):
             yield from kid.walk()
 
     def create(self, exist_ok: bool = True) -> None:
+        if not self.exists():
+            self._before_create()
         try:
             os.mkdir(self.path)
         except FileExistsError:
@@ -129,10 +131,9 @@ class MemoryCgroup(ABC):
                 raise CgroupError(str(self.path), "already exists") from None
         except OSError as exc:
             raise files.map_oserror(exc, self.path.parent, self.path.name) from None
-        self._after_create()
 
-    def _after_create(self) -> None:
-        """Backend hook: v2 must enable the memory controller for the new group."""
+    def _before_create(self) -> None:
+        """Backend hook: v2 enables the memory controller in the parent (never in the child)."""
 
     def remove(self) -> None:
         """rmdir; the group must have no tasks and no children."""

@@ -13,9 +13,9 @@ import time
 
 from oomguard.cgroup.base import MemoryCgroup
 from oomguard.cgroup.mounts import Hierarchies
-from oomguard.cgroup.resolve import cgroup_at
+from oomguard.cgroup.resolve import cgroup_at, resolve
 from oomguard.cgroup.v1 import V1MemoryCgroup
-from oomguard.errors import CgroupError
+from oomguard.errors import CgroupError, CgroupPermissionDenied
 from oomguard.procs.reader import read_stat
 
 
@@ -34,6 +34,30 @@ def ensure_parent(hier: Hierarchies, relpath: str) -> MemoryCgroup:
         group = cgroup_at(hier, "/" + "/".join(parts[: i + 1]))
         group.create(exist_ok=True)
         _enable_memory_below(group)
+    return group
+
+
+def ensure_own_parent(hier: Hierarchies, relpath: str) -> MemoryCgroup:
+    """The parent for oomguard's own groups: `relpath` at the hierarchy's root for root,
+    else (or if the root is not writable) a group of that name beside the cgroup this
+    process is in, i.e. inside the subtree delegated to the user (systemd's
+    Delegate=yes, or a chown of the directory, cgroup.procs, cgroup.subtree_control
+    and cgroup.threads). On v2 processes live only in leaves, so the caller's own
+    cgroup cannot be the parent: its parent can.
+    """
+    if os.geteuid() == 0:
+        try:
+            return ensure_parent(hier, relpath)
+        except CgroupPermissionDenied:
+            pass  # e.g. root in a user namespace: try the delegated subtree
+    own = resolve(f"pid:{os.getpid()}", hier)
+    base = own.parent()
+    if base is None:
+        raise CgroupPermissionDenied(str(own.path), "not root and not inside a delegated cgroup "
+                                     "subtree: nowhere to make a cgroup")
+    group = base.child(relpath.strip("/").replace("/", "-"))
+    group.create(exist_ok=True)
+    _enable_memory_below(group)
     return group
 
 
@@ -100,6 +124,9 @@ def clean_stale(parent: MemoryCgroup) -> list[str]:
         return cleaned
     for child in parent.children():
         if not _owner_alive(child.path.name):
-            destroy(child)
+            try:
+                destroy(child)
+            except CgroupError:
+                continue  # not ours to remove (another user's), or busy: leave it
             cleaned.append(child.relpath)
     return cleaned

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from oomguard.cgroup import files
 from oomguard.cgroup.base import MemoryCgroup, OomState
-from oomguard.errors import CgroupRemoved, Unsupported
+from oomguard.cgroup.files import ValueRejected
+from oomguard.errors import CgroupError, CgroupRemoved, Unsupported
 
 
 def _parse_max(text: str) -> int | None:
@@ -22,15 +23,44 @@ def _fmt_max(value: int | None) -> str:
     return "max" if value is None else str(value)
 
 
+def hold_slack(level: int) -> int:
+    """How close to `level` usage must be to count as "at" it: the kernel charges in
+    batches of 64 pages per CPU, so usage hovers just under memory.high while throttled."""
+    return max(256 << 10, level >> 8)
+
+
+def reclaimable_floor(level: int) -> int:
+    """Below this much reclaimable memory a group at its hold is out of memory.
+
+    Measured in the VM (docs/cgroup-v2.md): an anonymous hog at memory.high has ~0 of
+    file LRU + reclaimable slab left (its own text pages are reclaimed too); a group
+    that reads files has 30-50M of 64M in page cache and reclaims it fine; a service
+    with 54M anon that churns files keeps 4-6M. 1/32 of the hold (2M at 64M) separates them.
+    """
+    return max(1 << 20, level >> 5)
+
+
 class V2MemoryCgroup(MemoryCgroup):
     version = 2
 
-    def _after_create(self) -> None:
-        # Children of this group need the controller switched on here to get memory.* files.
+    def _before_create(self) -> None:
+        """A new group gets memory.* files only if its PARENT distributes the controller.
+
+        The new group itself stays a leaf: writing +memory into its own
+        cgroup.subtree_control would make it an inner node, and on v2 an inner node
+        with controllers enabled cannot hold processes (joining it gives EBUSY).
+        """
+        parent = self.parent()
+        if parent is None:
+            return
+        if "memory" in parent.read("cgroup.subtree_control").split():
+            return
         try:
-            self.write("cgroup.subtree_control", "+memory")
-        except Exception:
-            pass
+            parent.write("cgroup.subtree_control", "+memory")
+        except ValueRejected:
+            raise CgroupError(str(parent.path), "cannot enable the memory controller for its "
+                              "children: it has processes of its own (cgroup v2 allows "
+                              "processes only in leaves) or no memory controller") from None
 
     def tasks(self) -> list[int]:
         return files.parse_pids(self.read("cgroup.threads"))
@@ -83,6 +113,30 @@ class V2MemoryCgroup(MemoryCgroup):
     def set_soft_limit(self, value: int | None) -> None:
         self.set_high(value)
 
+    def reclaimable(self, stat: dict[str, int] | None = None) -> int:
+        """Memory reclaim can still take without swap: the file LRUs and reclaimable slab.
+
+        shmem/tmpfs pages sit on the anon LRUs, so they are not counted: without swap
+        they cannot be reclaimed.
+        """
+        stat = self.memory_stat() if stat is None else stat
+        return (stat.get("active_file", 0) + stat.get("inactive_file", 0)
+                + stat.get("slab_reclaimable", 0))
+
+    def out_of_memory_at(self, level: int) -> bool:
+        """Is this group out of memory at `level` (its hold): usage at it, and next to
+        nothing left that reclaim could take? A cache-heavy group whose usage sits at
+        memory.high is reclaiming fine and is not out of memory."""
+        if self.usage() < level - hold_slack(level):
+            return False
+        return self.reclaimable() <= reclaimable_floor(level)
+
+    def at_hold(self) -> bool:
+        """Usage is held at memory.high with nothing left to reclaim: the v2 analogue of v1's
+        `under_oom` (allocators are being throttled at the hold, not killed)."""
+        high = self.high()
+        return high is not None and self.out_of_memory_at(high)
+
     def oom_state(self) -> OomState:
         ev = self.events()
         return OomState(under_oom=False, kill_disabled=None, oom=ev.get("oom", 0),
@@ -98,8 +152,18 @@ class V2MemoryCgroup(MemoryCgroup):
     def oom_group(self) -> bool:
         return self.has_file("memory.oom.group") and self.read_int("memory.oom.group") == 1
 
+    def set_oom_group(self, value: bool) -> None:
+        self.write("memory.oom.group", "1" if value else "0")
+
     def cgroup_events(self) -> dict[str, int]:
         return self.read_kv("cgroup.events")
+
+    def frozen(self) -> bool:
+        """The kernel's own word (cgroup.events "frozen 1"), not what was asked for."""
+        return self.cgroup_events().get("frozen", 0) == 1
+
+    def populated(self) -> bool:
+        return self.cgroup_events().get("populated", 0) == 1
 
     def _has_freeze(self) -> bool:
         """cgroup.freeze exists; its absence means an old kernel only if the group exists."""

@@ -13,8 +13,9 @@ import argparse
 import dataclasses
 from typing import Any
 
+from oomguard.actions import ask
 from oomguard.cgroup import MemoryCgroup
-from oomguard.cgroup.transient import clean_stale, destroy, ensure_parent, new_group
+from oomguard.cgroup.transient import clean_stale, destroy, ensure_own_parent, new_group
 from oomguard.cgroup.v1 import V1MemoryCgroup
 from oomguard.cli.common import duration_arg, size_arg
 from oomguard.errors import UsageError
@@ -50,6 +51,9 @@ def add_parser(sub: Any) -> None:
                    help="SIGTERM -> SIGKILL wait (default 2s)")
     p.add_argument("--deadline", type=duration_arg, metavar="SECONDS",
                    help="hand an unresolved OOM to the kernel after this long (default 10s)")
+    p.add_argument("--core", action="store_true",
+                   help="dump the victim's core (gdb's gcore) into the evidence directory "
+                        "before killing it")
     p.add_argument("--dry-run", action="store_true", help="decide and record; change nothing")
     p.add_argument("--policy", metavar="FILE", help="take the rule from a policy file")
     p.add_argument("--journal", metavar="PATH", help="incident journal (SQLite)")
@@ -71,6 +75,11 @@ def build_rule(args: argparse.Namespace, relpath: str) -> Rule:
         steps.append(Step(StepKind.KILL))
         base = Rule(name="run", match=relpath, steps=tuple(steps))
     changes: dict[str, Any] = {"match": relpath}
+    if getattr(args, "core", False) and not any(s.kind is StepKind.CORE for s in base.steps):
+        steps_ = list(base.steps)
+        at = next((i for i, s in enumerate(steps_) if s.kind is StepKind.KILL), len(steps_))
+        steps_.insert(at, Step(StepKind.CORE))
+        changes["steps"] = tuple(steps_)
     if args.memory is not None:
         changes["memory"] = args.memory
     if args.memsw is not None:
@@ -118,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
     if not command:
         raise UsageError("run: no command given (oomguard run --memory 512M -- CMD ...)")
     session = Session.open(args.journal, args.log_format)
-    parent = ensure_parent(session.hier, RUN_PARENT)
+    parent = ensure_own_parent(session.hier, RUN_PARENT)
     clean_stale(parent)
     group = new_group(parent, "run")
     try:
@@ -138,6 +147,7 @@ def _supervise(session: Session, group: MemoryCgroup, rule: Rule, command: list[
     assert rule.memory is not None
     group.set_limits(rule.memory, rule.memsw)
     engine.watch(group, rule)
+    ask.setup(engine, [rule])  # D-Bus for `ask` steps, only if the rule asks
     dirs = [group.path]
     if isinstance(group, V1MemoryCgroup) and group.hierarchies.freezer_v1 is not None:
         dirs.append(group.ensure_freezer())

@@ -2,6 +2,8 @@
 
 Exit 0 and `oom <path>` on an OOM; 3 and `removed <path>` if the group is
 removed; 4 after --timeout with nothing seen; 1 for failures; 2 for usage.
+On cgroup v2 an OOM is an `oom` in memory.events(.local), or the hold being hit:
+usage held at memory.high with nothing left to reclaim.
 """
 
 from __future__ import annotations
@@ -12,9 +14,10 @@ import time
 from typing import Any
 
 from oomguard.cgroup import MemoryCgroup, resolve
+from oomguard.cgroup.v2 import V2MemoryCgroup
 from oomguard.cli.common import duration_arg
 from oomguard.cli.output import emit_json
-from oomguard.errors import EXIT_OK, EXIT_REMOVED, EXIT_TIMEOUT
+from oomguard.errors import EXIT_OK, EXIT_REMOVED, EXIT_TIMEOUT, OomguardError
 from oomguard.escape import printable
 from oomguard.events.inotify import DirectoryWatcher
 from oomguard.events.loop import EventLoop
@@ -49,15 +52,24 @@ def wait_for_oom(group: MemoryCgroup, timeout: float | None) -> tuple[str, int]:
         loop.add_reader(notifier.fileno(), on_v1, notifier.poll_events)
         closer = notifier.close
     else:
-        watcher = memory_events(group.path)
+        assert isinstance(group, V2MemoryCgroup)
+        v2 = group
+        # The group's own limits only (.local), as v1 notifies only the OOMing group.
+        watcher = memory_events(group.path, local=group.has_file("memory.events.local"))
 
         def on_v2(_revents: int) -> None:
             change = watcher.read()
+            moved = change.deltas
             if change.removed:
                 outcome.append(("removed", 1))
                 loop.stop()
-            elif change.deltas.get("oom", 0) > 0:
-                outcome.append(("oom", change.deltas["oom"]))
+            elif moved.get("oom", 0) > 0:
+                outcome.append(("oom", moved["oom"]))
+                loop.stop()
+            elif moved.get("high", 0) > 0 and _at_hold(v2):
+                # Held at memory.high with nothing left to reclaim: out of memory at the
+                # hold (the tasks are throttled there instead of killed).
+                outcome.append(("oom", moved["high"]))
                 loop.stop()
 
         # The removal of a v2 group is seen for sure as IN_DELETE on its parent.
@@ -82,6 +94,13 @@ def wait_for_oom(group: MemoryCgroup, timeout: float | None) -> tuple[str, int]:
         closer()
         loop.close()
     return outcome[0] if outcome else ("timeout", 0)
+
+
+def _at_hold(group: V2MemoryCgroup) -> bool:
+    try:
+        return group.at_hold()
+    except OomguardError:
+        return False  # removed meanwhile: the next read reports it
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,7 +1,9 @@
 """Directory watches (inotify, through libc) to find cgroups as they appear.
 
 cgroupfs reports mkdir and rmdir of child groups to inotify as IN_CREATE and
-IN_DELETE on the parent directory. The stdlib has no inotify binding, so this
+IN_DELETE on the parent directory (v1 and v2 alike, measured). A removed group
+itself gets no IN_DELETE_SELF (kernfs keeps its inode), so removals are watched
+on the parent. The stdlib has no inotify binding, so this
 small one uses ctypes; it is loaded at start-up, never on the event path.
 """
 

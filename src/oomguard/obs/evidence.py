@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -37,6 +38,7 @@ if TYPE_CHECKING:
 DEFAULT_TOTAL_MAX = 256 << 20
 FILE_MAX = 4 << 20
 PROC_READ_MAX = 256 << 10
+MAX_TASKS = 64  # tasks whose /proc files are kept, largest first (the snapshot's order)
 _INCIDENT_DIR = re.compile(r"^\d+(-\d+)?$")
 
 
@@ -70,6 +72,9 @@ class EvidenceStore:
         self.total_max = total_max
         self.file_max = file_max
         self._dirs: dict[int, Path] = {}
+        # (last written, bytes on disk) of each incident directory: scanned once, then kept
+        # up to date by this store, so the cap costs no walk over old evidence per incident.
+        self._sizes: dict[Path, tuple[float, int]] | None = None
 
     # -- directories -------------------------------------------------------------------
     def dir_for(self, incident_id: int) -> tuple[Path, bool]:
@@ -89,6 +94,8 @@ class EvidenceStore:
             except FileExistsError:
                 continue
             self._dirs[incident_id] = path
+            if self._sizes is not None:
+                self._sizes[path] = (time.time(), 0)
             return path, True
         raise OSError(f"{self.root}: no free directory name for incident {incident_id}")
 
@@ -129,27 +136,39 @@ class EvidenceStore:
                     continue
         return total
 
+    def _index(self) -> dict[Path, tuple[float, int]]:
+        if self._sizes is None:
+            sizes = {}
+            for p in self._incident_dirs():
+                try:
+                    sizes[p] = (p.stat().st_mtime, self.size_of(p))
+                except OSError:
+                    continue
+            self._sizes = sizes
+        return self._sizes
+
+    def refresh(self, directory: Path) -> None:
+        """Take note of what was just written into `directory`."""
+        if self._sizes is not None:
+            self._sizes[directory] = (time.time(), self.size_of(directory))
+
     def usage(self) -> int:
-        return sum(self.size_of(p) for p in self._incident_dirs())
+        return sum(size for _, size in self._index().values())
 
     def make_room(self, need: int, keep: Path | None = None) -> bool:
         """Delete the least recently written incidents' evidence (never `keep`) until `need`
         more bytes fit under the cap; False if they cannot."""
         if need > self.total_max:
             return False
-        dirs = []
-        for p in self._incident_dirs():
-            try:
-                dirs.append((p.stat().st_mtime, p, self.size_of(p)))
-            except OSError:
-                continue
-        total = sum(size for _, _, size in dirs)
-        for _, path, size in sorted(dirs, key=lambda d: d[0]):
+        index = self._index()
+        total = sum(size for _, size in index.values())
+        for path, (_, size) in sorted(index.items(), key=lambda item: item[1][0]):
             if total + need <= self.total_max:
                 break
             if keep is not None and path == keep:
                 continue
             shutil.rmtree(path, ignore_errors=True)
+            index.pop(path, None)
             total -= size
         return total + need <= self.total_max
 
@@ -157,10 +176,9 @@ class EvidenceStore:
         return max(0, self.total_max - self.usage())
 
     # -- what a snapshot leaves --------------------------------------------------------
-    def save_snapshot(self, incident_id: int, group: MemoryCgroup,
-                      data: Mapping[str, object]) -> dict[str, object]:
-        """Write the snapshot's files; returns what the journal records about them."""
-        directory, new = self.dir_for(incident_id)
+    def snapshot_files(self, group: MemoryCgroup,
+                       data: Mapping[str, object]) -> dict[str, bytes]:
+        """The snapshot's files, read now (the victim may be gone a moment later)."""
         files: dict[str, bytes] = {}
         rows = data.get("ps")
         listing = rows if isinstance(rows, list) else []
@@ -170,7 +188,7 @@ class EvidenceStore:
             files["memory.stat"] = group.read("memory.stat").encode()
         except (OomguardError, OSError) as exc:
             files["memory.stat"] = f"[oomguard: could not read memory.stat: {exc}]\n".encode()
-        for row in listing[:64]:
+        for row in listing[:MAX_TASKS]:
             pid = int(str(row.get("pid", 0))) if isinstance(row, dict) else 0
             if pid <= 0:
                 continue
@@ -178,10 +196,15 @@ class EvidenceStore:
                 raw = _read_proc(pid, name)
                 if raw is not None:
                     files[f"tasks/{pid}.{name}"] = raw
-        written = 0
+        return files
+
+    def save_files(self, incident_id: int, files: Mapping[str, bytes]) -> dict[str, object]:
+        """Write `files` into the incident's directory, within the caps; returns what the
+        journal records about them ("new": the directory was just made)."""
+        directory, new = self.dir_for(incident_id)
         self.make_room(sum(min(len(b), self.file_max) for b in files.values()), keep=directory)
-        for name, raw in files.items():
-            written += self.write(directory, name, raw)
+        written = sum(self.write(directory, name, raw) for name, raw in files.items())
+        self.refresh(directory)
         self.make_room(0, keep=directory)
         return {"path": str(directory), "files": sorted(files), "bytes": written, "new": new}
 

@@ -25,6 +25,7 @@ from oomguard.policy.model import (
     DEFAULT_STEPS,
     OnExit,
     Policy,
+    Pressure,
     Rule,
     Step,
     StepKind,
@@ -278,6 +279,25 @@ def _target_kind(value: object) -> Target:
     raise _Invalid(f"expected one of {_one_of(t.value for t in Target)}, got {_show(value)}")
 
 
+def _pressure(value: object) -> Pressure:
+    """"some 150ms 1s": kind, stall, window (the kernel wants 0.5 s <= window <= 10 s)."""
+    form = 'expected "some|full STALL WINDOW" like "some 150ms 1s"'
+    if not isinstance(value, str):
+        raise _Invalid(f"{form}, got {_show(value)}")
+    parts = value.split()
+    if len(parts) != 3 or parts[0] not in ("some", "full"):
+        raise _Invalid(f"{form}, got {_show(value)}")
+    try:
+        stall, window = parse_duration(parts[1]), parse_duration(parts[2])
+    except ValueError:
+        raise _Invalid(f"{form}, got {_show(value)}") from None
+    if not 0.5 <= window <= 10:
+        raise _Invalid(f"the window must be 500ms..10s, got {_show(value)}")
+    if not 0 < stall < window:
+        raise _Invalid(f"the stall must be above 0 and below the window, got {_show(value)}")
+    return Pressure(parts[0], stall, window)
+
+
 def _cgroup_path(value: object) -> str:
     path = _string(value)
     if ".." in path.split("/"):
@@ -503,6 +523,7 @@ _RULE_KEYS: dict[str, Callable[[object], Any]] = {
     "dry_run": _boolean,
     "max_victims": _count(1),
     "settle": _duration(positive=False),
+    "psi": _pressure,
     "before_step": _argv,
     "after_step": _argv,
     "hook_timeout": _duration(positive=True),

@@ -148,6 +148,25 @@ def signal_name(signum: int) -> str:
 
 
 @dataclass(frozen=True)
+class Pressure:
+    """A PSI trigger on a cgroup's memory.pressure: an early warning, not an OOM.
+
+    Fires when tasks of the group stalled on memory for `stall` seconds in total
+    within any `window` seconds ("some": at least one task; "full": all at once).
+    """
+
+    kind: str  # "some" or "full"
+    stall: float  # seconds
+    window: float  # seconds, 0.5..10 (the kernel's bounds)
+
+    def describe(self) -> str:
+        def fmt(seconds: float) -> str:
+            return f"{seconds * 1000:g}ms" if seconds < 1 else f"{seconds:g}s"
+
+        return f"{self.kind} {fmt(self.stall)} {fmt(self.window)}"
+
+
+@dataclass(frozen=True)
 class Rule:
     """What to do for the cgroups whose path matches `match` (see match.py for globs)."""
 
@@ -169,6 +188,7 @@ class Rule:
     dry_run: bool = False
     max_victims: int = 3
     settle: float = 1.0
+    psi: Pressure | None = None  # cgroup v2: early-warning PSI trigger on memory.pressure
     before_step: tuple[str, ...] = ()  # argv run before every step (waited for, hook_timeout)
     after_step: tuple[str, ...] = ()  # argv run after every step (not waited for)
     hook_timeout: float = DEFAULT_HOOK_TIMEOUT

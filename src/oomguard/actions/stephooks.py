@@ -1,0 +1,191 @@
+"""Hooks around every step of a rule: `before_step` and `after_step` (argv, never a shell).
+
+The before-hook runs first and the step waits for it, at most `hook_timeout` (its exit
+status is recorded but decides nothing: that is what an `exec` step is for). The after-hook
+is started when the step has finished and is not waited for. Both run in oomguard's own
+cgroup, in a session of their own (a timeout kills the whole session), with the incident's
+environment (see actions/hook.py) plus:
+
+    OOMGUARD_HOOK          "before" or "after"
+    OOMGUARD_STEP          the step's kind ("kill", "grow", ...)
+    OOMGUARD_STEP_INDEX    its position in the rule's steps, from 1
+    OOMGUARD_STEP_RESULT   after only: the step's result as the journal has it ("killed",
+                           "grew", "timeout", ...)
+    OOMGUARD_STEP_OUTCOME  after only: what it meant for the incident ("relief", "done",
+                           "failed", "kernel")
+
+Their output (the first 64 KiB, stdout and stderr together) goes to the journal as
+evidence of kind "hook-output". Nothing here blocks the loop: each hook's exit arrives
+through its pidfd, its timeout through a timer.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import IO, TYPE_CHECKING
+
+from oomguard.actions.hook import OUTPUT_LIMIT, hook_environment
+from oomguard.errors import OomguardError
+from oomguard.events.loop import EventLoop, Timer
+from oomguard.policy import Step
+from oomguard.procs import Pidfd
+
+if TYPE_CHECKING:
+    from oomguard.incident import Done, Incident
+
+StepFn = Callable[["Incident", Step, "Done"], None]
+Finished = Callable[[dict[str, object]], None]
+
+
+@dataclass(eq=False)
+class RunningHook:
+    """A hook command started from the loop; `finished(record)` is called once."""
+
+    loop: EventLoop
+    argv: tuple[str, ...]
+    proc: subprocess.Popen[bytes]
+    pfd: Pidfd
+    out: IO[bytes]
+    started: float
+    finished: Finished
+    timer: Timer | None = None
+    timed_out: bool = False
+    done: bool = False
+    extra: dict[str, object] = field(default_factory=dict)
+
+    def kill(self) -> None:
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # the hook's own session, which it leads
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def on_timeout(self) -> None:
+        self.timed_out = True
+        self.kill()
+
+    def reap(self, _revents: int = 0, cancelled: bool = False) -> None:
+        if self.done:
+            return
+        self.done = True
+        if self.timer is not None:
+            self.timer.cancel()
+        self.loop.remove_reader(self.pfd.fileno())
+        self.pfd.close()
+        status = self.proc.wait()
+        self.out.seek(0)
+        output = self.out.read(OUTPUT_LIMIT).decode("utf-8", "replace")
+        self.out.close()
+        record: dict[str, object] = {
+            "argv": list(self.argv), "status": status, "timed_out": self.timed_out,
+            "output": output, "ms": round((time.monotonic() - self.started) * 1000.0, 3),
+            **self.extra,
+        }
+        if cancelled:
+            record["cancelled"] = True
+        self.finished(record)
+
+    def cancel(self) -> None:
+        """Kill it now and record it (the incident closed or the daemon stops)."""
+        if not self.done:
+            self.kill()
+            self.reap(cancelled=True)
+
+
+_RUNNING: set[RunningHook] = set()
+
+
+def spawn(loop: EventLoop, argv: tuple[str, ...], env: Mapping[str, str], timeout: float,
+          finished: Finished) -> RunningHook | None:
+    """Start `argv`; None (after calling `finished` with the error) if it could not start."""
+    out = tempfile.TemporaryFile()  # noqa: SIM115 - lives until the hook exits
+    started = time.monotonic()
+    try:
+        proc = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=out,
+                                stderr=subprocess.STDOUT, env=dict(env),
+                                start_new_session=True, close_fds=True)
+    except OSError as exc:
+        out.close()
+        finished({"argv": list(argv), "status": None, "timed_out": False,
+                  "output": f"could not start: {exc}", "ms": 0.0})
+        return None
+    try:
+        pfd = Pidfd.open(proc.pid)
+    except OomguardError:  # exited already (and not reaped: it is our child)
+        proc.wait()
+        out.seek(0)
+        finished({"argv": list(argv), "status": proc.returncode, "timed_out": False,
+                  "output": out.read(OUTPUT_LIMIT).decode("utf-8", "replace"), "ms": 0.0})
+        out.close()
+        return None
+
+    def done(record: dict[str, object]) -> None:
+        _RUNNING.discard(hook)
+        finished(record)
+
+    hook = RunningHook(loop, argv, proc, pfd, out, started, done)
+    loop.add_reader(pfd.fileno(), hook.reap)
+    hook.timer = loop.call_later(timeout, hook.on_timeout)
+    _RUNNING.add(hook)
+    return hook
+
+
+def cancel_all() -> None:
+    """Kill every hook still running (the daemon is stopping)."""
+    for hook in list(_RUNNING):
+        hook.cancel()
+
+
+def run_with_hooks(inc: Incident, step: Step, done: Done, inner: StepFn) -> None:
+    """Run `step` through `inner`, with the rule's before/after hooks around it."""
+    rule, engine = inc.rule, inc.engine
+    if inc.dry_run or not (rule.before_step or rule.after_step):
+        inner(inc, step, done)
+        return
+    index = inc.index  # already advanced past this step: its position from 1
+    results = engine.track_step_results(inc.id)
+    base = {"OOMGUARD_STEP": step.kind.value, "OOMGUARD_STEP_INDEX": str(index)}
+
+    def record(when: str) -> Finished:
+        def save(data: dict[str, object]) -> None:
+            data = {"hook": when, "step": step.kind.value, "index": index, **data}
+            try:
+                engine.journal.add_evidence(inc.id, "hook-output", data)
+            except OomguardError as exc:
+                engine.log.warning(f"hook output of incident {inc.id} not recorded: {exc}")
+            if data.get("timed_out") or data.get("status") not in (0, None):
+                engine.log.info(f"{when}_step hook for {step.kind.value} in {inc.group.relpath}: "
+                                f"{'timed out' if data.get('timed_out') else data.get('status')}")
+        return save
+
+    def finished(result: str) -> None:
+        if rule.after_step:
+            own = [r for kind, r in results if kind == step.kind.value]
+            env = hook_environment(inc, {**base, "OOMGUARD_HOOK": "after",
+                                         "OOMGUARD_STEP_RESULT": own[0] if own else result,
+                                         "OOMGUARD_STEP_OUTCOME": result})
+            spawn(engine.loop, rule.after_step, env, rule.hook_timeout, record("after"))
+        done(result)
+
+    if not rule.before_step:
+        inner(inc, step, finished)
+        return
+    gen = inc.generation
+    saved = record("before")
+
+    def before_finished(data: dict[str, object]) -> None:
+        saved(data)
+        if data.get("cancelled") or inc.generation != gen or inc.state != "acting":
+            return  # the incident moved on (closed, handed over) while the hook ran
+        del results[:]
+        inner(inc, step, finished)
+
+    env = hook_environment(inc, {**base, "OOMGUARD_HOOK": "before"})
+    hook = spawn(engine.loop, rule.before_step, env, rule.hook_timeout, before_finished)
+    if hook is not None:
+        inc.on_close(hook.cancel)
