@@ -572,6 +572,9 @@ def scenario_resolution(ctx: Context) -> None:
         for m in OOMGUARD_MODES:
             all_samples[f"{label}/{m}"] = samples.get(m, [])
     if daemon is not None:
+        for key, count in ran.items():  # let the last incidents close (settle) first
+            if key[1] in OOMGUARD_MODES:
+                daemon.wait_closed(groups[key].relpath, count, last[key])
         try:
             incidents = daemon.incidents()
             by_group = collections.Counter(inc.get("cgroup") for inc in incidents)

@@ -125,6 +125,25 @@ def spawn(memcg: MemoryCgroup) -> Iterator[Spawn]:
             proc.stdout.close()
 
 
+NOBODY = 65534
+
+
+@pytest.fixture
+def nobody_dir() -> Iterator[Path]:
+    """A directory uid 65534 owns and can reach (pytest's tmp_path is root's, mode 0700)."""
+    import shutil
+    import tempfile
+
+    if not ROOT:
+        pytest.skip("needs root to hand a directory to another user")
+    path = Path(tempfile.mkdtemp(prefix="oomguard-nobody-", dir="/tmp"))
+    os.chown(path, NOBODY, NOBODY)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def wait_until(predicate: Callable[[], bool], timeout: float = 10.0, what: str = "") -> None:
     """Wait for a kernel state the test cannot be notified of (test-side only)."""
     deadline = time.monotonic() + timeout

@@ -1,4 +1,11 @@
-"""`wait`, `ps` and `status` against real memory cgroups on this kernel."""
+"""`wait`, `ps` and `status` against real memory cgroups on this kernel.
+
+Part of the scenario suite (both backends). v2 expectations, where they differ:
+the hold is memory.high at the limit with memory.max above it (tasks are
+throttled there, not parked in the D-state OOM wait, and there is no
+`under_oom`); `wait` returns on a memory.events oom or on the hold being hit;
+processes live only in leaves; reading memory.events needs no privilege.
+"""
 
 from __future__ import annotations
 
@@ -6,34 +13,58 @@ import json
 import os
 import signal
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
-from oomguard.cgroup import MemoryCgroup
+from oomguard.actions.limits import v2_headroom
+from oomguard.cgroup import MemoryCgroup, V2MemoryCgroup
 from oomguard.cgroup.transient import new_group
 from oomguard.workloads import LEAK, STEADY
 
 from cli_helpers import oomguard, oomguard_bg
 from conftest import Spawn, task_state, wait_until
 
+pytestmark = pytest.mark.scenario
+LIMIT = 64 << 20
+
 
 def _hold(group: MemoryCgroup) -> None:
+    """What oomguard's hold step does: v1 oom_kill_disable=1; v2 memory.high at the limit,
+    memory.max above it by the headroom."""
     if group.version == 1:
         group.set_oom_kill_disable(True)
+    else:
+        assert isinstance(group, V2MemoryCgroup)
+        group.set_limit(LIMIT + v2_headroom(LIMIT))
+        group.set_high(LIMIT)
 
 
-@pytest.mark.v1
-def test_wait_returns_on_real_oom_with_hog_asleep(memcg: MemoryCgroup, spawn: Spawn) -> None:
-    if memcg.version != 1:
-        pytest.skip("the held OOM wait (oom_kill_disable) exists on cgroup v1 only")
+def _held_oom(group: MemoryCgroup, hog_pid: int) -> bool:
+    """v1: the hog asleep in the OOM wait (D) and under_oom; v2: usage held at
+    memory.high with nothing left to reclaim (the hog throttled there)."""
+    if isinstance(group, V2MemoryCgroup):
+        return group.at_hold()
+    return task_state(hog_pid) == "D" and group.oom_state().under_oom
+
+
+def test_wait_returns_on_held_oom_with_hog_alive(memcg: MemoryCgroup, spawn: Spawn) -> None:
     _hold(memcg)
     waiter = oomguard_bg("wait", memcg.relpath)
+    wait_until(lambda: _has_fd_on(waiter.pid, memcg), timeout=30, what="waiter registered")
     hog = spawn(LEAK, 1 << 20)
-    out, err = waiter.communicate(timeout=30)
+    out, err = waiter.communicate(timeout=60)
     assert waiter.returncode == 0, err
     assert out == f"oom {memcg.relpath}\n"
-    wait_until(lambda: task_state(hog.pid) == "D", what="hog asleep in the OOM wait")
-    assert memcg.oom_state().under_oom
+    wait_until(lambda: _held_oom(memcg, hog.pid), what="the hog held at the limit")
+    if memcg.version == 2:
+        # No OOM wait on v2: the hog is throttled at memory.high; the kernel has neither
+        # declared an OOM nor killed (memory.max is still ahead).
+        assert memcg.usage() >= LIMIT - (256 << 10)
+        assert memcg.events()["high"] > 0
+        assert memcg.events()["oom"] == 0
+    assert memcg.oom_state().oom_kill == 0
     assert hog.poll() is None  # held, not killed
 
 
@@ -115,34 +146,51 @@ def test_not_a_memory_cgroup(hier: object) -> None:
     assert r.returncode == 1 and "not a memory cgroup" in r.stderr
 
 
-def test_permission_denied_is_one_line_exit_1(memcg: MemoryCgroup) -> None:
+def _as_nobody(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+         sys.executable, "-m", "oomguard", *args],
+        capture_output=True, text=True, timeout=60,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+
+
+def test_permission_denied_is_one_line_exit_1(memcg: MemoryCgroup, nobody_dir: Path) -> None:
     if os.geteuid() != 0:
         pytest.skip("needs root to drop to another user")
-    r = subprocess.run(
-        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
-         *__import__("sys").executable.split(), "-m", "oomguard", "wait", memcg.relpath],
-        capture_output=True, text=True, timeout=30,
-        env={**os.environ, "PYTHONPATH": os.pathsep.join(__import__("sys").path)})
+    if memcg.version == 1:
+        # v1 `wait` registers through cgroup.event_control, which only root may write.
+        r = _as_nobody("wait", memcg.relpath)
+        assert r.returncode == 1, r
+        assert "permission denied" in r.stderr and memcg.relpath in r.stderr
+        return
+    # v2: memory.events is world-readable, so anyone may wait on a group (and no error).
+    r = _as_nobody("wait", "--timeout", "0.5", memcg.relpath)
+    assert (r.returncode, r.stdout, r.stderr) == (4, "", "")
+    # ... but making a cgroup outside a delegated subtree is refused, in one line.
+    r = _as_nobody("run", "--memory", "16M", "--journal", str(nobody_dir / "nobody.db"),
+                   "--", "true")
     assert r.returncode == 1, r
-    assert "permission denied" in r.stderr and memcg.relpath in r.stderr
+    assert "permission denied" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
-def test_ps_lists_hog_asleep_in_oom_wait(memcg: MemoryCgroup, spawn: Spawn, backend: int) -> None:
-    if backend != 1:
-        pytest.skip("the OOM wait (oom_kill_disable) is cgroup v1 only")
+def test_ps_lists_hog_held_at_the_limit(memcg: MemoryCgroup, spawn: Spawn) -> None:
     _hold(memcg)
     svc = spawn(STEADY, 4 << 20)
     assert svc.stdout is not None and svc.stdout.readline() == b"ready\n"
     hog = spawn(LEAK, 1 << 20)
-    wait_until(lambda: memcg.oom_state().under_oom and task_state(hog.pid) == "D",
-               what="hog in the OOM wait")
+    wait_until(lambda: _held_oom(memcg, hog.pid), what="hog held at the limit")
     r = oomguard("ps", memcg.relpath)
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     assert lines[0].split() == ["PID", "PPID", "UID", "S", "VSZ", "RSS", "ARGS"]
     rows = {int(line.split()[0]): line.split() for line in lines[1:]}
     assert set(rows) == {svc.pid, hog.pid}
-    assert rows[hog.pid][3] == "D"
+    if memcg.version == 1:
+        assert rows[hog.pid][3] == "D"  # asleep in the OOM wait
+    else:
+        # throttled at memory.high: in reclaim (R/D) or in the penalty sleep (D)
+        assert rows[hog.pid][3] in ("R", "D", "S")
     assert int(rows[hog.pid][5]) > 40 * 1024  # RSS in KiB: the hog holds most of the 64M
     assert "import os, sys, time" in r.stdout  # the hog's args were read although it sleeps
     j = json.loads(oomguard("ps", "--json", memcg.relpath).stdout)
@@ -150,17 +198,27 @@ def test_ps_lists_hog_asleep_in_oom_wait(memcg: MemoryCgroup, spawn: Spawn, back
 
 
 def test_ps_recursive(memcg: MemoryCgroup, spawn: Spawn) -> None:
+    # v2 keeps processes in leaves only: there the service runs in a sibling leaf, and
+    # the parent (an inner node with the memory controller on) lists nobody of its own.
+    own = memcg
+    if memcg.version == 2:
+        own = memcg.child("own")
+        own.create()
+        own.set_limit(32 << 20)
     child = memcg.child("sub")
     child.create()
     child.set_limit(32 << 20)
-    svc = spawn(STEADY, 1 << 20)
+    if memcg.version == 2:
+        assert memcg.read("cgroup.subtree_control").split() == ["memory"]
+        assert own.read("cgroup.subtree_control").split() == []  # leaves stay leaves
+    svc = spawn(STEADY, 1 << 20, group=own)
     sub = spawn(STEADY, 1 << 20, group=child)
     for p in (svc, sub):
         assert p.stdout is not None and p.stdout.readline() == b"ready\n"
     flat = json.loads(oomguard("ps", "--json", memcg.relpath).stdout)
     deep = json.loads(oomguard("ps", "-r", "--json", memcg.relpath).stdout)
-    assert {p["pid"] for p in flat} == {svc.pid}
-    assert {(p["pid"], p["cgroup"]) for p in deep} == {(svc.pid, memcg.relpath),
+    assert {p["pid"] for p in flat} == ({svc.pid} if memcg.version == 1 else set())
+    assert {(p["pid"], p["cgroup"]) for p in deep} == {(svc.pid, own.relpath),
                                                       (sub.pid, child.relpath)}
 
 

@@ -131,7 +131,15 @@ class Engine:
         holds = any(s.kind is StepKind.HOLD for s in rule.steps)
         if holds and not rule.dry_run:
             limits.establish_hold(self.ledger, group, baseline)
-        watch.start(self.loop, self._on_oom, self._on_removed)
+        self.watches[group.relpath] = watch
+        try:
+            watch.start(self.loop, self._on_oom, self._on_removed)
+        except OomguardError:
+            if group.exists():
+                self.unwatch(watch)  # puts back what adopting it changed
+                raise
+            self._on_removed(watch)  # removed while being adopted
+            return watch
         if group.version == 2:
             self.removals.add(watch)
         if rule.psi is not None:
@@ -144,6 +152,8 @@ class Engine:
         return watch
 
     def holds(self, group: MemoryCgroup) -> bool:
+        if any(c.tag == "hold" for c in self.ledger.for_group(group)):
+            return True  # ours, established at adoption: no need to ask the kernel again
         if isinstance(group, V2MemoryCgroup):
             return group.high() is not None
         return bool(group.oom_state().kill_disabled)
@@ -159,7 +169,7 @@ class Engine:
         if removed:
             for change in self.ledger.for_group(watch.group):
                 self.journal.mark_restored(change.id)  # nothing left to restore
-                self.ledger.active.pop(change.id, None)
+                self.ledger.forget(change)
         else:
             self._restore_group(watch)
         if self.metrics is not None:
@@ -189,9 +199,13 @@ class Engine:
         if isinstance(inc, Incident) and inc.state != "closed":
             inc.on_event(count)
             return
-        inc = Incident(self, watch, when, count)
-        watch.incident = inc
-        inc.start()
+        self.journal.defer()  # one commit for the rows before the first change
+        try:
+            inc = Incident(self, watch, when, count)
+            watch.incident = inc
+            inc.start()
+        finally:
+            self.journal.commit()
 
     def incident_closed(self, inc: Incident, latency_ms: float | None) -> None:
         self.incidents_closed += 1
@@ -247,8 +261,9 @@ class Engine:
     def arm_shrink(self, watch: Watch) -> None:
         """Learn when usage falls back under the original limit: a v1 usage threshold
         there, and the exit of any task of the group (pidfds)."""
-        if watch.baseline_limit is None or watch.shrink_threshold is not None:
+        if watch.baseline_limit is None or watch.shrink_armed:
             return
+        watch.shrink_armed = True
         if watch.group.version == 1:
             try:
                 th = ThresholdNotifier(watch.group, watch.baseline_limit)
@@ -292,10 +307,16 @@ class Engine:
             if limits.try_shrink(self.ledger, watch.group, watch.baseline_limit):
                 self.log.shrank(watch.relpath, before, watch.group.limit())
                 self._disarm_shrink(watch)
+                return
         except CgroupError as exc:
             self.log.warning(f"shrink of {watch.relpath} failed: {exc}")
+        # Still above the original limit: learn when that changes. Armed only once the
+        # episode is over, since registering a v1 usage threshold costs the kernel a
+        # synchronize_rcu (6-10 ms measured) that must not delay an OOM being handled.
+        self.arm_shrink(watch)
 
     def _disarm_shrink(self, watch: Watch) -> None:
+        watch.shrink_armed = False
         if watch.shrink_threshold is not None:
             self.loop.remove_reader(watch.shrink_threshold.fileno())
             watch.shrink_threshold.close()

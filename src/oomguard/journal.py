@@ -294,6 +294,29 @@ class Journal:
             raise JournalError(f"{self.path}: journal is closed")
         return self._db
 
+    def defer(self) -> None:
+        """Group the writes that follow into one transaction until `commit()`.
+
+        An OOM event writes several rows (incident, event, steps) before its first
+        change to the system; one commit instead of five takes ~0.1-0.3 ms off the
+        path to the kill. Whoever changes the system calls `commit()` first, so every
+        change is still on disk (in the WAL) before it is made."""
+        db = self._conn()
+        if not db.in_transaction:
+            try:
+                db.execute("BEGIN")
+            except sqlite3.Error as e:
+                raise JournalError(f"{self.path}: write failed: {e}") from e
+
+    def commit(self) -> None:
+        """End a `defer()` group (no-op outside one)."""
+        db = self._conn()
+        if db.in_transaction:
+            try:
+                db.execute("COMMIT")
+            except sqlite3.Error as e:
+                raise JournalError(f"{self.path}: write failed: {e}") from e
+
     def _write(self, sql: str, params: Sequence[object]) -> sqlite3.Cursor:
         self._writes += 1
         try:

@@ -96,6 +96,9 @@ class Ledger:
     def __init__(self, journal: Journal, log: Callable[[str], None] | None = None) -> None:
         self.journal = journal
         self.active: dict[int, ActiveChange] = {}
+        # The same changes by cgroup path: shutdown restores group by group, and a scan of
+        # every change per group would grow with the square of the groups watched.
+        self._by_group: dict[str, dict[int, ActiveChange]] = {}
         self._log = log or (lambda _msg: None)
 
     def apply(self, group: MemoryCgroup, kind: str, target: str, before: str, after: str,
@@ -103,6 +106,7 @@ class Ledger:
         change_id = self.journal.record_change(group.relpath, kind, target, before, after,
                                                incident_id)
         change = ActiveChange(change_id, group, kind, target, before, after, tag)
+        self.journal.commit()  # the intent is on disk before the change is made
         try:
             write_change(group, kind, target, after)
         except BaseException:
@@ -110,7 +114,17 @@ class Ledger:
             self.journal.mark_restored(change_id)
             raise
         self.active[change_id] = change
+        self._by_group.setdefault(group.relpath, {})[change_id] = change
         return change
+
+    def forget(self, change: ActiveChange) -> None:
+        """Drop a change that needs no undoing (its group is gone)."""
+        self.active.pop(change.id, None)
+        changes = self._by_group.get(change.group.relpath)
+        if changes is not None:
+            changes.pop(change.id, None)
+            if not changes:
+                del self._by_group[change.group.relpath]
 
     def restore(self, change: ActiveChange) -> bool:
         """Put `before` back; True if the system took it (or the group is gone)."""
@@ -121,28 +135,27 @@ class Ledger:
                 self._log(f"could not restore {change.kind} of {change.group.relpath}: {exc}")
                 return False
         self.journal.mark_restored(change.id)
-        self.active.pop(change.id, None)
+        self.forget(change)
         return True
 
     def find(self, group: MemoryCgroup, kind: str,
              target: str | None = None) -> ActiveChange | None:
         """The oldest active change of `kind` on `group` (whose `before` is the original)."""
-        for change in self.active.values():
-            if change.group == group and change.kind == kind and target in (None, change.target):
+        for change in self.for_group(group):
+            if change.kind == kind and target in (None, change.target):
                 return change
         return None
 
     def for_group(self, group: MemoryCgroup) -> list[ActiveChange]:
-        return [c for c in self.active.values() if c.group == group]
+        """Active changes of `group`, oldest first."""
+        return sorted(self._by_group.get(group.relpath, {}).values(), key=lambda c: c.id)
 
     def restore_all(self, group: MemoryCgroup | None = None) -> list[ActiveChange]:
         """Undo active changes newest first; returns those the kernel refused."""
         failed = []
-        ordered = sorted(self.active.values(), key=lambda c: _restore_order(c.kind, c.id),
-                         reverse=True)
+        changes = self.active.values() if group is None else self.for_group(group)
+        ordered = sorted(changes, key=lambda c: _restore_order(c.kind, c.id), reverse=True)
         for change in ordered:
-            if group is not None and change.group != group:
-                continue
             if not self.restore(change):
                 failed.append(change)
         return failed

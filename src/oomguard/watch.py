@@ -2,8 +2,8 @@
 
 Turns the kernel's per-version noise into two calls on the engine:
 `on_oom(watch)` and `on_removed(watch)`. v1: the OOM eventfd (an rmdir fires it
-too). v2: `memory.events.local` counters (`oom`/`max` moved, or `high` moved
-while the group is out of memory at the hold) and `cgroup.events`.
+too). v2: `memory.events.local` counters (`oom` moved, or `high` moved while
+the group is out of memory at the hold) and `cgroup.events`.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ class Watch:
     _fds: list[int] = field(default_factory=list)
     shrink_threshold: ThresholdNotifier | None = None
     exit_watchers: list[Pidfd] = field(default_factory=list)
+    shrink_armed: bool = False  # waiting to take a grow back (threshold, task exits)
 
     @property
     def relpath(self) -> str:
@@ -54,7 +55,7 @@ class Watch:
             self._start_v2(loop, on_oom, on_removed)
 
     def _start_v1(self, loop: EventLoop, on_oom: OnOom, on_removed: OnRemoved) -> None:
-        notifier = OomNotifier(self.group)
+        notifier = OomNotifier(self.group, keep_control_fd=False)
 
         def ready(_revents: int) -> None:
             note = notifier.read()
@@ -81,7 +82,11 @@ class Watch:
                 on_removed(self)
                 return
             moved = change.deltas
-            hit = moved.get("oom", 0) + moved.get("max", 0)
+            # "oom": the kernel gave up (held or not). "max" is not counted: it moves on
+            # every reclaim at memory.max, also when reclaim then succeeds, and tens of
+            # times before one "oom". "high" counts while the group is out of memory at
+            # the hold (not when its page cache is reclaimed there: see out_of_memory).
+            hit = moved.get("oom", 0)
             if moved.get("high", 0) > 0 and self.out_of_memory():
                 hit += moved["high"]
             if hit > 0:
@@ -186,6 +191,12 @@ class RemovalWatcher:
                 return  # the parent is gone too: cgroup.events and ENODEV still tell
         self._refs[parent] = self._refs.get(parent, 0) + 1
         self._watches[(parent, name)] = watch
+        self.loop.call_soon(lambda: self._check(watch))  # removed before the watch began?
+
+    def _check(self, watch: Watch) -> None:
+        key = (str(watch.group.path.parent), watch.group.path.name)
+        if self._watches.get(key) is watch and not watch.group.exists():
+            self.on_removed(watch)
 
     def discard(self, watch: Watch) -> None:
         parent, name = str(watch.group.path.parent), watch.group.path.name

@@ -22,7 +22,6 @@ The core is `<evidence dir>/core.<pid>`; the journal has it as evidence of kind 
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -31,6 +30,7 @@ from oomguard.actions import limits, stephooks
 from oomguard.actions.kill import choose
 from oomguard.actions.victims import open_verified
 from oomguard.errors import OomguardError
+from oomguard.fsutil import which
 from oomguard.ledger import ActiveChange, pid_target
 from oomguard.policy import Candidate, Step
 from oomguard.policy.model import DEFAULT_CORE_MAX
@@ -49,7 +49,7 @@ OUTPUT_TAIL = 4096
 
 
 def find_gcore() -> str | None:
-    return shutil.which("gcore")
+    return which("gcore")
 
 
 def core_estimate(rss: int) -> int:
@@ -141,7 +141,6 @@ def _stop_and_dump(inc: Incident, step: Step, done: Done, sid: int, cand: Candid
             if current is not None:
                 limits.raise_limit(ledger, group, current, current + WAKE_GROW, inc.id)
                 woke_by = WAKE_GROW
-                engine.arm_shrink(inc.watch)
         except OomguardError as exc:
             engine.log.warning(f"{group.relpath}: could not wake pid {s.pid} for its core: {exc}")
 
@@ -170,7 +169,7 @@ def _dump(inc: Incident, step: Step, done: Done, sid: int, cand: Candidate, gcor
         return
     path = directory / f"core.{s.pid}"
     argv: list[str] = [gcore, "-o", str(directory / "core"), str(s.pid)]
-    prlimit = shutil.which("prlimit")
+    prlimit = which("prlimit")
     if prlimit is not None:
         argv = [prlimit, f"--fsize={room}", "--core=0", *argv]
     env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"), "LC_ALL": "C"}

@@ -10,12 +10,12 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import tempfile
 import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from oomguard.errors import OomguardError
+from oomguard.fsutil import memory_file
 from oomguard.policy import OnExit, Step
 from oomguard.procs import Pidfd
 
@@ -58,9 +58,10 @@ def exec_step(inc: Incident, step: Step, done: Done) -> None:
         journal.finish_step(sid, "dry-run", None, "would run the hook")
         done("done")
         return
-    out = tempfile.TemporaryFile()  # noqa: SIM115 - lives until the hook exits
+    out = memory_file("oomguard-hook")
     started = time.monotonic()
     try:
+        journal.commit()  # what led here is on disk before a hook can act on the system
         proc = subprocess.Popen(list(step.argv), stdin=subprocess.DEVNULL, stdout=out,
                                 stderr=subprocess.STDOUT, env=hook_environment(inc),
                                 start_new_session=True, close_fds=True)

@@ -17,14 +17,28 @@ from oomguard.ledger import Ledger
 from oomguard.policy import Step
 from oomguard.units import format_size
 
+MiB = 1 << 20
+
 if TYPE_CHECKING:
     from oomguard.incident import Done, Incident
 
 
 def v2_headroom(limit: int) -> int:
-    """memory.max above the hold: with no swap, a hold far below max throttles for
-    minutes (48M/64M: 64 s), so keep it close: 1/16 of the limit, 4M..256M."""
-    return min(256 << 20, max(4 << 20, limit // 16))
+    """How far memory.max sits above the v2 hold (memory.high at `limit`).
+
+    With no swap, an allocator over memory.high is throttled in penalty sleeps; how
+    long it takes to climb to memory.max (where the kernel kills) grows with the
+    headroom squared over the limit, and faster than that with size. Measured in the
+    VM (docs/cgroup-v2.md): 1/16 of 64M stalls 1.5 s, 1/8 12 s, 1/4 64 s; at 1/8,
+    256M stalls 33 s and 512M 68 s. Half of (limit in MiB)^(2/3) MiB held it at
+    10.5-13.4 s from 64M to 1G (8M at 64M, 20M at 256M, 32M at 512M, 51M at 1G):
+    just over the default deadline (10 s), after which oomguard hands over anyway.
+    Clamped to 2M..1G, rounded up to whole pages.
+    """
+    mib = limit / MiB
+    headroom = int(0.5 * mib ** (2 / 3) * MiB)
+    headroom = -(-headroom // 4096) * 4096
+    return min(1 << 30, max(2 * MiB, headroom))
 
 
 def establish_hold(ledger: Ledger, group: MemoryCgroup, limit: int | None) -> None:
@@ -70,8 +84,11 @@ def hold(inc: Incident, step: Step, done: Done) -> None:
 
 
 def current_hold_limit(group: MemoryCgroup) -> int | None:
+    """The limit the group is held at: v2 memory.high, or memory.max where nothing holds
+    (a dry run, a rule without a hold step)."""
     if isinstance(group, V2MemoryCgroup):
-        return group.high()
+        high = group.high()
+        return high if high is not None else group.limit()
     return group.limit()
 
 
@@ -110,7 +127,6 @@ def grow(inc: Incident, step: Step, done: Done) -> None:
     inc.grows += 1
     journal.finish_step(sid, "grew", {"limit": new, "grows": inc.grows})
     inc.engine.log.grew(group.relpath, current, new)
-    inc.engine.arm_shrink(inc.watch)
     done("relief")
 
 
@@ -118,13 +134,14 @@ def raise_limit(ledger: Ledger, group: MemoryCgroup, current: int, new: int,
                 incident_id: int | None) -> None:
     delta = new - current
     if isinstance(group, V2MemoryCgroup):
-        # Move max first so that high never sits above it.
-        old_max = group.limit()
+        # Move max first so that high never sits above it; high only where it holds.
+        old_max, old_high = group.limit(), group.high()
         if old_max is not None:
             ledger.apply(group, "limit", group.relpath, str(old_max), str(old_max + delta),
                          incident_id, tag="grow")
-        ledger.apply(group, "high", group.relpath, str(current), str(new), incident_id,
-                     tag="grow")
+        if old_high is not None:
+            ledger.apply(group, "high", group.relpath, str(old_high), str(old_high + delta),
+                         incident_id, tag="grow")
         return
     memsw = group.memsw_limit()
     if memsw is not None:

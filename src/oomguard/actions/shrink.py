@@ -32,6 +32,7 @@ def signal_step(inc: Incident, step: Step, done: Done) -> None:
         journal.finish_step(sid, "dry-run", None, f"would send {signal_name(signum)} to {pids}")
         done("done")
         return
+    journal.commit()
     sent = []
     for cand in targets:
         pfd = open_verified(cand.sample)

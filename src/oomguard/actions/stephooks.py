@@ -24,7 +24,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import tempfile
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -33,6 +32,7 @@ from typing import IO, TYPE_CHECKING
 from oomguard.actions.hook import OUTPUT_LIMIT, hook_environment
 from oomguard.errors import OomguardError
 from oomguard.events.loop import EventLoop, Timer
+from oomguard.fsutil import memory_file
 from oomguard.policy import Step
 from oomguard.procs import Pidfd
 
@@ -103,7 +103,7 @@ _RUNNING: set[RunningHook] = set()
 def spawn(loop: EventLoop, argv: tuple[str, ...], env: Mapping[str, str], timeout: float,
           finished: Finished) -> RunningHook | None:
     """Start `argv`; None (after calling `finished` with the error) if it could not start."""
-    out = tempfile.TemporaryFile()  # noqa: SIM115 - lives until the hook exits
+    out = memory_file("oomguard-hook")
     started = time.monotonic()
     try:
         proc = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=out,

@@ -9,15 +9,40 @@ the process that was ranked.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 from oomguard.cgroup import MemoryCgroup
 from oomguard.errors import CgroupError, OomguardError
-from oomguard.policy import GrowthTracker, ProcSample
+from oomguard.policy import GrowthTracker, ProcSample, Rule, Strategy
 from oomguard.procs import Pidfd, process_info
 from oomguard.procs.reader import CLK_TCK
 
 
-def sample_group(group: MemoryCgroup, growth: GrowthTracker | None = None) -> list[ProcSample]:
+@dataclass(frozen=True)
+class Needs:
+    """Which costly /proc reads a ranking needs. cmdline is the costly one (it takes the
+    target's mmap lock, and a helper thread with a time limit for a task in D state), so
+    it is read only when a protect/prefer/avoid pattern looks at it."""
+
+    cmdline: bool = True
+    exe: bool = True
+    oom_score: bool = True
+
+
+EVERYTHING = Needs()
+
+
+def needs_for(rule: Rule, strategy: Strategy) -> Needs:
+    matchers = (*rule.protect, *rule.prefer, *rule.avoid)
+    return Needs(
+        cmdline=any(m.cmdline is not None or m.anywhere is not None for m in matchers),
+        exe=any(m.exe is not None or m.anywhere is not None for m in matchers),
+        oom_score=strategy is Strategy.OOM_SCORE,
+    )
+
+
+def sample_group(group: MemoryCgroup, growth: GrowthTracker | None = None,
+                 needs: Needs = EVERYTHING) -> list[ProcSample]:
     try:
         pids = group.procs()
     except CgroupError:
@@ -25,7 +50,8 @@ def sample_group(group: MemoryCgroup, growth: GrowthTracker | None = None) -> li
     samples = []
     for pid in pids:
         try:
-            info = process_info(pid, with_cmdline=True, with_extra=True)
+            info = process_info(pid, with_cmdline=needs.cmdline, with_exe=needs.exe,
+                                with_oom_score=needs.oom_score)
         except OomguardError:
             continue  # exited while we looked
         samples.append(ProcSample(

@@ -72,6 +72,12 @@ def _process_relpath(hier: Hierarchies, pid_text: str, spec: str) -> str:
     raise NotAMemoryCgroup(spec, f"pid {pid} is in no memory cgroup")
 
 
+def process_cgroup(hier: Hierarchies, pid: int) -> MemoryCgroup:
+    """The group `pid` is in, in the memory hierarchy, whether or not it has the memory
+    controller itself (not checked for existence)."""
+    return cgroup_at(hier, _process_relpath(hier, str(pid), f"pid:{pid}"))
+
+
 def _below_mount_root(path: str, mount: Mount, spec: str) -> str:
     """/proc/PID/cgroup names the hierarchy path; the mount may show only a subtree of it."""
     root = mount.root.rstrip("/")

@@ -13,7 +13,7 @@ import time
 
 from oomguard.cgroup.base import MemoryCgroup
 from oomguard.cgroup.mounts import Hierarchies
-from oomguard.cgroup.resolve import cgroup_at, resolve
+from oomguard.cgroup.resolve import cgroup_at, process_cgroup
 from oomguard.cgroup.v1 import V1MemoryCgroup
 from oomguard.errors import CgroupError, CgroupPermissionDenied
 from oomguard.procs.reader import read_stat
@@ -50,7 +50,7 @@ def ensure_own_parent(hier: Hierarchies, relpath: str) -> MemoryCgroup:
             return ensure_parent(hier, relpath)
         except CgroupPermissionDenied:
             pass  # e.g. root in a user namespace: try the delegated subtree
-    own = resolve(f"pid:{os.getpid()}", hier)
+    own = process_cgroup(hier, os.getpid())
     base = own.parent()
     if base is None:
         raise CgroupPermissionDenied(str(own.path), "not root and not inside a delegated cgroup "

@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from oomguard.demo import run_demo
-
 
 def add_parser(sub: Any) -> None:
     p = sub.add_parser("demo", help="show an OOM handled live, then clean up",
@@ -17,4 +15,6 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from oomguard.demo import run_demo  # the daemon need not carry the demo
+
     return run_demo(args.journal)

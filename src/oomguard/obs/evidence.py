@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -30,6 +29,7 @@ from typing import TYPE_CHECKING
 from oomguard.cli.output import table
 from oomguard.errors import OomguardError
 from oomguard.escape import printable
+from oomguard.fsutil import remove_tree
 from oomguard.units import format_size, parse_size
 
 if TYPE_CHECKING:
@@ -167,7 +167,7 @@ class EvidenceStore:
                 break
             if keep is not None and path == keep:
                 continue
-            shutil.rmtree(path, ignore_errors=True)
+            remove_tree(path)
             index.pop(path, None)
             total -= size
         return total + need <= self.total_max

@@ -7,7 +7,6 @@ module of the policy package that does I/O (reading the file it is given).
 
 from __future__ import annotations
 
-import difflib
 import json
 import os
 import re
@@ -69,6 +68,8 @@ def _show(value: object) -> str:
 
 
 def _suggest(word: str, choices: Iterable[str], cutoff: float = 0.6) -> str:
+    import difflib  # only to word an error: not worth its RSS in a long-running daemon
+
     close = difflib.get_close_matches(word, sorted(choices), n=1, cutoff=cutoff)
     return f"; did you mean '{close[0]}'?" if close else ""
 

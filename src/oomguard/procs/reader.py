@@ -20,7 +20,7 @@ CMDLINE_LIMIT = 4096
 D_STATE_CMDLINE_TIMEOUT = 0.2
 
 
-def _read(pid: int, name: str, limit: int = 65536) -> bytes:
+def _read(pid: int, name: str, limit: int = 16384) -> bytes:
     try:
         fd = os.open(f"/proc/{pid}/{name}", os.O_RDONLY | os.O_CLOEXEC)
     except (FileNotFoundError, ProcessLookupError):
@@ -162,7 +162,8 @@ class ProcessInfo:
         return f"[{self.comm}]"
 
 
-def process_info(pid: int, with_cmdline: bool = True, with_extra: bool = False) -> ProcessInfo:
+def process_info(pid: int, with_cmdline: bool = True, with_extra: bool = False,
+                 with_exe: bool | None = None, with_oom_score: bool | None = None) -> ProcessInfo:
     stat = read_stat(pid)
     status = read_status(pid)
     uid = int(status.get("Uid", "0").split()[0])
@@ -178,6 +179,7 @@ def process_info(pid: int, with_cmdline: bool = True, with_extra: bool = False) 
         rss=_kb(status.get("VmRSS")),
         rss_anon=_kb(status.get("RssAnon")),
         start_time=stat.start_time,
-        exe=read_exe(pid) if with_extra else "",
-        oom_score=read_oom_score(pid) if with_extra else 0,
+        exe=read_exe(pid) if (with_extra if with_exe is None else with_exe) else "",
+        oom_score=read_oom_score(pid)
+        if (with_extra if with_oom_score is None else with_oom_score) else 0,
     )
