@@ -200,7 +200,7 @@ class Daemon:
 
     def wait_for(self, needle: str, timeout: float = 20.0) -> None:
         wait_until(lambda: needle in self.log or self.proc.poll() is not None, timeout,
-                   what=f"daemon log line {needle!r}")
+                   what=f"daemon log line {needle!r} in:\n{self.log}")
         assert needle in self.log, self.log
 
     def stop(self, sig: int = 15) -> int:

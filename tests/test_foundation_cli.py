@@ -146,6 +146,21 @@ def test_not_a_memory_cgroup(hier: object) -> None:
     assert r.returncode == 1 and "not a memory cgroup" in r.stderr
 
 
+@pytest.mark.v2
+def test_v2_group_without_the_memory_controller(memcg: MemoryCgroup) -> None:
+    """v2 has one hierarchy: a group is "not a memory cgroup" when its parent does not
+    distribute the controller (here: a plain mkdir below a leaf). v1's counterpart, a
+    path in another controller's hierarchy, is the test above."""
+    plain = memcg.path / "plain"
+    os.mkdir(plain)
+    try:
+        r = oomguard("wait", str(plain))
+        assert r.returncode == 1 and "not a memory cgroup" in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1
+    finally:
+        os.rmdir(plain)
+
+
 def _as_nobody(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",

@@ -481,3 +481,18 @@ def test_all_problems_are_reported_together() -> None:
         "key 'memory'",
     ]
     assert lines[-1].startswith("policy.toml: rule #2: ")
+
+
+def test_psi_early_warning_option() -> None:
+    from oomguard.policy import Pressure
+
+    rule = only_rule(rule_text('psi = "some 150ms 1s"'))
+    assert rule.psi == Pressure("some", 0.15, 1.0)
+    assert rule.psi.describe() == "some 150ms 1s"
+    assert only_rule(rule_text('psi = "full 2s 10s"')).psi == Pressure("full", 2.0, 10.0)
+    assert only_rule(rule_text("")).psi is None
+    for bad, fragment in [('"most 1s 2s"', "some|full"), ('"some 1s"', "some|full"),
+                          ('"some soon 2s"', "some|full"), ('"some 100ms 20s"', "500ms..10s"),
+                          ('"some 2s 1s"', "below the window"), ("3", "some|full")]:
+        line = one_error(rule_text(f"psi = {bad}"))
+        assert "key 'psi'" in line and fragment in line, line

@@ -232,8 +232,9 @@ def test_tree_and_create(group: V2MemoryCgroup, fs: FakeCgroupFs) -> None:
     assert parent is not None and parent.relpath == "/jobs"
     assert [c.relpath for c in parent.children()] == ["/jobs/a"]
     b = parent.child("b")
-    b.create()  # the new dir has no subtree_control in a fake: that is tolerated
+    b.create()  # /jobs distributes memory already: nothing to write
     assert b.path.is_dir() and isinstance(b, V2MemoryCgroup)
+    assert not (b.path / "cgroup.subtree_control").exists()  # never written: a leaf
     assert [g.relpath for g in cgroup_at(fs.hier, "/").walk()] == [
         "/", "/jobs", "/jobs/a", "/jobs/b"]
     b.remove()
@@ -394,3 +395,48 @@ def test_counter_watcher_other_read_errors_are_typed(group: V2MemoryCgroup,
         monkeypatch.undo()
     finally:
         w.close()
+
+
+def test_create_enables_memory_in_the_parent_not_the_child(fs: FakeCgroupFs) -> None:
+    """A child gets memory.* only if its PARENT distributes the controller; writing
+    +memory into the child's own subtree_control would make it an inner node that
+    cannot hold processes (EBUSY on v2)."""
+    fs.make_group("plain")
+    parent = cgroup_at(fs.hier, "/plain")
+    fs.set(parent.path, "cgroup.subtree_control", "")
+    child = parent.child("leaf")
+    child.create()
+    assert fs.get(parent.path, "cgroup.subtree_control") == "+memory"
+    assert child.path.is_dir() and not (child.path / "cgroup.subtree_control").exists()
+
+
+def test_out_of_memory_at_the_hold(group: V2MemoryCgroup, fs: FakeCgroupFs) -> None:
+    from oomguard.cgroup.v2 import hold_slack, reclaimable_floor
+
+    d = group.path
+    high = 64 * MiB
+    assert (hold_slack(high), reclaimable_floor(high)) == (256 << 10, 2 * MiB)
+    assert group.at_hold() is False  # memory.high is max: nothing holds
+    fs.set(d, "memory.high", f"{high}\n")
+    fs.set(d, "memory.current", f"{high - MiB}\n")  # below the hold
+    assert group.at_hold() is False
+    # at the hold, but 40M of page cache to reclaim: a cache-heavy group, not an OOM
+    fs.set(d, "memory.current", f"{high + 100 * 4096}\n")
+    fs.set(d, "memory.stat", f"anon {24 * MiB}\nactive_file {8 * MiB}\n"
+                             f"inactive_file {32 * MiB}\nslab_reclaimable {MiB}\nshmem 0\n")
+    assert group.reclaimable() == 41 * MiB and group.at_hold() is False
+    # an anonymous hog: next to nothing left to reclaim (shmem does not count)
+    fs.set(d, "memory.stat", f"anon {60 * MiB}\nshmem {4 * MiB}\nactive_file 4096\n"
+                             f"inactive_file 8192\nslab_reclaimable {MiB}\n")
+    assert group.at_hold() is True
+    assert group.out_of_memory_at(high) is True and group.out_of_memory_at(2 * high) is False
+
+
+def test_v2_headroom_numbers() -> None:
+    from oomguard.actions.limits import v2_headroom
+
+    assert v2_headroom(64 * MiB) == 8 * MiB  # measured: ~12 s stall before max
+    assert v2_headroom(512 * MiB) == 32 * MiB
+    assert 20 * MiB < v2_headroom(256 * MiB) < 21 * MiB
+    assert v2_headroom(MiB) == 2 * MiB and v2_headroom(1 << 50) == 1 << 30  # clamped
+    assert all(v2_headroom(n * MiB) % 4096 == 0 for n in (3, 64, 100, 1000, 4096))

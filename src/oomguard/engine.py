@@ -113,6 +113,29 @@ class Engine:
         """Adopt `group`: apply the rule's limits, establish the hold, register its fds."""
         if group.relpath in self.watches:
             return self.watches[group.relpath]
+        watch = Watch(group, rule, None)
+        self.watches[group.relpath] = watch
+        try:
+            self._adopt(watch)
+        except OomguardError:
+            if group.exists():
+                self.unwatch(watch)  # puts back what adopting it changed
+                raise
+            self._on_removed(watch)  # removed while being adopted (it happens: a race)
+            return watch
+        if group.version == 2:
+            self.removals.add(watch)
+        if rule.psi is not None:
+            try:
+                watch.start_pressure(self.loop, self._on_pressure)
+            except OomguardError as exc:
+                self.log.warning(f"{group.relpath}: no psi trigger: {exc}")
+        self.watches[group.relpath] = watch
+        self.report_cgroup(group)
+        return watch
+
+    def _adopt(self, watch: Watch) -> None:
+        group, rule = watch.group, watch.rule
         if rule.memory is not None and not rule.dry_run:
             current = group.limit()
             if current != rule.memory:
@@ -127,29 +150,11 @@ class Engine:
             self.ledger.apply(group, "memsw_limit", group.relpath, _t(group.memsw_limit()),
                               str(rule.memsw), tag="rule")
         baseline = limits.current_hold_limit(group) if group.version == 1 else group.limit()
-        watch = Watch(group, rule, baseline)
+        watch.baseline_limit = baseline
         holds = any(s.kind is StepKind.HOLD for s in rule.steps)
         if holds and not rule.dry_run:
             limits.establish_hold(self.ledger, group, baseline)
-        self.watches[group.relpath] = watch
-        try:
-            watch.start(self.loop, self._on_oom, self._on_removed)
-        except OomguardError:
-            if group.exists():
-                self.unwatch(watch)  # puts back what adopting it changed
-                raise
-            self._on_removed(watch)  # removed while being adopted
-            return watch
-        if group.version == 2:
-            self.removals.add(watch)
-        if rule.psi is not None:
-            try:
-                watch.start_pressure(self.loop, self._on_pressure)
-            except OomguardError as exc:
-                self.log.warning(f"{group.relpath}: no psi trigger: {exc}")
-        self.watches[group.relpath] = watch
-        self.report_cgroup(group)
-        return watch
+        watch.start(self.loop, self._on_oom, self._on_removed)
 
     def holds(self, group: MemoryCgroup) -> bool:
         if any(c.tag == "hold" for c in self.ledger.for_group(group)):

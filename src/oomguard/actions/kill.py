@@ -158,11 +158,17 @@ def _group_members(inc: Incident, victim: Candidate) -> list[Pidfd]:
 
 def _asleep_in_oom_wait(inc: Incident, pid: int) -> bool:
     """A task asleep in the OOM wait cannot run a SIGTERM handler before memory is freed,
-    and without a handler SIGTERM kills it anyway: SIGKILL it at once (no grace)."""
+    and without a handler SIGTERM kills it anyway: SIGKILL it at once (no grace).
+    v2 has no OOM wait: an allocator of a group out of memory at the hold is throttled
+    there, in its penalty sleep (D) or in reclaim (R), and runs no handler before
+    that ends: SIGKILL at once too."""
     try:
         # D state inside an incident is, by all odds, the OOM wait; not asking the
         # kernel's oom_control again saves a read on the way to the kill.
-        return read_stat(pid).state == "D"
+        state = read_stat(pid).state
+        if state == "D":
+            return True
+        return state == "R" and inc.group.version == 2 and inc.under_oom()
     except Exception:
         return False
 

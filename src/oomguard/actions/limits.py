@@ -79,7 +79,8 @@ def hold(inc: Incident, step: Step, done: Done) -> None:
             done("failed")
             return
     journal.finish_step(sid, state, {"held": True})
-    inc.engine.log.held(group.relpath)
+    inc.engine.log.held(group.relpath, "tasks throttled at memory.high, memory.max above it"
+                        if isinstance(group, V2MemoryCgroup) else None)
     done("done")
 
 

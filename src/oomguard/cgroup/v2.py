@@ -2,8 +2,11 @@
 
 v2 has no switch to turn the OOM killer off. The hold is `memory.high`: above it
 the kernel throttles allocators in reclaim instead of killing, with
-`memory.max` above it as the backstop. Events come as counters in
-`memory.events`; freezing and killing are single writes.
+`memory.max` above it as the backstop; "out of memory" there means usage at
+memory.high with nothing left to reclaim (`out_of_memory_at`). Events come as
+counters in `memory.events(.local)`; freezing and killing are single writes.
+Processes live only in leaves: the controller is enabled in a new group's
+parent, never in the group itself (docs/cgroup-v2.md).
 """
 
 from __future__ import annotations

@@ -85,7 +85,8 @@ def _fmt_shrank(f: Mapping[str, object]) -> str:
 
 
 def _fmt_held(f: Mapping[str, object]) -> str:
-    return f"holding the OOM in {_s(f.get('cgroup'))} (kernel killer off, tasks wait)"
+    how = _s(f.get("how") or "kernel killer off, tasks wait")
+    return f"holding the OOM in {_s(f.get('cgroup'))} ({how})"
 
 
 def _fmt_stopped(f: Mapping[str, object]) -> str:
@@ -254,8 +255,11 @@ class DecisionLog:
     def shrank(self, cgroup: str, old: int | None, new: int | None, *, what: str = "limit") -> None:
         self.decision("shrank", cgroup=cgroup, old=old, new=new, what=what)
 
-    def held(self, cgroup: str) -> None:
-        self.decision("held", cgroup=cgroup)
+    def held(self, cgroup: str, how: str | None = None) -> None:
+        if how:
+            self.decision("held", cgroup=cgroup, how=how)
+        else:
+            self.decision("held", cgroup=cgroup)
 
     def stopped(self, cgroup: str, tasks: int | None = None, how: str = "SIGSTOP") -> None:
         """`stopped 3 tasks in /jobs/a (SIGSTOP)`; `how="freezer"` for a freeze."""
