@@ -107,7 +107,11 @@ class Incident:
     def _advance(self) -> None:
         if self.state != "acting":
             return
-        if not self.dry_run and self.index > 0 and not self.paused() and not self.under_oom():
+        # Re-check the kernel before each next step, except right after `hold`, which
+        # took no time and changed nothing about memory (a read saved on the hot path).
+        just_held = self._last_step is not None and self._last_step.kind is StepKind.HOLD
+        if (not self.dry_run and self.index > 0 and not just_held and not self.paused()
+                and not self.under_oom()):
             self._resolved()
             return
         if self.index >= len(self.rule.steps):

@@ -18,7 +18,7 @@ from oomguard.actions.pause import thaw_for_kill
 from oomguard.actions.victims import needs_for, open_verified, sample_group
 from oomguard.cgroup.v2 import V2MemoryCgroup
 from oomguard.errors import OomguardError, Unsupported
-from oomguard.policy import Candidate, Step, Target, rank_for_rule
+from oomguard.policy import Candidate, ProcSample, Step, Target, rank_for_rule
 from oomguard.procs import Pidfd, read_stat
 
 if TYPE_CHECKING:
@@ -156,7 +156,7 @@ def _group_members(inc: Incident, victim: Candidate) -> list[Pidfd]:
     return members
 
 
-def _asleep_in_oom_wait(inc: Incident, pid: int) -> bool:
+def _asleep_in_oom_wait(inc: Incident, sample: ProcSample) -> bool:
     """A task asleep in the OOM wait cannot run a SIGTERM handler before memory is freed,
     and without a handler SIGTERM kills it anyway: SIGKILL it at once (no grace).
     v2 has no OOM wait: an allocator of a group out of memory at the hold is throttled
@@ -165,7 +165,7 @@ def _asleep_in_oom_wait(inc: Incident, pid: int) -> bool:
     try:
         # D state inside an incident is, by all odds, the OOM wait; not asking the
         # kernel's oom_control again saves a read on the way to the kill.
-        state = read_stat(pid).state
+        state = sample.state or read_stat(sample.pid).state  # as sampled just now
         if state == "D":
             return True
         return state == "R" and inc.group.version == 2 and inc.under_oom()
@@ -177,7 +177,7 @@ def _kill_one(inc: Incident, step: Step, cand: Candidate, pfd: Pidfd | None, don
     s = cand.sample
     engine, journal = inc.engine, inc.engine.journal
     grace = inc.rule.grace_for(step)
-    first = signal.SIGTERM if grace > 0 and not _asleep_in_oom_wait(inc, s.pid) else signal.SIGKILL
+    first = signal.SIGTERM if grace > 0 and not _asleep_in_oom_wait(inc, s) else signal.SIGKILL
     sid = journal.begin_step(inc.id, "kill", s.pid,
                              {"comm": s.comm, "rss": s.rss, "rss_anon": s.rss_anon,
                               "reason": cand.reason, "signal": first.name})

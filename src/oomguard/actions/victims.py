@@ -58,6 +58,7 @@ def sample_group(group: MemoryCgroup, growth: GrowthTracker | None = None,
             pid=pid, ppid=info.ppid, uid=info.uid, comm=info.comm,
             cmdline=" ".join(info.args or []), exe=info.exe, rss_anon=info.rss_anon,
             rss=info.rss, start_time=info.start_time, oom_score=info.oom_score,
+            state=info.state,
         ))
     if growth is not None:
         samples = growth.observe(time.monotonic(), samples)

@@ -33,6 +33,7 @@ class ProcSample:
     start_time: float  # seconds since boot
     oom_score: int
     growth_bps: float = 0.0  # anon RSS growth, bytes/second; 0 if unknown
+    state: str = ""  # the /proc state letter when sampled (D: asleep in the kernel)
 
 
 @dataclass(frozen=True)
