@@ -24,12 +24,12 @@ from oomguard.actions.limits import v2_headroom
 from oomguard.cgroup import MemoryCgroup, V2MemoryCgroup
 from oomguard.cgroup.transient import destroy, new_group
 from oomguard.errors import CgroupError
-from oomguard.journal import Journal
 from oomguard.procs import spawn_in
 from oomguard.workloads import LEAK, STEADY, argv
 
 from cli_helpers import oomguard
 from conftest import Spawn, wait_until
+from journal_helpers import closed_incident, incidents, rule, steps_of
 
 pytestmark = pytest.mark.v2
 MiB = 1 << 20
@@ -61,25 +61,6 @@ while time.monotonic() < end:
                 break
 print("read", total, flush=True)
 """
-
-
-def rule(memcg: MemoryCgroup, body: str) -> str:
-    return f'[[rule]]\nname = "t"\nmatch = "{memcg.relpath}"\n{body}\n'
-
-
-def incidents(journal: Path) -> list[dict[str, object]]:
-    with Journal(journal) as j:
-        return j.incidents()
-
-
-def closed_incident(journal: Path, timeout: float = 60.0) -> dict[str, object]:
-    wait_until(lambda: any(i["closed_at"] for i in incidents(journal)), timeout,
-               what="an incident to close")
-    return next(i for i in incidents(journal) if i["closed_at"])
-
-
-def steps_of(inc: dict[str, object]) -> list[tuple[str, str]]:
-    return [(str(s["kind"]), str(s["result"])) for s in inc["steps"]]  # type: ignore[union-attr]
 
 
 def ready(proc: subprocess.Popen[bytes]) -> None:

@@ -29,28 +29,10 @@ from oomguard.workloads import LEAK, STEADY, STUBBORN, argv
 
 from cli_helpers import oomguard
 from conftest import Spawn, task_state, wait_until
+from journal_helpers import closed_incident, incidents, rule, steps_of
 
 MiB = 1 << 20
 pytestmark = pytest.mark.scenario
-
-
-def rule(memcg: MemoryCgroup, body: str) -> str:
-    return f'[[rule]]\nname = "t"\nmatch = "{memcg.relpath}"\n{body}\n'
-
-
-def incidents(journal: Path) -> list[dict[str, object]]:
-    with Journal(journal) as j:
-        return j.incidents()
-
-
-def closed_incident(journal: Path, timeout: float = 30.0) -> dict[str, object]:
-    wait_until(lambda: any(i["closed_at"] for i in incidents(journal)), timeout,
-               what="an incident to close")
-    return next(i for i in incidents(journal) if i["closed_at"])
-
-
-def steps_of(inc: dict[str, object]) -> list[tuple[str, str]]:
-    return [(str(s["kind"]), str(s["result"])) for s in inc["steps"]]  # type: ignore[union-attr]
 
 
 def hold_released(memcg: MemoryCgroup) -> bool:
