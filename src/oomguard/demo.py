@@ -59,6 +59,8 @@ def run_demo(journal_path: str | None = None, out: TextIO = sys.stdout) -> int:
         _say(out, f"removed {group.relpath}; nothing left held, stopped or raised")
         if tmp is not None:
             tmp.cleanup()
+            _say(out, "the journal and evidence were temporary: oomguard demo --journal PATH "
+                      "keeps them (then: oomguard show 1 --journal PATH)")
 
 
 def _demo(session: Session, group: MemoryCgroup, procs: list[subprocess.Popen[bytes]],
