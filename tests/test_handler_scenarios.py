@@ -369,3 +369,23 @@ def test_demo_runs_and_says_ok(tmp_path: Path, backend: int) -> None:
     assert r.returncode == 0, (r.stdout, r.stderr)
     assert "demo: OK: the leaker was killed and the service survived" in r.stdout
     assert f"(cgroup v{backend})" in r.stdout
+
+
+@pytest.mark.v1(reason="usage thresholds sample the growth")
+def test_growth_strategy_kills_the_grower_not_the_largest(memcg: MemoryCgroup, spawn: Spawn,
+                                                          run_daemon) -> None:
+    """v1 usage thresholds sample the group as it fills (v2 has no thresholds: there the
+    growth history comes from PSI warnings and incidents, see docs/cgroup-v2.md)."""
+    d = run_daemon(rule(memcg, 'steps = ["hold", "kill"]\nstrategy = "growth"\ngrace = "0s"'))
+    big = spawn(STEADY, 34 * MiB)  # the largest at the OOM, but it stopped growing long ago
+    ready(big)
+    time.sleep(1.0)
+    grower = spawn(LEAK, MiB, 0, "quiet", 0.003)
+    assert grower.wait(timeout=30) == -signal.SIGKILL
+    inc = closed_incident(d.journal)
+    kill = next(s for s in inc["steps"] if s["kind"] == "kill")  # type: ignore[union-attr]
+    assert kill["pid"] == grower.pid
+    assert "growing" in str(kill["before"]["reason"])
+    assert big.poll() is None
+    rss = {v["pid"]: v["rss"] for v in inc["victims"]}  # type: ignore[union-attr]
+    assert rss[grower.pid] < 34 * MiB  # it was not the largest

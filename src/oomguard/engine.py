@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from oomguard.actions import limits, stephooks
 from oomguard.actions.registry import run_kind, run_step
-from oomguard.actions.victims import open_verified, sample_group
+from oomguard.actions.victims import needs_for, open_verified, sample_group
 from oomguard.cgroup import Hierarchies, MemoryCgroup
 from oomguard.cgroup.v2 import V2MemoryCgroup
 from oomguard.errors import CgroupError, OomguardError
@@ -26,7 +26,7 @@ from oomguard.journal import Journal
 from oomguard.ledger import Ledger
 from oomguard.obs.evidence import EvidenceStore, default_evidence_root, default_total_max
 from oomguard.obs.log import DecisionLog
-from oomguard.policy import Rule, Step, StepKind, rank_for_rule
+from oomguard.policy import Rule, Step, StepKind, Strategy, rank_for_rule
 from oomguard.procs import Pidfd, read_stat
 from oomguard.watch import RemovalWatcher, Watch
 
@@ -125,6 +125,11 @@ class Engine:
             return watch
         if group.version == 2:
             self.removals.add(watch)
+        if ranks_by_growth(rule) and not rule.dry_run:
+            try:
+                watch.start_growth_sampling(self.loop, self._sample_growth)
+            except OomguardError as exc:
+                self.log.warning(f"{group.relpath}: no growth sampling: {exc}")
         if rule.psi is not None:
             try:
                 watch.start_pressure(self.loop, self._on_pressure)
@@ -155,6 +160,10 @@ class Engine:
         if holds and not rule.dry_run:
             limits.establish_hold(self.ledger, group, baseline)
         watch.start(self.loop, self._on_oom, self._on_removed)
+
+    def _sample_growth(self, watch: Watch) -> None:
+        """Usage crossed a mark: record each process's size for the growth ranking."""
+        sample_group(watch.group, watch.growth, needs_for(watch.rule, Strategy.GROWTH))
 
     def holds(self, group: MemoryCgroup) -> bool:
         if any(c.tag == "hold" for c in self.ledger.for_group(group)):
@@ -190,6 +199,8 @@ class Engine:
         data: dict[str, object] = {"trigger": spec.describe() if spec else ""}
         data.update({k: v for k, v in averages.items() if k.endswith(("avg10", "total"))})
         self.journal.add_event(inc_id, watch.relpath, "pressure", data)
+        if ranks_by_growth(watch.rule):
+            self._sample_growth(watch)  # v2 has no usage thresholds: pressure is the cue
         self.log.warning(f"memory pressure in {watch.relpath}: {data['trigger']} "
                          f"(some avg10 {averages.get('some_avg10', 0.0):g}%, "
                          f"full avg10 {averages.get('full_avg10', 0.0):g}%)")
@@ -389,6 +400,11 @@ class Engine:
         leftover = self.ledger.restore_all()
         for change in leftover:
             self.log.error(f"could not restore {change.kind} of {change.group.relpath}")
+
+
+def ranks_by_growth(rule: Rule) -> bool:
+    return rule.strategy is Strategy.GROWTH or any(s.strategy is Strategy.GROWTH
+                                                   for s in rule.steps)
 
 
 def _t(value: int | None) -> str:

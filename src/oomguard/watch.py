@@ -24,6 +24,9 @@ from oomguard.events.v2 import CounterFileWatcher, cgroup_events, memory_events
 from oomguard.policy import GrowthTracker, Rule
 from oomguard.procs import Pidfd
 
+# Fractions of the limit at which a `growth` rule samples the group (v1).
+GROWTH_MARKS = (0.5, 0.7, 0.85)
+
 OnOom = Callable[["Watch", int, float], None]
 OnRemoved = Callable[["Watch"], None]
 OnPressure = Callable[["Watch", dict[str, float]], None]
@@ -129,6 +132,27 @@ class Watch:
             on_pressure(self, averages)
 
         self._add(loop, trigger.fileno(), fired, trigger.poll_events, trigger.close)
+
+    def start_growth_sampling(self, loop: EventLoop, on_fill: Callable[[Watch], None]) -> None:
+        """For the `growth` strategy: learn who grows while the group fills, without polling.
+
+        v1 usage thresholds at GROWTH_MARKS of the limit fire as usage crosses them; each
+        crossing samples the group's processes into the growth tracker, so that at the
+        OOM the fastest-growing process is known from the group's own history. (Each
+        registration costs the kernel an RCU grace period, ~6-10 ms, so only rules that
+        rank by growth pay it, once, at adoption.) On v2 the samples come from the rule's
+        PSI trigger, when it has one, and from each incident."""
+        limit = self.baseline_limit
+        if self.group.version != 1 or not limit:
+            return
+        for mark in GROWTH_MARKS:
+            notifier = ThresholdNotifier(self.group, int(limit * mark))
+
+            def crossed(_revents: int, notifier: ThresholdNotifier = notifier) -> None:
+                if notifier.read().count:
+                    on_fill(self)
+
+            self._add(loop, notifier.fileno(), crossed, notifier.poll_events, notifier.close)
 
     def out_of_memory(self) -> bool:
         """Is the group out of memory by the kernel's own account right now?
