@@ -9,6 +9,7 @@ memory.swap.max, and a non-root user in a delegated subtree.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -158,6 +159,26 @@ def test_freeze_waits_for_frozen_in_cgroup_events(memcg: MemoryCgroup, spawn: Sp
     assert freeze["result"] == "frozen" and "waited_ms" in freeze["after"]
     assert ("kill", "killed") in steps_of(inc) and inc["outcome"] == "resolved"
     assert not g.frozen() and g.read("cgroup.freeze").strip() == "0"
+
+
+def test_status_shows_the_hold_and_a_group_held_at_it(memcg: MemoryCgroup, spawn: Spawn,
+                                                       run_daemon) -> None:
+    """v2 has no under_oom: `status` reports a group held at memory.high with nothing
+    left to reclaim as under OOM, and shows the limit as high/max."""
+    d = run_daemon(rule(memcg, 'steps = ["hold", { kind = "exec", argv = ["/bin/sleep", "30"], '
+                               'timeout = "20s" }, "kill"]\ngrace = "0s"\ndeadline = "30s"'))
+    [idle] = json.loads(oomguard("status", "--json", memcg.relpath).stdout)
+    assert idle["hold"] == 64 * MiB and idle["limit"] == 64 * MiB + v2_headroom(64 * MiB)
+    assert idle["under_oom"] is False
+    leaker = spawn(LEAK, MiB)
+    wait_until(lambda: any(s["kind"] == "exec" for i in incidents(d.journal)
+                           for s in i["steps"]), timeout=60, what="the incident's hook")
+    [held] = json.loads(oomguard("status", "--json", memcg.relpath).stdout)
+    assert held["under_oom"] is True and held["percent"] >= 99.0
+    table = oomguard("status", memcg.relpath).stdout.splitlines()[1].split()
+    assert table[2] == f"64M/{64 + v2_headroom(64 * MiB) // MiB}M" and table[4] == "yes"
+    assert d.stop() == 0
+    assert leaker.wait(timeout=60) == -signal.SIGKILL
 
 
 def test_psi_trigger_is_an_early_warning(memcg: MemoryCgroup, spawn: Spawn,

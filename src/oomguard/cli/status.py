@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from oomguard.cgroup import MemoryCgroup, MemoryFigures, resolve, root
+from oomguard.cgroup import MemoryCgroup, MemoryFigures, V2MemoryCgroup, resolve, root
 from oomguard.cli.output import emit_json, table
 from oomguard.errors import CgroupError
 from oomguard.units import format_size
@@ -36,16 +36,44 @@ def _collect(specs: list[str]) -> list[tuple[MemoryCgroup, MemoryFigures]]:
     return out
 
 
+def _v2_hold(g: MemoryCgroup, f: MemoryFigures) -> int | None:
+    """v2: memory.high when it sits below memory.max (the hold): where the group stops."""
+    if isinstance(g, V2MemoryCgroup) and f.soft_limit is not None and (
+            f.limit is None or f.soft_limit < f.limit):
+        return f.soft_limit
+    return None
+
+
+def _under_oom(g: MemoryCgroup, f: MemoryFigures) -> bool:
+    """v1: the kernel's under_oom. v2 has no such state: held at memory.high with
+    nothing left to reclaim is what counts (see docs/cgroup-v2.md)."""
+    if isinstance(g, V2MemoryCgroup) and _v2_hold(g, f) is not None:
+        try:
+            return g.at_hold()
+        except CgroupError:
+            return False
+    return f.oom.under_oom
+
+
 def as_dict(g: MemoryCgroup, f: MemoryFigures) -> dict[str, object]:
     return {"cgroup": g.relpath, "path": str(g.path), "version": g.version, "usage": f.usage,
-            "limit": f.limit, "percent": _percent(f), "soft_limit": f.soft_limit,
-            "memsw_usage": f.memsw_usage, "memsw_limit": f.memsw_limit,
-            "under_oom": f.oom.under_oom, "oom_kill_disable": f.oom.kill_disabled,
+            "limit": f.limit, "percent": _percent(g, f), "soft_limit": f.soft_limit,
+            "hold": _v2_hold(g, f), "memsw_usage": f.memsw_usage, "memsw_limit": f.memsw_limit,
+            "under_oom": _under_oom(g, f), "oom_kill_disable": f.oom.kill_disabled,
             "oom": f.oom.oom, "oom_kill": f.oom.oom_kill, "tasks": f.nr_procs}
 
 
-def _percent(f: MemoryFigures) -> float | None:
-    return None if not f.limit else round(100.0 * f.usage / f.limit, 1)
+def _percent(g: MemoryCgroup, f: MemoryFigures) -> float | None:
+    """Of the limit that stops the group: memory.high when it is a v2 hold."""
+    stop = _v2_hold(g, f) or f.limit
+    return None if not stop else round(100.0 * f.usage / stop, 1)
+
+
+def _limit_text(g: MemoryCgroup, f: MemoryFigures) -> str:
+    hold = _v2_hold(g, f)
+    if hold is None:
+        return format_size(f.limit)
+    return f"{format_size(hold)}/{format_size(f.limit)}"  # high/max
 
 
 def run(args: argparse.Namespace) -> int:
@@ -55,10 +83,10 @@ def run(args: argparse.Namespace) -> int:
         return 0
     body = []
     for g, f in rows:
-        pct = _percent(f)
+        pct = _percent(g, f)
         body.append([
-            g.relpath, format_size(f.usage), format_size(f.limit),
-            "-" if pct is None else f"{pct:.1f}%", "yes" if f.oom.under_oom else "no",
+            g.relpath, format_size(f.usage), _limit_text(g, f),
+            "-" if pct is None else f"{pct:.1f}%", "yes" if _under_oom(g, f) else "no",
             "-" if f.oom.oom is None else f.oom.oom, f.oom.oom_kill, f.nr_procs,
         ])
     print(table(["CGROUP", "USAGE", "LIMIT", "USE%", "UNDER_OOM", "OOMS", "KILLS", "TASKS"],
