@@ -259,8 +259,13 @@ def oom_kill_disabled(group: MemoryCgroup) -> bool:
 
 # -- /proc sampling -------------------------------------------------------------------------
 def proc_status(pid: int) -> dict[str, int]:
+    return _numeric_status(f"/proc/{pid}/status")
+
+
+def _numeric_status(path: str) -> dict[str, int]:
+    """The numeric fields of a /proc status file (kB figures in kB)."""
     out: dict[str, int] = {}
-    with open(f"/proc/{pid}/status") as f:
+    with open(path) as f:
         for line in f:
             key, _, value = line.partition(":")
             bits = value.split()
@@ -280,14 +285,7 @@ def ctx_switches(pid: int) -> int:
 
 
 def proc_status_task(pid: int, tid: int) -> dict[str, int]:
-    out: dict[str, int] = {}
-    with open(f"/proc/{pid}/task/{tid}/status") as f:
-        for line in f:
-            key, _, value = line.partition(":")
-            bits = value.split()
-            if bits and bits[0].isdigit():
-                out[key] = int(bits[0])
-    return out
+    return _numeric_status(f"/proc/{pid}/task/{tid}/status")
 
 
 def cpu_ticks(pid: int) -> int:

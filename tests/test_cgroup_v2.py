@@ -30,7 +30,7 @@ from oomguard.workloads import LEAK, STEADY, argv
 
 from cli_helpers import oomguard
 from conftest import Spawn, wait_until
-from journal_helpers import closed_incident, incidents, rule, steps_of
+from journal_helpers import closed_incident, incidents, rule, steps_of, wait_for_step
 
 pytestmark = pytest.mark.v2
 MiB = 1 << 20
@@ -148,8 +148,7 @@ def test_freeze_waits_for_frozen_in_cgroup_events(memcg: MemoryCgroup, spawn: Sp
                                '["/bin/sleep", "30"], timeout = "3s" }, "kill"]\n'
                                'grace = "0s"\ndeadline = "20s"'))
     leaker = spawn(LEAK, MiB)
-    wait_until(lambda: any(s["kind"] == "exec" for i in incidents(d.journal)
-                           for s in i["steps"]), timeout=60, what="the hook step")
+    wait_for_step(d.journal, "exec")
     g = v2(memcg)
     assert g.read("cgroup.freeze").strip() == "1" and g.frozen()  # the kernel's word
     assert g.freezer_state() == "FROZEN"
@@ -171,8 +170,7 @@ def test_status_shows_the_hold_and_a_group_held_at_it(memcg: MemoryCgroup, spawn
     assert idle["hold"] == 64 * MiB and idle["limit"] == 64 * MiB + v2_headroom(64 * MiB)
     assert idle["under_oom"] is False
     leaker = spawn(LEAK, MiB)
-    wait_until(lambda: any(s["kind"] == "exec" for i in incidents(d.journal)
-                           for s in i["steps"]), timeout=60, what="the incident's hook")
+    wait_for_step(d.journal, "exec")
     [held] = json.loads(oomguard("status", "--json", memcg.relpath).stdout)
     assert held["under_oom"] is True and held["percent"] >= 99.0
     table = oomguard("status", memcg.relpath).stdout.splitlines()[1].split()

@@ -17,10 +17,10 @@ import pytest
 from oomguard.actions.limits import current_hold_limit
 from oomguard.cgroup import MemoryCgroup
 from oomguard.journal import Journal
-from test_handler_scenarios import closed_incident, hold_released, rule, steps_of
 
 from cli_helpers import oomguard
 from conftest import Spawn, task_state, wait_until
+from journal_helpers import closed_incident, hold_released, rule, steps_of
 
 MiB = 1 << 20
 MARKER = "OOMGUARD-LEAK-MARKER"

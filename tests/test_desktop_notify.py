@@ -22,9 +22,9 @@ import pytest
 
 from oomguard.cgroup import MemoryCgroup
 from oomguard.workloads import LEAK
-from test_handler_scenarios import closed_incident, rule, steps_of
 
 from conftest import REPO, Spawn, wait_until
+from journal_helpers import closed_incident, rule, steps_of
 
 MiB = 1 << 20
 NOBODY = 65534

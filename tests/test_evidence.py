@@ -10,9 +10,9 @@ from pathlib import Path
 from oomguard.cgroup import MemoryCgroup
 from oomguard.obs.evidence import EvidenceStore, default_evidence_root
 from oomguard.workloads import LEAK
-from test_handler_scenarios import closed_incident, rule
 
 from conftest import Spawn
+from journal_helpers import closed_incident, rule
 
 MiB = 1 << 20
 

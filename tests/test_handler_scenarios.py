@@ -29,17 +29,10 @@ from oomguard.workloads import LEAK, STEADY, STUBBORN, argv
 
 from cli_helpers import oomguard
 from conftest import Spawn, task_state, wait_until
-from journal_helpers import closed_incident, incidents, rule, steps_of
+from journal_helpers import closed_incident, hold_released, rule, steps_of, wait_for_step
 
 MiB = 1 << 20
 pytestmark = pytest.mark.scenario
-
-
-def hold_released(memcg: MemoryCgroup) -> bool:
-    """Nothing left held: v1 killer back on; v2 memory.high back to max."""
-    if memcg.version == 1:
-        return not memcg.oom_state().kill_disabled
-    return memcg.read("memory.high").strip() == "max"
 
 
 def hold_limit(memcg: MemoryCgroup) -> int | None:
@@ -209,8 +202,7 @@ def test_sigterm_to_daemon_mid_incident_restores_everything(memcg: MemoryCgroup,
     ready(service)
     leaker = spawn(LEAK, MiB)
     d.wait_for("grew")
-    wait_until(lambda: any(s["kind"] == "exec" for i in incidents(d.journal)
-                           for s in i["steps"]), what="the incident to reach its hook")
+    wait_for_step(d.journal, "exec")
     assert hold_limit(memcg) == 80 * MiB  # grown by 16M (v2: memory.high, max above it)
     assert d.stop(signal.SIGTERM) == 0
     assert hold_released(memcg)

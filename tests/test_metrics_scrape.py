@@ -8,9 +8,9 @@ import urllib.request
 
 from oomguard.cgroup import MemoryCgroup
 from oomguard.workloads import LEAK
-from test_handler_scenarios import closed_incident, rule
 
 from conftest import Spawn, wait_until
+from journal_helpers import closed_incident, rule
 
 MiB = 1 << 20
 

@@ -9,9 +9,9 @@ from pathlib import Path
 
 from oomguard.cgroup import MemoryCgroup
 from oomguard.workloads import LEAK
-from test_handler_scenarios import closed_incident, incidents, rule, steps_of
 
 from conftest import Spawn, wait_until
+from journal_helpers import closed_incident, incidents, rule, steps_of
 
 MiB = 1 << 20
 

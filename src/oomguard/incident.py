@@ -13,7 +13,7 @@ incident moved on is ignored (each step run carries a generation number).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
 from oomguard.errors import OomguardError
@@ -79,6 +79,16 @@ class Incident:
                 self._step_finished(result)
 
         return finish
+
+    def skip_if_dry_run(self, step_id: int, done: Done, would: str,
+                        after: Mapping[str, object] | None = None) -> bool:
+        """In a dry run: record what the step would have done and finish it (True).
+        Every step asks this right before its first change to the system."""
+        if not self.dry_run:
+            return False
+        self.engine.journal.finish_step(step_id, "dry-run", after, would)
+        done("done")
+        return True
 
     def under_oom(self) -> bool:
         """Is the group still out of memory, by the kernel's own account?"""

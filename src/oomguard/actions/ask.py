@@ -76,9 +76,7 @@ def ask(inc: Incident, step: Step, done: Done) -> None:
     keys = step.actions or ASK_ACTIONS
     timeout = inc.rule.timeout_for(step)
     sid = journal.begin_step(inc.id, "ask", None, {"actions": list(keys), "timeout": timeout})
-    if inc.dry_run:
-        journal.finish_step(sid, "dry-run", None, "would ask the desktop")
-        done("done")
+    if inc.skip_if_dry_run(sid, done, "would ask the desktop"):
         return
     desktop = engine.desktop
     if desktop is None:

@@ -97,9 +97,7 @@ def core(inc: Incident, step: Step, done: Done) -> None:
     if store is None:
         refuse("refused", "no evidence directory (the journal is in memory)")
         return
-    if inc.dry_run:
-        journal.finish_step(sid, "dry-run", None, f"would dump pid {s.pid}")
-        done("done")
+    if inc.skip_if_dry_run(sid, done, f"would dump pid {s.pid}"):
         return
     need = core_estimate(s.rss)
     try:

@@ -54,9 +54,7 @@ def exec_step(inc: Incident, step: Step, done: Done) -> None:
     engine, journal = inc.engine, inc.engine.journal
     timeout = inc.rule.timeout_for(step)
     sid = journal.begin_step(inc.id, "exec", None, {"argv": list(step.argv), "timeout": timeout})
-    if inc.dry_run:
-        journal.finish_step(sid, "dry-run", None, "would run the hook")
-        done("done")
+    if inc.skip_if_dry_run(sid, done, "would run the hook"):
         return
     out = memory_file("oomguard-hook")
     started = time.monotonic()

@@ -88,10 +88,8 @@ def _kill_group(inc: Incident, step: Step, group: V2MemoryCgroup, done: Done) ->
     sid = journal.begin_step(inc.id, "kill", None,
                              {"oom_group": True, "pids": sorted(chosen), "spared": spared,
                               "signal": "SIGKILL"})
-    if inc.dry_run:
-        journal.finish_step(sid, "dry-run", None,
-                            f"would kill the whole group (memory.oom.group): {sorted(chosen)}")
-        done("done")
+    if inc.skip_if_dry_run(sid, done,
+                           f"would kill the whole group (memory.oom.group): {sorted(chosen)}"):
         return
     pidfds = [(c, pfd) for c in candidates if (pfd := open_verified(c.sample)) is not None]
     if not pidfds:

@@ -66,9 +66,7 @@ def hold(inc: Incident, step: Step, done: Done) -> None:
     journal = inc.engine.journal
     state = "held" if inc.engine.holds(group) else "not held"
     sid = journal.begin_step(inc.id, "hold", None, {"held": state == "held"})
-    if inc.dry_run:
-        journal.finish_step(sid, "dry-run", None, "would keep the OOM pending")
-        done("done")
+    if inc.skip_if_dry_run(sid, done, "would keep the OOM pending"):
         return
     if state != "held":
         try:
@@ -115,9 +113,7 @@ def grow(inc: Incident, step: Step, done: Done) -> None:
         inc.engine.log.info(f"{group.relpath}: at the grow ceiling {format_size(ceiling)}")
         done("failed")
         return
-    if inc.dry_run:
-        journal.finish_step(sid, "dry-run", {"limit": new}, f"would grow to {format_size(new)}")
-        done("done")
+    if inc.skip_if_dry_run(sid, done, f"would grow to {format_size(new)}", after={"limit": new}):
         return
     try:
         raise_limit(inc.engine.ledger, group, current, new, inc.id)
@@ -182,8 +178,7 @@ def release_hold(inc: Incident) -> None:
 def kernel(inc: Incident, step: Step, done: Done) -> None:
     if inc.dry_run:
         sid = inc.engine.journal.begin_step(inc.id, "kernel", None, None)
-        inc.engine.journal.finish_step(sid, "dry-run", None, "would hand over to the kernel")
-        done("done")
+        inc.skip_if_dry_run(sid, done, "would hand over to the kernel")
         return
     done("kernel")
     inc.hand_over("the rule says so")

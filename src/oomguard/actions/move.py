@@ -32,9 +32,7 @@ def move(inc: Incident, step: Step, done: Done) -> None:
         journal.finish_step(sid, "failed", None, f"no cgroup {dest.relpath}")
         done("failed")
         return
-    if inc.dry_run:
-        journal.finish_step(sid, "dry-run", None, f"would move {pids} to {dest.relpath}")
-        done("done")
+    if inc.skip_if_dry_run(sid, done, f"would move {pids} to {dest.relpath}"):
         return
     moved = []
     for cand in targets:

@@ -36,9 +36,7 @@ def stop(inc: Incident, step: Step, done: Done) -> None:
         done("failed")
         return
     sid = journal.begin_step(inc.id, "stop", None, {"pids": pids})
-    if inc.dry_run:
-        journal.finish_step(sid, "dry-run", None, f"would stop {len(pids)} tasks")
-        done("done")
+    if inc.skip_if_dry_run(sid, done, f"would stop {len(pids)} tasks"):
         return
     stopped = []
     for pid in pids:
@@ -57,9 +55,7 @@ def stop(inc: Incident, step: Step, done: Done) -> None:
 def freeze(inc: Incident, step: Step, done: Done) -> None:
     journal, ledger, group = inc.engine.journal, inc.engine.ledger, inc.group
     sid = journal.begin_step(inc.id, "freeze", None, None)
-    if inc.dry_run:
-        journal.finish_step(sid, "dry-run", None, "would freeze the group")
-        done("done")
+    if inc.skip_if_dry_run(sid, done, "would freeze the group"):
         return
     try:
         before = group.freezer_state()
@@ -158,9 +154,7 @@ def thaw_for_kill(inc: Incident) -> None:
 def continue_(inc: Incident, step: Step, done: Done) -> None:
     journal = inc.engine.journal
     sid = journal.begin_step(inc.id, "continue", None, None)
-    if inc.dry_run:
-        journal.finish_step(sid, "dry-run", None, "would continue the tasks")
-        done("done")
+    if inc.skip_if_dry_run(sid, done, "would continue the tasks"):
         return
     n = resume(inc)
     journal.finish_step(sid, "continued", {"undone": n})

@@ -28,9 +28,7 @@ def signal_step(inc: Incident, step: Step, done: Done) -> None:
         journal.finish_step(sid, "no-target", None, "no process may be signalled")
         done("failed")
         return
-    if inc.dry_run:
-        journal.finish_step(sid, "dry-run", None, f"would send {signal_name(signum)} to {pids}")
-        done("done")
+    if inc.skip_if_dry_run(sid, done, f"would send {signal_name(signum)} to {pids}"):
         return
     journal.commit()
     sent = []
