@@ -35,6 +35,10 @@ if TYPE_CHECKING:
     from oomguard.obs.metrics import Metrics
 
 
+# After a kill at shutdown, how long to let the memory come back before trying again.
+SHUTDOWN_RESTORE_WAITS = (0.0, 0.01, 0.05, 0.1, 0.25)
+
+
 def ancestors_of_self() -> frozenset[int]:
     """oomguard and every process above it: never victims."""
     pids, pid = set(), os.getpid()
@@ -371,7 +375,9 @@ class Engine:
         kernel would already have killed by its own rule (the largest task): do that,
         then restore, so no limit stays raised."""
         for _ in range(watch.rule.max_victims + 2):
-            if not self.ledger.for_group(watch.group):
+            # Usage may already be falling (the kernel's own killer, on again, or a task
+            # that exited): try the restore first, and kill only if it still cannot be.
+            if self._restore_settled(watch):
                 return
             ranked = rank_for_rule(sample_group(watch.group), watch.rule, self.never_pids)
             if not ranked:
@@ -384,10 +390,19 @@ class Engine:
                 pfd.exited(5.0)
             self.log.info(f"shutdown: killed pid {ranked[0].sample.pid} so the limit of "
                           f"{watch.relpath} could be restored")
-            self.ledger.restore_all(watch.group)
         for change in self.ledger.for_group(watch.group):
             self.log.error(f"left {change.kind} of {watch.relpath} at {change.after} "
                            f"(was {change.before}); it stays in the journal for the next start")
+
+    def _restore_settled(self, watch: Watch) -> bool:
+        """Retry the group's restores while freed memory is still being uncharged
+        (shutdown only: short, bounded waits are fine once the loop has stopped)."""
+        for delay in SHUTDOWN_RESTORE_WAITS:
+            time.sleep(delay)
+            self.ledger.restore_all(watch.group)
+            if not self.ledger.for_group(watch.group):
+                return True
+        return False
 
     def shutdown(self) -> None:
         """Close incidents and undo every change: nothing held, stopped, frozen or raised."""
