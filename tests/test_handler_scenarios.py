@@ -85,7 +85,10 @@ def test_leaker_killed_service_untouched(memcg: MemoryCgroup, spawn: Spawn, run_
 
 def test_sigterm_ignored_then_sigkill_after_grace(memcg: MemoryCgroup, spawn: Spawn,
                                                   run_daemon) -> None:
-    d = run_daemon(rule(memcg, 'steps = ["hold", "kill"]\ngrace = "700ms"\ndeadline = "10s"'))
+    # largest: the grace is what this is about, so the idle stubborn one must be the victim
+    # (the default, auto, would take the small allocator: it is the one that grew).
+    d = run_daemon(rule(memcg, 'steps = ["hold", "kill"]\ngrace = "700ms"\ndeadline = "10s"\n'
+                               'strategy = "largest"'))
     # The stubborn one holds 40M and sleeps (not in the OOM wait), so SIGTERM reaches it.
     stubborn = spawn(STUBBORN, 40 * MiB)
     ready(stubborn)

@@ -40,12 +40,40 @@ def test_text_one_line_per_decision() -> None:
     assert lines[0] == "oomguard: watching 3 cgroups"
     assert lines[1] == "oomguard: incident 7 opened in /jobs/a (oom)"
     assert lines[4] == "oomguard: grew /jobs/a limit 100M -> 150M"
-    assert lines[6] == "oomguard: killed pid 123 (leak) in /jobs/a, rss 250M, resolved in 3.1 ms"
+    # A kill is not the end of the OOM: only the `resolved` line (the kernel's word) says so.
+    assert lines[6] == "oomguard: killed pid 123 (leak) in /jobs/a, rss 250M, 3.1 ms after the OOM"
+    assert "resolved" not in lines[6]
     assert lines[9] == "oomguard: incident 7 in /jobs/a closed: resolved in 3.1 ms"
     assert lines[10] == (
         "oomguard: handed /jobs/b to the kernel OOM killer: deadline 5s passed")
     assert lines[12] == "oomguard: shutting down"
     assert lines[14] == "oomguard: moved pid=5 to=/parking"
+
+
+def test_killed_says_who_and_why() -> None:
+    out = io.StringIO()
+    log = DecisionLog(out)
+    log.killed(123, "python3", "/jobs/a", 250 << 20, 2.0,
+               why="grew 47M in 2.1 s, anon rss 249M")
+    log.killed(124, HOSTILE, "/jobs/a", 1 << 20,
+               why=f"largest anon rss 1M, preferred by {HOSTILE}")
+    lines = out.getvalue().splitlines()
+    assert lines[0] == ("oomguard: killed pid 123 (python3) in /jobs/a: grew 47M in 2.1 s, "
+                        "anon rss 249M, rss 250M, 2.0 ms after the OOM")
+    assert len(lines) == 2  # a hostile name or reason cannot forge a second line
+    assert "\x1b" not in lines[1] and r"\x1b" in lines[1] and r"\n" in lines[1]
+
+
+def test_resolved_line() -> None:
+    out = io.StringIO()
+    log = DecisionLog(out)
+    log.resolved("/jobs/a", 3.4, incident=7)
+    log.resolved("/jobs/b", 120.0, how="the kernel let go, after the hand-over")
+    assert out.getvalue().splitlines() == [
+        "oomguard: incident 7 in /jobs/a resolved after 3.4 ms (the kernel let go)",
+        "oomguard: incident in /jobs/b resolved after 120 ms (the kernel let go, after the "
+        "hand-over)",
+    ]
 
 
 def test_watching_exact() -> None:

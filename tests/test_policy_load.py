@@ -62,7 +62,8 @@ def only_rule(text: str) -> Rule:
 def test_default_rule_is_the_safe_first_run() -> None:
     rule = default_rule()
     assert [step.kind for step in rule.steps] == [StepKind.HOLD, StepKind.SNAPSHOT, StepKind.KILL]
-    assert rule.strategy is Strategy.LARGEST
+    assert rule.strategy is Strategy.AUTO  # the grower, else the largest
+    assert rule.ranks_by_growth()
     assert rule.grace == 2.0
     assert rule.deadline == 10.0
     assert rule.max_victims == 3
@@ -149,6 +150,30 @@ steps = [
     hash(rule)  # frozen and hashable, on_exit included
 
 
+def test_step_dry_run_overrides_an_acting_rule() -> None:
+    """The other direction from the full file above (a dry rule with one acting step): the
+    engine applies this per step (actions/registry.run_step; the real-kernel proof is
+    test_signal_step.py::test_kill_step_marked_dry_run_signals_nobody)."""
+    rule = only_rule(rule_text(
+        'steps = ["hold", {kind="kill", dry_run=true}, {kind="grow", dry_run=false}, "kill"]'))
+    assert not rule.dry_run
+    assert [rule.dry_run_for(s) for s in rule.steps] == [False, True, False, False]
+    assert rule.steps[1].describe() == "kill [dry-run]"
+
+
+def test_signal_even_if_fatal() -> None:
+    rule = only_rule(rule_text(
+        'steps = [{kind="signal", signal="SIGUSR1", to="all"}, '
+        '{kind="signal", signal="SIGTERM", even_if_fatal=true}, "kill"]'))
+    asks, forces, _ = rule.steps
+    assert not asks.even_if_fatal and forces.even_if_fatal
+    assert forces.describe() == "signal SIGTERM even if fatal"
+    line = one_error(rule_text('steps = [{kind="signal", signal="USR1", even_if_fatal="yes"}]'))
+    assert "steps[1].even_if_fatal" in line
+    line = one_error(rule_text('steps = [{kind="kill", even_if_fatal=true}]'))
+    assert "steps[1].even_if_fatal" in line and "not an option of a kill step" in line
+
+
 def test_step_fallbacks_to_the_rule() -> None:
     rule = only_rule(rule_text('steps = ["grow", {kind="exec", argv=["/bin/true"]}, "kill"]'))
     grow, exe, kill = rule.steps
@@ -157,7 +182,7 @@ def test_step_fallbacks_to_the_rule() -> None:
     assert rule.timeout_for(kill) == rule.deadline
     assert rule.grace_for(kill) == rule.grace
     assert rule.wait_for(kill) == rule.settle
-    assert rule.strategy_for(kill) is Strategy.LARGEST
+    assert rule.strategy_for(kill) is Strategy.AUTO
     short = only_rule(rule_text('deadline = "3s"\nsteps = [{kind="exec", argv=["/bin/true"]}]'))
     assert short.timeout_for(short.steps[0]) == 3.0
 
@@ -325,7 +350,7 @@ def test_unnamed_rule_is_named_by_position() -> None:
         ("grace = true", "grace", "got true"),
         ('dry_run = "yes"', "dry_run", 'expected true or false, got "yes"'),
         ('strategy = "largset"', "strategy", "did you mean 'largest'?"),
-        ('strategy = ""', "strategy", "expected one of largest, growth"),
+        ('strategy = ""', "strategy", "expected one of auto, largest, growth"),
         ("steps = []", "steps", "got an empty list"),
         ('steps = "kill"', "steps", "expected a non-empty list"),
         ('steps = ["hold", "kil"]', "steps[2]", "did you mean 'kill'?"),

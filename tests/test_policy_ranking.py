@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from oomguard.policy import (
+    GROWTH_MIN,
     GrowthTracker,
     ProcSample,
     Strategy,
@@ -74,6 +75,58 @@ def test_growth_orders_by_rate_then_anon_rss() -> None:
     assert [c.sample.pid for c in ranked] == [12, 13, 10, 11]
     assert ranked[0].score == 8e6
     assert ranked[0].reason.startswith("growing 7.6M/s")
+
+
+def grown(sample: ProcSample, by: int, over: float = 2.0) -> ProcSample:
+    from dataclasses import replace
+
+    return replace(sample, grown=by, grown_over=over, growth_bps=by / over)
+
+
+def test_auto_kills_the_grower_not_the_larger_steady_one() -> None:
+    """The README's headline: a steady 34M service and a 26M leaker that grew 20M."""
+    steady = grown(proc(10, 34 * M), 64 << 10)  # allocator noise: below GROWTH_MIN
+    leaker = grown(proc(11, 26 * M), 20 * M, over=2.1)
+    ranked = rank_victims([steady, leaker], Strategy.AUTO)
+    assert [c.sample.pid for c in ranked] == [11, 10]
+    assert ranked[0].reason == "grew 20M in 2.1 s, anon rss 26M"
+    assert ranked[1].reason == "largest anon rss 34M, not growing"
+    # the old default would have taken the steady one
+    assert pids([steady, leaker], Strategy.LARGEST) == [10, 11]
+
+
+def test_auto_most_grown_first_then_the_largest_of_the_rest() -> None:
+    samples = [
+        proc(10, 90 * M),
+        grown(proc(11, 5 * M), 3 * M),
+        grown(proc(12, 8 * M), 6 * M),
+        grown(proc(13, 40 * M), -10 * M),  # shrinking: not a grower
+        grown(proc(14, 70 * M), GROWTH_MIN - 1),
+    ]
+    assert pids(samples, Strategy.AUTO) == [12, 11, 10, 14, 13]
+
+
+def test_auto_without_history_is_largest() -> None:
+    samples = [proc(10, 5 * M), proc(11, 50 * M), proc(12, 20 * M)]
+    ranked = rank_victims(samples, Strategy.AUTO)
+    assert [c.sample.pid for c in ranked] == pids(samples, Strategy.LARGEST) == [11, 12, 10]
+    assert ranked[0].reason == "largest anon rss 50M, no growth history"
+
+
+def test_auto_tiers_still_come_first() -> None:
+    samples = [grown(proc(10, 5 * M, comm="leak"), 4 * M), proc(11, 50 * M, comm="cache")]
+    avoid = [process_matcher(comm="^leak$")]
+    assert pids(samples, Strategy.AUTO, avoid=avoid) == [11, 10]
+
+
+def test_tracker_feeds_auto() -> None:
+    tracker = GrowthTracker(window=10.0)
+    tracker.observe(0.0, [proc(10, 30 * M), proc(11, 4 * M)])  # a usage threshold
+    later = tracker.observe(2.0, [proc(10, 30 * M), proc(11, 26 * M)])  # the OOM
+    by_pid = {s.pid: s for s in later}
+    assert (by_pid[11].grown, by_pid[11].grown_over) == (22 * M, 2.0)
+    assert by_pid[10].grown == 0
+    assert pids(later, Strategy.AUTO) == [11, 10]
 
 
 def test_newest_and_oldest() -> None:

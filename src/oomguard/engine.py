@@ -418,8 +418,7 @@ class Engine:
 
 
 def ranks_by_growth(rule: Rule) -> bool:
-    return rule.strategy is Strategy.GROWTH or any(s.strategy is Strategy.GROWTH
-                                                   for s in rule.steps)
+    return rule.ranks_by_growth()  # growth and auto (the default)
 
 
 def _t(value: int | None) -> str:

@@ -83,7 +83,9 @@ class Incident:
     def skip_if_dry_run(self, step_id: int, done: Done, would: str,
                         after: Mapping[str, object] | None = None) -> bool:
         """In a dry run: record what the step would have done and finish it (True).
-        Every step asks this right before its first change to the system."""
+        Every step asks this right before its first change to the system. `dry_run` is the
+        running step's own (rule.dry_run_for: the step runner, actions/registry.py, sets it
+        for the step's duration)."""
         if not self.dry_run:
             return False
         self.engine.journal.finish_step(step_id, "dry-run", after, would)
@@ -199,12 +201,22 @@ class Incident:
             return
         self.state = "settling"
         self.resolved_at = time.monotonic()
+        # The one place "resolved" is said: the kernel's own state just said so.
+        how = "the kernel let go, after the hand-over" if self.outcome == "kernel" else ""
+        ms = (self.resolved_at - self.first_event) * 1000.0
+        self.engine.log.resolved(self.group.relpath, ms, incident=self.id, how=how)
         self.later(self.rule.settle, lambda: self.close(self.outcome or "resolved"))
 
     def hand_over(self, reason: str) -> None:
         """Give the OOM to the kernel's killer: the fail-safe."""
         self.generation += 1
         self.outcome = "kernel"
+        # No step acts or reports after this: drop what a running step still waits for
+        # (a victim's exit, an escalation, a hook), so the log cannot say "killed" for a
+        # death the kernel's killer may have caused.
+        closers, self._closers = self._closers, []
+        for fn in reversed(closers):
+            fn()
         self.engine.log.handed_to_kernel(self.group.relpath, reason)
         step_id = self.engine.journal.begin_step(self.id, "kernel", None, {"reason": reason})
         try:

@@ -120,7 +120,8 @@ def _kill_group(inc: Incident, step: Step, group: V2MemoryCgroup, done: Done) ->
         reaped.append(ms)
         journal.add_victim(inc.id, s.pid, s.comm, s.rss, "SIGKILL", ms)
         engine.log.killed(s.pid, s.comm, group.relpath, s.rss,
-                          (time.monotonic() - inc.first_event) * 1000.0)
+                          (time.monotonic() - inc.first_event) * 1000.0,
+                          why=f"memory.oom.group, {cand.reason}")
         engine.victim_killed(inc)
         left -= 1
         if left == 0:
@@ -216,7 +217,7 @@ def _kill_one(inc: Incident, step: Step, cand: Candidate, pfd: Pidfd | None, don
         journal.add_victim(inc.id, s.pid, s.comm, s.rss, sent.name, reaped_ms)
         journal.finish_step(sid, "killed", {"signal": sent.name, "reaped_ms": reaped_ms})
         engine.log.killed(s.pid, s.comm, inc.group.relpath, s.rss,
-                          (time.monotonic() - inc.first_event) * 1000.0)
+                          (time.monotonic() - inc.first_event) * 1000.0, why=cand.reason)
         engine.victim_killed(inc)
         done("relief")
 

@@ -32,7 +32,28 @@ STEPS: dict[StepKind, StepFn] = {
 
 
 def run_step(inc: Incident, step: Step, done: Done) -> None:
-    STEPS[step.kind](inc, step, done)
+    """Run `step` as its own dry_run says (rule.dry_run_for): a step marked dry_run records
+    what it would do and changes nothing, even in a rule that acts, and the reverse.
+
+    `inc.dry_run` is what every action asks (Incident.skip_if_dry_run, the kill's choice),
+    so it holds the step's value while the step runs and the rule's again before the
+    incident moves on: `done` puts it back first, since a dry step finishes synchronously
+    and the next step starts from inside its `done`."""
+    dry = inc.rule.dry_run_for(step)
+    rule_dry = inc.rule.dry_run
+    if dry == rule_dry:
+        STEPS[step.kind](inc, step, done)
+        return
+
+    def finished(result: str) -> None:
+        inc.dry_run = rule_dry
+        done(result)
+
+    inc.dry_run = dry
+    try:
+        STEPS[step.kind](inc, step, finished)
+    finally:
+        inc.dry_run = rule_dry
 
 
 def run_kind(inc: Incident, kind: str, done: Done) -> None:

@@ -3,47 +3,144 @@
 E.g. SIGUSR1 to a program that drops its caches on it. A task asleep in the OOM
 wait cannot handle a signal until it wakes; the others in the group can, and
 what they free wakes the sleepers.
+
+A signal step asks; it never kills. Most signals end (or stop) a task that neither
+catches nor ignores them: SIGUSR1 kills sh and python. So the step sends only to
+tasks whose /proc/PID/status says they catch or ignore the signal (SigCgt, SigIgn),
+or whatever the signal when it is harmless by default (SIGCHLD, SIGCONT, SIGURG,
+SIGWINCH), unless the step says `even_if_fatal = true`. A task that dies anyway
+while the step waits (it changed its mind, or even_if_fatal) is a victim in the
+journal and the log, like a kill's.
 """
 
 from __future__ import annotations
 
+import functools
+import signal
+import time
 from typing import TYPE_CHECKING
 
-from oomguard.actions.kill import targets_for
+from oomguard.actions.kill import choose
 from oomguard.actions.victims import open_verified
-from oomguard.policy import Step, signal_name
+from oomguard.errors import OomguardError
+from oomguard.policy import Candidate, Step, Target, signal_name
+from oomguard.procs import Pidfd
+from oomguard.procs.reader import read_status
 
 if TYPE_CHECKING:
     from oomguard.incident import Done, Incident
 
+# Default action "ignore" or "continue": sending one never ends or stops a task.
+HARMLESS_BY_DEFAULT = frozenset({signal.SIGCHLD, signal.SIGCONT, signal.SIGURG,
+                                 signal.SIGWINCH})
+
+
+def handles(pid: int, signum: int) -> bool:
+    """Does the process catch or ignore `signum`? False if it cannot be read (gone)."""
+    try:
+        status = read_status(pid)
+    except OomguardError:
+        return False
+    bit = 1 << (signum - 1)
+    try:
+        return any(int(status.get(key) or "0", 16) & bit for key in ("SigCgt", "SigIgn"))
+    except ValueError:
+        return False
+
+
+def safe_to_signal(pid: int, signum: int) -> bool:
+    """Sending `signum` to `pid` cannot end or stop it by the signal's default action."""
+    if signum in (signal.SIGKILL, signal.SIGSTOP):
+        return False  # cannot be caught or ignored
+    return signum in HARMLESS_BY_DEFAULT or handles(pid, signum)
+
+
+def split_targets(inc: Incident, step: Step, signum: int) -> tuple[list[Candidate], list[int]]:
+    """(whom to signal, pids left out because the signal would kill or stop them).
+    `to = "victim"`: the best-ranked candidate that handles the signal."""
+    chosen: list[Candidate] = []
+    skipped: list[int] = []
+    for cand in choose(inc, step):
+        if step.even_if_fatal or safe_to_signal(cand.sample.pid, signum):
+            chosen.append(cand)
+            if step.to is Target.VICTIM:
+                break
+        else:
+            skipped.append(cand.sample.pid)
+    return chosen, skipped
+
 
 def signal_step(inc: Incident, step: Step, done: Done) -> None:
-    journal = inc.engine.journal
-    signum = step.signal or 10
-    targets = targets_for(inc, step)
+    engine, journal = inc.engine, inc.engine.journal
+    signum = step.signal or signal.SIGUSR1
+    name = signal_name(signum)
+    targets, skipped = split_targets(inc, step, signum)
     pids = [c.sample.pid for c in targets]
     sid = journal.begin_step(inc.id, "signal", pids[0] if len(pids) == 1 else None,
-                             {"signal": signal_name(signum), "pids": pids})
+                             {"signal": name, "pids": pids, "skipped": skipped,
+                              "even_if_fatal": step.even_if_fatal})
     if not targets:
-        journal.finish_step(sid, "no-target", None, "no process may be signalled")
+        why = (f"no process catches or ignores {name} (would kill: {skipped}; "
+               f"even_if_fatal = true sends anyway)" if skipped else "no process may be signalled")
+        journal.finish_step(sid, "no-target", None, why)
+        engine.log.info(f"{inc.group.relpath}: signal step sent nothing: {why}")
         done("failed")
         return
-    if inc.skip_if_dry_run(sid, done, f"would send {signal_name(signum)} to {pids}"):
+    if inc.skip_if_dry_run(sid, done, f"would send {name} to {pids}"):
         return
     journal.commit()
-    sent = []
+    watched: list[tuple[Candidate, Pidfd]] = []
+    sent_at = time.monotonic()
     for cand in targets:
         pfd = open_verified(cand.sample)
         if pfd is None:
             continue
-        with pfd:
-            if pfd.send(signum):
-                sent.append(cand.sample.pid)
+        if pfd.send(signum):
+            watched.append((cand, pfd))
+        else:
+            pfd.close()
+    sent = [c.sample.pid for c, _ in watched]
     journal.finish_step(sid, "signalled", {"pids": sent})
-    inc.engine.log.info(f"sent {signal_name(signum)} to {sent} in {inc.group.relpath}")
-    wait = inc.rule.wait_for(step)
+    note = f"; not to {skipped}: {name} would kill them" if skipped else ""
+    engine.log.info(f"sent {name} to {sent} in {inc.group.relpath}{note}")
 
-    def relieved() -> None:
-        done("relief")
+    def died(cand: Candidate, pfd: Pidfd) -> None:
+        """A signalled task exited while the step waited: a victim of this step."""
+        forget(pfd)
+        s = cand.sample
+        ms = (time.monotonic() - sent_at) * 1000.0
+        inc.victims += 1
+        journal.add_victim(inc.id, s.pid, s.comm, s.rss, name, ms)
+        engine.log.killed(s.pid, s.comm, inc.group.relpath, s.rss,
+                          (time.monotonic() - inc.first_event) * 1000.0, signal=name,
+                          why=f"exited after the signal step's {name}")
+        engine.victim_killed(inc)
 
-    inc.await_relief(relieved, lambda: done("done"), budget=wait)
+    def exited(_revents: int, cand: Candidate, pfd: Pidfd) -> None:
+        died(cand, pfd)
+
+    def forget(pfd: Pidfd) -> None:
+        if pfd.fileno() >= 0:
+            engine.loop.remove_reader(pfd.fileno())
+            pfd.close()
+
+    def stop_watching() -> None:
+        for cand, pfd in watched:
+            if pfd.fileno() >= 0 and pfd.exited():
+                died(cand, pfd)  # exited just now: its reader has not run yet
+            forget(pfd)
+
+    for cand, pfd in watched:
+        engine.loop.add_reader(pfd.fileno(), functools.partial(exited, cand=cand, pfd=pfd))
+    def cleanup() -> None:
+        for _, pfd in watched:
+            forget(pfd)
+
+    inc.on_close(cleanup)
+
+    def finish(result: str) -> None:
+        stop_watching()
+        done(result)
+
+    inc.await_relief(lambda: finish("relief"), lambda: finish("done"),
+                     budget=inc.rule.wait_for(step))

@@ -144,7 +144,7 @@ def cancel_all() -> None:
 def run_with_hooks(inc: Incident, step: Step, done: Done, inner: StepFn) -> None:
     """Run `step` through `inner`, with the rule's before/after hooks around it."""
     rule, engine = inc.rule, inc.engine
-    if inc.dry_run or not (rule.before_step or rule.after_step):
+    if rule.dry_run_for(step) or not (rule.before_step or rule.after_step):
         inner(inc, step, done)
         return
     index = inc.index  # already advanced past this step: its position from 1

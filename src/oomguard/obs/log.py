@@ -4,8 +4,12 @@ Text, on stderr by default (journald adds the timestamp under systemd):
 
     oomguard: watching 3 cgroups
     oomguard: incident 7 opened in /jobs/a (oom)
-    oomguard: killed pid 123 (leak) in /jobs/a, rss 250M, resolved in 3.1 ms
-    oomguard: incident 7 in /jobs/a closed: resolved in 3.1 ms
+    oomguard: killed pid 123 (leak) in /jobs/a: grew 47M in 2.1 s, rss 250M, 3.1 ms after the OOM
+    oomguard: incident 7 in /jobs/a resolved after 3.4 ms (the kernel let go)
+    oomguard: incident 7 in /jobs/a closed: resolved in 3.4 ms
+
+A kill line never says "resolved": only the kernel's own state does (v1 `under_oom` back to 0,
+v2 usage back under the hold), and the `resolved` line is logged when the incident sees it.
 
 JSON (`--log-format json`), one object per line, ASCII only:
 
@@ -59,14 +63,26 @@ def _size(value: object) -> str:
 # print the same line. Each gets the fields and returns the text after the prefix.
 def _fmt_killed(f: Mapping[str, object]) -> str:
     text = f"killed pid {_s(f.get('pid'))} ({_s(f.get('comm', '?'))}) in {_s(f.get('cgroup'))}"
+    if f.get("why"):
+        text += f": {_s(f['why'])}"
     if f.get("rss") is not None:
         text += f", rss {_size(f['rss'])}"
     if f.get("signal") not in (None, "SIGKILL"):
         text += f" with {_s(f['signal'])}"
     ms = f.get("ms")
     if isinstance(ms, (int, float)):
-        text += f", resolved in {format_ms(float(ms))}"
+        # When it exited, not when the OOM ended: that is the `resolved` line.
+        text += f", {format_ms(float(ms))} after the OOM"
     return text
+
+
+def _fmt_resolved(f: Mapping[str, object]) -> str:
+    ident = f" {_s(f['incident'])}" if f.get("incident") is not None else ""
+    text = f"incident{ident} in {_s(f.get('cgroup'))} resolved"
+    ms = f.get("ms")
+    if isinstance(ms, (int, float)):
+        text += f" after {format_ms(float(ms))}"
+    return text + f" ({_s(f.get('how') or 'the kernel let go')})"
 
 
 def _fmt_signalled(f: Mapping[str, object]) -> str:
@@ -151,6 +167,7 @@ _FORMATTERS: dict[str, Callable[[Mapping[str, object]], str]] = {
     "stopped": _fmt_stopped,
     "continued": _fmt_continued,
     "kernel": _fmt_kernel,
+    "resolved": _fmt_resolved,
     "watching": _fmt_watching,
     "incident_opened": _fmt_opened,
     "incident_closed": _fmt_closed,
@@ -240,10 +257,13 @@ class DecisionLog:
         *,
         signal: str = "SIGKILL",
         incident: int | None = None,
+        why: str = "",
     ) -> None:
-        """`killed pid 123 (leak) in /jobs/a, rss 250M, resolved in 3.1 ms`."""
+        """`killed pid 123 (leak) in /jobs/a: grew 47M in 2.1 s, rss 250M, 3.1 ms after the
+        OOM`; `why` is the ranking's reason (or what else ended it), `ms` counts from the
+        incident's first event to the victim's exit."""
         self.decision("killed", pid=pid, comm=comm, cgroup=cgroup, rss=rss, ms=ms,
-                      signal=signal, incident=incident)
+                      signal=signal, incident=incident, why=why)
 
     def signalled(self, pid: int, comm: str | bytes, cgroup: str, signal: str) -> None:
         self.decision("signalled", pid=pid, comm=comm, cgroup=cgroup, signal=signal)
@@ -267,6 +287,12 @@ class DecisionLog:
 
     def continued(self, cgroup: str, tasks: int | None = None) -> None:
         self.decision("continued", cgroup=cgroup, tasks=tasks)
+
+    def resolved(self, cgroup: str, ms: float | None, *, incident: int | None = None,
+                 how: str = "") -> None:
+        """`incident 7 in /jobs/a resolved after 3.4 ms (the kernel let go)`: logged when the
+        kernel's own state says the group is no longer out of memory, never before."""
+        self.decision("resolved", cgroup=cgroup, ms=ms, incident=incident, how=how)
 
     def handed_to_kernel(self, cgroup: str, reason: str) -> None:
         self.decision("kernel", cgroup=cgroup, reason=reason)

@@ -13,6 +13,7 @@ from oomguard.policy.match import (
 )
 from oomguard.policy.model import (
     DEFAULT_STEPS,
+    GROWTH_STRATEGIES,
     VICTIM_STEPS,
     OnExit,
     Policy,
@@ -27,6 +28,7 @@ from oomguard.policy.model import (
     signal_name,
 )
 from oomguard.policy.ranking import (
+    GROWTH_MIN,
     Candidate,
     GrowthTracker,
     ProcSample,
@@ -38,6 +40,8 @@ from oomguard.policy.ranking import (
 
 __all__ = [
     "DEFAULT_STEPS",
+    "GROWTH_MIN",
+    "GROWTH_STRATEGIES",
     "VICTIM_STEPS",
     "Candidate",
     "GrowthTracker",

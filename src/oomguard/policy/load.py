@@ -395,6 +395,7 @@ _STEP_OPTIONS: dict[str, tuple[str, Callable[[object], Any]]] = {
     "max_size": ("max_size", _size),
     "actions": ("actions", _ask_actions),
     "bus": ("bus", _bus_address),
+    "even_if_fatal": ("even_if_fatal", _boolean),
 }
 _KIND_OPTIONS: dict[StepKind, tuple[str, ...]] = {
     StepKind.HOLD: (),
@@ -403,7 +404,7 @@ _KIND_OPTIONS: dict[StepKind, tuple[str, ...]] = {
     StepKind.FREEZE: (),
     StepKind.GROW: ("by",),
     StepKind.KILL: ("strategy", "grace"),
-    StepKind.SIGNAL: ("signal", "wait", "to", "strategy"),
+    StepKind.SIGNAL: ("signal", "wait", "to", "strategy", "even_if_fatal"),
     StepKind.MOVE: ("target", "to", "strategy"),
     StepKind.EXEC: ("argv", "timeout", "on_exit"),
     StepKind.CONTINUE: (),

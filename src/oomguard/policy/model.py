@@ -19,6 +19,7 @@ from oomguard.units import format_size
 class Strategy(enum.Enum):
     """How victims are ordered within a tier (see ranking.rank_victims)."""
 
+    AUTO = "auto"  # the process that grew while the group filled; if none grew, the largest
     LARGEST = "largest"  # anonymous RSS, largest first
     GROWTH = "growth"  # anonymous RSS growth rate, fastest first
     NEWEST = "newest"  # most recently started first
@@ -41,6 +42,9 @@ class StepKind(enum.Enum):
     CORE = "core"  # take a core dump of the chosen victim
     ASK = "ask"  # ask the person at the desktop (notification with action buttons)
 
+
+#: Strategies that need the group's growth history (sampled as it fills, see watch.py).
+GROWTH_STRATEGIES = frozenset({Strategy.AUTO, Strategy.GROWTH})
 
 #: Steps that choose a victim with the rule's (or the step's) strategy.
 VICTIM_STEPS = frozenset({StepKind.KILL, StepKind.SIGNAL, StepKind.MOVE, StepKind.CORE})
@@ -103,6 +107,8 @@ class Step:
     max_size: int | None = None  # core: the largest core to write (None: DEFAULT_CORE_MAX)
     actions: tuple[str, ...] = ()  # ask: the buttons offered (() = ASK_ACTIONS)
     bus: str | None = None  # ask: a D-Bus session bus address to notify besides those found
+    # signal: also send to tasks the signal would kill or stop (no handler, not ignored)
+    even_if_fatal: bool = False
 
     def exit_action(self, status: int | None) -> OnExit:
         """What an exec step's outcome means; `status` None = timed out or killed by a signal.
@@ -125,6 +131,8 @@ class Step:
             parts.append(signal_name(self.signal))
         if self.kind in (StepKind.SIGNAL, StepKind.MOVE) and self.to is Target.ALL:
             parts.append("to all")
+        if self.kind is StepKind.SIGNAL and self.even_if_fatal:
+            parts.append("even if fatal")
         if self.kind is StepKind.MOVE and self.target is not None:
             parts.append(f"-> {self.target}")
         if self.kind is StepKind.EXEC:
@@ -178,7 +186,7 @@ class Rule:
     grow_step: int = 64 << 20
     grow_max: int | None = None  # absolute ceiling the grows may reach; None = no ceiling
     grow_budget: int = 4  # grows per incident
-    strategy: Strategy = Strategy.LARGEST
+    strategy: Strategy = Strategy.AUTO
     protect: tuple[ProcessMatcher, ...] = ()
     prefer: tuple[ProcessMatcher, ...] = ()
     avoid: tuple[ProcessMatcher, ...] = ()
@@ -214,7 +222,14 @@ class Rule:
         return step.grow_by if step.grow_by is not None else self.grow_step
 
     def dry_run_for(self, step: Step) -> bool:
+        """The step's own dry_run if it has one, else the rule's (the step runner applies it:
+        actions/registry.run_step)."""
         return self.dry_run if step.dry_run is None else step.dry_run
+
+    def ranks_by_growth(self) -> bool:
+        """Does any step rank by growth (then the group is sampled as it fills)?"""
+        return self.strategy in GROWTH_STRATEGIES or any(
+            s.strategy in GROWTH_STRATEGIES for s in self.steps)
 
     def timeout_for(self, step: Step) -> float:
         """exec: step.timeout or min(5s, deadline); ask: or min(20s, deadline/2); core and
@@ -245,7 +260,8 @@ DEFAULT_STEPS = (Step(StepKind.HOLD), Step(StepKind.SNAPSHOT), Step(StepKind.KIL
 
 
 def default_rule(match: str = "/**", name: str = "default", memory: int | None = None) -> Rule:
-    """The safe defaults for a first-time user: hold, snapshot, kill the largest.
+    """The safe defaults for a first-time user: hold, snapshot, kill the process that grew
+    as the group filled (strategy auto; the largest when none grew).
 
     grace 2s, deadline 10s, at most 3 victims, nothing protected beyond the hard rules that
     ranking enforces (oomguard itself, its ancestors and pid <= 2 are never victims).

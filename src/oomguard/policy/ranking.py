@@ -17,6 +17,10 @@ from oomguard.units import format_size
 
 KTHREADD_PID = 2
 
+#: `auto`: a process "grew" if its anonymous RSS rose by at least this much over the group's
+#: sampled history; below it is allocator noise of a steady process.
+GROWTH_MIN = 1 << 20
+
 
 @dataclass(frozen=True)
 class ProcSample:
@@ -33,7 +37,10 @@ class ProcSample:
     start_time: float  # seconds since boot
     oom_score: int
     growth_bps: float = 0.0  # anon RSS growth, bytes/second; 0 if unknown
+    grown: int = 0  # anon RSS growth in bytes over the tracked history; 0 if unknown
+    grown_over: float = 0.0  # seconds that history spans; 0.0 if there is none
     state: str = ""  # the /proc state letter when sampled (D: asleep in the kernel)
+    start_ticks: int = 0  # identity with pid (the pid-reuse check compares it); 0: unknown
 
 
 @dataclass(frozen=True)
@@ -61,7 +68,13 @@ def _first_match(matchers: Sequence[ProcessMatcher], sample: ProcSample) -> Proc
     return None
 
 
+def grew(sample: ProcSample) -> bool:
+    return sample.grown >= GROWTH_MIN
+
+
 def _score(strategy: Strategy, sample: ProcSample) -> float:
+    if strategy is Strategy.AUTO:
+        return float(sample.grown if grew(sample) else sample.rss_anon)
     if strategy is Strategy.LARGEST:
         return float(sample.rss_anon)
     if strategy is Strategy.GROWTH:
@@ -73,6 +86,11 @@ def _score(strategy: Strategy, sample: ProcSample) -> float:
 
 def _sort_key(strategy: Strategy, tier: int, sample: ProcSample) -> tuple[float, ...]:
     """Ascending key: lower tier first, then the strategy's order, then the lower pid."""
+    if strategy is Strategy.AUTO:
+        # Growers first, most grown first; a steady process only when none grew.
+        if grew(sample):
+            return (tier, 0, -sample.grown, -sample.rss_anon, sample.pid)
+        return (tier, 1, -sample.rss_anon, 0, sample.pid)
     if strategy is Strategy.LARGEST:
         return (tier, -sample.rss_anon, sample.pid)
     if strategy is Strategy.GROWTH:
@@ -86,6 +104,11 @@ def _sort_key(strategy: Strategy, tier: int, sample: ProcSample) -> tuple[float,
 
 def _describe(strategy: Strategy, sample: ProcSample) -> str:
     anon = format_size(sample.rss_anon)
+    if strategy is Strategy.AUTO:
+        if grew(sample):
+            return f"grew {format_size(sample.grown)} in {sample.grown_over:.1f} s, anon rss {anon}"
+        history = "not growing" if sample.grown_over > 0 else "no growth history"
+        return f"largest anon rss {anon}, {history}"
     if strategy is Strategy.LARGEST:
         return f"largest anon rss {anon}"
     if strategy is Strategy.GROWTH:
@@ -196,14 +219,20 @@ class GrowthTracker:
 
     def rate(self, pid: int, start_time: float) -> float:
         """Bytes per second between the oldest and the newest kept point; 0.0 if unknown."""
+        grown, elapsed = self.growth(pid, start_time)
+        return grown / elapsed if elapsed > 0 else 0.0
+
+    def growth(self, pid: int, start_time: float) -> tuple[int, float]:
+        """(bytes grown, seconds) between the oldest and the newest kept point; (0, 0.0)
+        if there are not two points yet."""
         points = self._history.get((pid, start_time))
         if not points or len(points) < 2:
-            return 0.0
+            return 0, 0.0
         first, last = points[0], points[-1]
         elapsed = last.time - first.time
         if elapsed <= 0:
-            return 0.0
-        return (last.rss_anon - first.rss_anon) / elapsed
+            return 0, 0.0
+        return last.rss_anon - first.rss_anon, elapsed
 
     def forget(self, keep: Iterable[tuple[int, float]]) -> None:
         """Drop every process whose (pid, start_time) is not in `keep`."""
@@ -212,7 +241,7 @@ class GrowthTracker:
             del self._history[key]
 
     def observe(self, now: float, samples: Iterable[ProcSample]) -> list[ProcSample]:
-        """Record a whole snapshot; return it with growth_bps filled in.
+        """Record a whole snapshot; return it with growth_bps, grown and grown_over filled in.
 
         Processes not in `samples` are forgotten (they exited or left the cgroup).
         """
@@ -220,6 +249,9 @@ class GrowthTracker:
         for sample in batch:
             self.record(now, sample.pid, sample.start_time, sample.rss_anon)
         self.forget((sample.pid, sample.start_time) for sample in batch)
-        return [
-            replace(sample, growth_bps=self.rate(sample.pid, sample.start_time)) for sample in batch
-        ]
+        out = []
+        for sample in batch:
+            grown, elapsed = self.growth(sample.pid, sample.start_time)
+            rate = grown / elapsed if elapsed > 0 else 0.0
+            out.append(replace(sample, growth_bps=rate, grown=grown, grown_over=elapsed))
+        return out
