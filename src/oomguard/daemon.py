@@ -2,8 +2,13 @@
 
 Protects itself first (everything imported up front, memory locked, OOM score
 lowered where allowed), refuses to run inside a cgroup it would watch, puts
-back what a crashed predecessor left changed, then sleeps in the loop. On
-SIGTERM or SIGINT it leaves every cgroup as it found it.
+back what a crashed predecessor left changed (killing by the rule's ranking where a
+grown limit cannot otherwise come back), then sleeps in the loop. On SIGTERM or
+SIGINT it leaves every cgroup as it found it; on SIGHUP it reloads the policy.
+
+The journal never stops it: a damaged journal at start is moved aside and a fresh
+one started; one that cannot be written mid-run keeps its rows in memory (bounded)
+and is retried on a timer while it fails (see docs/reliability-journal.md).
 """
 
 from __future__ import annotations
@@ -15,19 +20,26 @@ import fcntl
 import os
 import resource
 import signal
+from collections.abc import Callable
 from pathlib import Path
 
 from oomguard.actions import ask
 from oomguard.cgroup import MemoryCgroup, resolve
 from oomguard.discovery import Discovery
+from oomguard.engine import kill_until_restored, settled
 from oomguard.errors import OomguardError, UsageError
+from oomguard.events.loop import Timer
+from oomguard.journal import Journal, JournalError, default_journal_path, is_corrupt, set_aside
 from oomguard.ledger import recover
 from oomguard.obs import sdnotify
 from oomguard.obs.metrics import MetricsServer
-from oomguard.policy import Policy, Rule, load_policy
+from oomguard.policy import Policy, Rule, StepKind, load_policy
+from oomguard.policy.model import default_rule
 from oomguard.session import Session
 
 MCL_CURRENT, MCL_FUTURE, MCL_ONFAULT = 1, 2, 4
+# While the journal cannot be written, how often to try writing what waits in memory.
+JOURNAL_RETRY = 2.0
 
 
 def lock_memory() -> list[str]:
@@ -69,6 +81,7 @@ def protect_self() -> list[str]:
 
 def _lock_journal(journal_path: Path) -> int:
     """One daemon per journal: two would fight over the same intent log."""
+    journal_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     fd = os.open(str(journal_path) + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -78,34 +91,70 @@ def _lock_journal(journal_path: Path) -> int:
     return fd
 
 
+def _skip(relpath: str) -> bool:
+    return "/oomguard.run/" in relpath  # `run`'s groups: their own process handles them
+
+
 class Daemon:
-    def __init__(self, session: Session, policy: Policy, metrics_addr: str | None = None) -> None:
+    def __init__(self, session: Session, policy: Policy, metrics_addr: str | None = None,
+                 config: str | None = None, dry_run: bool = False) -> None:
         self.session = session
         self.policy = policy
         self.metrics_addr = metrics_addr
+        self.config = config  # re-read on SIGHUP
+        self.dry_run = dry_run
         self.own_cgroup = resolve(f"pid:{os.getpid()}", session.hier)
         self.discovery: Discovery | None = None
         self.server: MetricsServer | None = None
+        self._journal_retry: Timer | None = None
+        session.journal.on_fault = self._journal_fault
 
-    def check_not_inside(self) -> None:
+    def check_not_inside(self, policy: Policy | None = None) -> None:
         own = self.own_cgroup.relpath
         parts = own.strip("/").split("/") if own != "/" else []
         for i in range(len(parts) + 1):
             path = "/" + "/".join(parts[:i])
-            rule = self.policy.rule_for(path)
+            rule = (policy or self.policy).rule_for(path)
             if rule is not None and path != "/":
                 raise UsageError(f"daemon: refusing to run inside {own}: rule "
                                  f"{rule.name!r} watches {path}")
 
     def adopt(self, group: MemoryCgroup, rule: Rule) -> None:
-        self.session.engine.watch(group, rule)
+        watch = self.session.engine.watch(group, rule)
+        if watch.relpath in self.session.engine.watches:
+            self._take_over_hold(group, rule)
+
+    def _take_over_hold(self, group: MemoryCgroup, rule: Rule) -> None:
+        """v1: a group oomguard holds, found with oom_kill_disable=1 and no record of it
+        (a crash whose journal was lost or damaged, or a child that inherited its parent's
+        hold) would keep the killer off after oomguard lets go. Record it as oomguard's,
+        switched back to 0 at exit. A group already under OOM fires its eventfd as it is
+        registered, so it is handled as an OOM at once."""
+        engine = self.session.engine
+        if (group.version != 1 or rule.dry_run
+                or not any(st.kind is StepKind.HOLD for st in rule.steps)
+                or engine.ledger.find(group, "oom_kill_disable") is not None):
+            return
+        state = group.oom_state()
+        if not state.kill_disabled:
+            return
+        engine.ledger.apply(group, "oom_kill_disable", group.relpath, "0", "1", tag="hold")
+        under = " (under OOM now: handled as an OOM)" if state.under_oom else ""
+        self.session.log.warning(f"{group.relpath}: oom_kill_disable was 1 with no record of "
+                                 f"it; oomguard takes that hold over and gives it back to the "
+                                 f"kernel's killer when it lets go{under}")
+
+    def _last_resort(self, group: MemoryCgroup, retry: Callable[[], bool]) -> list[int]:
+        """Recovery: a limit a crashed run grew that cannot come back (usage above it)."""
+        rule = self.policy.rule_for(group.relpath) or default_rule()
+        return kill_until_restored(group, rule, self.session.engine.never_pids,
+                                   lambda: settled(retry), self.session.log.info, "recovery")
 
     def start(self) -> int:
         s = self.session
         self.check_not_inside()
-        recover(s.journal, s.hier, s.log.info)
-        self.discovery = Discovery(s.hier, self.policy, s.loop, self.adopt,
-                                   skip=lambda p: "/oomguard.run/" in p)
+        recover(s.journal, s.hier, s.log.info, self._last_resort, _skip)
+        self.discovery = Discovery(s.hier, self.policy, s.loop, self.adopt, skip=_skip)
         self.discovery.scan()
         if self.metrics_addr:
             self.server = MetricsServer(self.metrics_addr, s.metrics)
@@ -125,6 +174,66 @@ class Daemon:
             self._pet(interval)
         return n
 
+    # -- SIGHUP ------------------------------------------------------------------------
+    def reload(self, _signum: int = signal.SIGHUP) -> None:
+        """Re-read the policy. A bad file leaves the one in force (one line says why).
+        A good one replaces the rules: new matches are adopted; a group whose rule changed
+        keeps its hold, limits and any open incident, and gets the new rule from its next
+        incident on; a group no rule matches any more is let go (restored)."""
+        s = self.session
+        if self.config is None:
+            return
+        try:
+            policy = _load(self.config, self.dry_run)
+            self.check_not_inside(policy)
+        except OomguardError as exc:
+            s.log.warning(f"SIGHUP: kept the policy in force: {exc}")
+            return
+        try:
+            self._replace_policy(policy)
+        except Exception as exc:  # never let a reload take the handler down
+            s.log.error(f"SIGHUP: reload of {self.config} incomplete: {exc}")
+
+    def _replace_policy(self, policy: Policy) -> None:
+        s, engine = self.session, self.session.engine
+        self.policy = policy
+        changed = released = 0
+        for watch in list(engine.watches.values()):
+            rule = policy.rule_for(watch.relpath)
+            if rule is None:
+                engine.unwatch(watch)
+                released += 1
+            elif rule != watch.rule:
+                watch.rule = rule  # an open incident keeps the rule it started with
+                changed += 1
+        before = len(engine.watches)
+        if self.discovery is not None:
+            self.discovery.close()
+        self.discovery = Discovery(s.hier, policy, s.loop, self.adopt, skip=_skip)
+        self.discovery.scan()
+        ask.setup(engine, policy.rules)
+        self._health()
+        s.log.info(f"SIGHUP: policy reloaded from {self.config} ({len(policy.rules)} rules): "
+                   f"{len(engine.watches) - before} groups adopted, {changed} with a new rule "
+                   f"from their next incident, {released} let go")
+
+    # -- a failing journal ------------------------------------------------------------
+    def _journal_fault(self, msg: str) -> None:
+        """Said once when the journal starts failing, once when it is caught up."""
+        s = self.session
+        if s.journal.durable:
+            s.log.info(msg)
+            return
+        s.log.warning(msg)
+        if self._journal_retry is None:
+            self._journal_retry = s.loop.call_later(JOURNAL_RETRY, self._retry_journal)
+
+    def _retry_journal(self) -> None:
+        self._journal_retry = None
+        if not self.session.journal.flush():
+            self._journal_retry = self.session.loop.call_later(JOURNAL_RETRY,
+                                                               self._retry_journal)
+
     def _pet(self, interval: float) -> None:
         sdnotify.watchdog()
         self.session.loop.call_later(interval, lambda: self._pet(interval))
@@ -134,24 +243,59 @@ class Daemon:
 
     def stop(self) -> None:
         sdnotify.stopping()
+        if self._journal_retry is not None:
+            self._journal_retry.cancel()
         if self.server is not None:
             self.server.close()
         if self.discovery is not None:
             self.discovery.close()
 
 
-def run_daemon(config: str, journal: str | None, log_format: str, metrics: str | None,
-               dry_run: bool) -> int:
+def _load(config: str, dry_run: bool) -> Policy:
     policy = load_policy(config)
     if dry_run:
         policy = dataclasses.replace(
             policy, rules=tuple(dataclasses.replace(r, dry_run=True) for r in policy.rules))
-    session = Session.open(journal, log_format)
-    lock = _lock_journal(Path(session.journal.path))
+    return policy
+
+
+def set_aside_if_corrupt(path: Path) -> str | None:
+    """A journal the crashed predecessor left damaged must not keep the daemon from
+    starting (its holds would stay): move it aside, kept for forensics, and say so.
+    Checks what recovery reads; damage elsewhere shows on a write, and is survived."""
+    if not path.exists():
+        return None
+    try:
+        with Journal(path) as journal:
+            journal.pending_changes()
+            journal.open_incidents()
+        return None
+    except JournalError as exc:
+        if not is_corrupt(exc):
+            raise  # busy, full, unreadable: not a reason to throw the intent log away
+        moved = set_aside(path)
+        return (f"journal {path} is damaged ({exc.__cause__}): moved aside to "
+                f"{moved[0] if moved else '?'} (with its -wal/-shm), a fresh one started; "
+                f"holds left on watched groups are taken over at adoption")
+
+
+def run_daemon(config: str, journal: str | None, log_format: str, metrics: str | None,
+               dry_run: bool) -> int:
+    policy = _load(config, dry_run)
+    journal_path = Path(journal).expanduser() if journal else default_journal_path()
+    lock = _lock_journal(journal_path)  # before anything may move the file aside
+    try:
+        aside = set_aside_if_corrupt(journal_path)
+        session = Session.open(journal_path, log_format)
+    except BaseException:
+        os.close(lock)
+        raise
+    if aside:
+        session.log.warning(aside)
     raise_fd_limit()
     for note in protect_self():
         session.log.info(f"self-protection: {note}")
-    daemon = Daemon(session, policy, metrics)
+    daemon = Daemon(session, policy, metrics, config, dry_run)
     try:
         daemon.start()
 
@@ -160,6 +304,7 @@ def run_daemon(config: str, journal: str | None, log_format: str, metrics: str |
             session.loop.stop()
 
         session.on_signals(stop, (signal.SIGINT, signal.SIGTERM))
+        session.on_signals(daemon.reload, (signal.SIGHUP,))
         session.loop.run()
     except OomguardError:
         raise

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -33,7 +34,9 @@ __all__ = [
     "default_journal_path",
     "format_incident_detail",
     "format_incident_line",
+    "is_corrupt",
     "iso_utc",
+    "set_aside",
 ]
 
 SCHEMA_VERSION = 1
@@ -116,19 +119,38 @@ _SCHEMA_V1 = (
 _MIGRATIONS: dict[int, Sequence[str]] = {0: _SCHEMA_V1}
 
 _INSERT_STEP = (
-    "INSERT INTO steps (incident_id, seq, kind, pid, started_at, started_mono, before_json,"
-    " detail) VALUES (?1, (SELECT COALESCE(MAX(seq), 0) + 1 FROM steps WHERE incident_id = ?1),"
-    " ?2, ?3, ?4, ?5, ?6, ?7)"
+    "INSERT INTO steps (id, incident_id, seq, kind, pid, started_at, started_mono, before_json,"
+    " detail) VALUES (?1, ?2, (SELECT COALESCE(MAX(seq), 0) + 1 FROM steps WHERE"
+    " incident_id = ?2), ?3, ?4, ?5, ?6, ?7, ?8)"
 )
 _FINISH_STEP = (
-    "UPDATE steps SET result = ?, after_json = ?, duration_ms = (? - started_mono) * 1000.0,"
+    "UPDATE steps SET result = ?1, after_json = ?2, duration_ms = (?3 - started_mono) * 1000.0,"
     " detail = CASE WHEN ?4 = '' THEN detail WHEN detail = '' THEN ?4"
     " ELSE detail || '; ' || ?4 END WHERE id = ?5"
 )
 _INSERT_CHANGE = (
-    "INSERT INTO changes (cgroup, kind, target, before_value, after_value, incident_id,"
-    " recorded_at) VALUES (?, ?, ?, ?, ?, ?, ?)"
+    "INSERT INTO changes (id, cgroup, kind, target, before_value, after_value, incident_id,"
+    " recorded_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
 )
+
+# When the journal cannot be written (disk full, I/O error, a corrupt file), rows wait in
+# memory, in order, and are written when it can be again. The backlog is capped: an
+# endless OOM storm on a dead disk must not grow the handler without bound.
+BACKLOG_MAX = 10_000
+# sqlite3 errors that are about our own SQL, not the file: never a reason to degrade.
+_BUG_ERRORS = (sqlite3.IntegrityError, sqlite3.ProgrammingError, sqlite3.InterfaceError)
+
+
+@dataclass(slots=True)
+class _Op:
+    """One write, kept to replay it: `table` is set for an insert (params[0] is its id);
+    `refs` are (param index, table) of the ids it names (an incident, a step, a change)."""
+
+    table: str | None
+    sql: str
+    params: list[object]
+    refs: tuple[tuple[int, str], ...] = ()
+    check: str = ""  # an update that must hit one row: what it names, for the error
 
 
 class JournalError(OomguardError):
@@ -213,6 +235,46 @@ def _from_json(text: object) -> object:
     return json.loads(_py_text(text))
 
 
+def _resolve(op: _Op, remap: Mapping[tuple[str, int], int]) -> list[object] | None:
+    """The op's params with the ids it names mapped to what a replay made of them;
+    None if it names a stand-in whose row was lost."""
+    params = list(op.params)
+    for i, table in op.refs:
+        v = params[i]
+        if isinstance(v, int):
+            new = remap.get((table, v))
+            if new is not None:
+                params[i] = new
+            elif v < 0:
+                return None
+    return params
+
+
+def _stderr_line(msg: str) -> None:
+    sys.stderr.write(f"oomguard: {msg}\n")
+
+
+def is_corrupt(exc: BaseException) -> bool:
+    """Does this error (or its cause) say the file is damaged, rather than busy or full?"""
+    cause = exc.__cause__ if isinstance(exc, JournalError) else exc
+    return (isinstance(cause, sqlite3.DatabaseError)
+            and not isinstance(cause, sqlite3.OperationalError | sqlite3.IntegrityError))
+
+
+def set_aside(path: Path | str, now: float | None = None) -> list[Path]:
+    """Move a damaged journal (and its -wal/-shm) to journal.db.corrupt-<UTC time>, kept
+    for forensics; the next open starts a fresh one. Returns the files moved."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now))
+    moved = []
+    for suffix in ("", "-wal", "-shm"):
+        src = Path(f"{path}{suffix}")
+        if src.exists():
+            dst = Path(f"{path}.corrupt-{stamp}{suffix}")
+            os.replace(src, dst)
+            moved.append(dst)
+    return moved
+
+
 def _create_private_file(path: Path) -> None:
     """Create missing parent dirs (0700) and the file itself (0600) if absent.
 
@@ -246,6 +308,17 @@ class Journal:
         # Told of every finished step (incident id, kind, result): metrics and step hooks.
         self.step_listener: Callable[[int, str, str], None] | None = None
         self._open_steps: dict[int, tuple[int, str]] = {}
+        # Degraded mode (see BACKLOG_MAX): rows waiting in memory, in order; the rows of the
+        # open defer() group (queued too if its commit fails); ids a replay had to change;
+        # the next stand-in id (negative, so it can never be a real row's).
+        self._backlog: list[_Op] = []
+        self._tx: list[_Op] = []
+        self._remap: dict[tuple[str, int], int] = {}
+        self._next_temp = -1
+        self.dropped = 0  # rows lost because the backlog was full
+        self.failing: str | None = None  # why writes fail, while they do
+        # Told once when writes start failing and once when they are caught up.
+        self.on_fault: Callable[[str], None] = _stderr_line
         try:
             if self.path != ":memory:":
                 _create_private_file(Path(self.path))
@@ -300,37 +373,156 @@ class Journal:
         An OOM event writes several rows (incident, event, steps) before its first
         change to the system; one commit instead of five takes ~0.1-0.3 ms off the
         path to the kill. Whoever changes the system calls `commit()` first, so every
-        change is still on disk (in the WAL) before it is made."""
+        change is still on disk (in the WAL) before it is made (unless the journal is
+        failing: then the rows wait in memory and the change is made all the same, since
+        the in-memory ledger can undo it)."""
         db = self._conn()
-        if not db.in_transaction:
+        if not db.in_transaction and not self._backlog:
             try:
                 db.execute("BEGIN")
             except sqlite3.Error as e:
-                raise JournalError(f"{self.path}: write failed: {e}") from e
+                self._fault(e)
 
     def commit(self) -> None:
-        """End a `defer()` group (no-op outside one)."""
+        """End a `defer()` group (no-op outside one). Never raises for a failing disk."""
         db = self._conn()
         if db.in_transaction:
             try:
                 db.execute("COMMIT")
             except sqlite3.Error as e:
-                raise JournalError(f"{self.path}: write failed: {e}") from e
+                self._fault(e)
+        self._tx.clear()
 
-    def _write(self, sql: str, params: Sequence[object]) -> sqlite3.Cursor:
+    @property
+    def durable(self) -> bool:
+        """Is everything recorded so far on disk (nothing waiting in memory)?"""
+        return not self._backlog
+
+    def _run(self, op: _Op) -> sqlite3.Cursor | None:
+        """Execute one write; None if it was queued (the journal is failing)."""
+        db = self._conn()
         self._writes += 1
+        if self._backlog:  # keep the order: behind what already waits
+            self._queue(op)
+            return None
+        if self._remap:
+            params = _resolve(op, self._remap)
+            if params is None:
+                self.dropped += 1  # names a row that was itself lost
+                return None
+            op.params = params
         try:
-            return self._conn().execute(sql, params)
+            cur = db.execute(op.sql, op.params)
         except sqlite3.Error as e:
-            raise JournalError(f"{self.path}: write failed: {e}") from e
+            self._fault(e, op)
+            return None
+        if db.in_transaction:
+            self._tx.append(op)
+        return cur
 
-    def _insert(self, sql: str, params: Sequence[object]) -> int:
-        rowid = self._write(sql, params).lastrowid
+    def _fault(self, e: sqlite3.Error, op: _Op | None = None) -> None:
+        """A write failed: queue it (and its uncommitted group) and say so, once."""
+        if isinstance(e, _BUG_ERRORS):
+            raise JournalError(f"{self.path}: write failed: {e}") from e
+        db = self._db
+        if db is not None and db.in_transaction:
+            try:
+                db.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+        group, self._tx = self._tx, []
+        for queued in group:
+            self._queue(queued)
+        if op is not None:
+            self._queue(op)
+        if self.failing is None:
+            self.failing = str(e)
+            self.on_fault(f"journal {self.path} cannot be written ({e}); handling goes on, "
+                          f"records wait in memory (at most {BACKLOG_MAX})")
+
+    def _queue(self, op: _Op) -> None:
+        if op.table is not None and op.params[0] is None:
+            op.params[0] = self._next_temp  # a stand-in id the caller can use meanwhile
+            self._next_temp -= 1
+        if len(self._backlog) >= BACKLOG_MAX:
+            self.dropped += 1
+            return
+        self._backlog.append(op)
+
+    def flush(self) -> bool:
+        """Write what waits in memory, in one transaction; True when nothing waits.
+        Called on a timer while the journal is failing (never on the hot path)."""
+        db = self._db
+        if db is None or not self._backlog:
+            return not self._backlog
+        if db.in_transaction:
+            return False
+        remap = dict(self._remap)
+        lost = 0
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            for op in self._backlog:
+                lost += not self._replay(db, op, remap)
+            db.execute("COMMIT")
+        except sqlite3.Error:
+            try:
+                db.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+            return False
+        caught_up = len(self._backlog) - lost
+        lost += self.dropped
+        self._backlog.clear()
+        self._remap = remap
+        self.dropped = 0
+        self.failing = None
+        self.on_fault(f"journal {self.path} is written again: {caught_up} waiting records "
+                      f"caught up" + (f", {lost} lost (the backlog was full)" if lost else ""))
+        return True
+
+    @staticmethod
+    def _replay(db: sqlite3.Connection, op: _Op, remap: dict[tuple[str, int], int]) -> bool:
+        params = _resolve(op, remap)
+        if params is None:
+            return False  # it names a row that was lost
+        if op.table is None:
+            db.execute(op.sql, params)
+            return True
+        own = params[0]
+        assert isinstance(own, int)
+        if own < 0:
+            params[0] = None  # a stand-in: the database picks the id
+        try:
+            cur = db.execute(op.sql, params)
+        except sqlite3.IntegrityError:
+            if params[0] is None:
+                return False  # names a row that is not there
+            params[0] = None  # its id was taken meanwhile (another writer): a new one
+            try:
+                cur = db.execute(op.sql, params)
+            except sqlite3.IntegrityError:
+                return False
+        if cur.lastrowid is not None and cur.lastrowid != own:
+            remap[(op.table, own)] = cur.lastrowid
+        return True
+
+    def _insert(self, table: str, sql: str, params: Sequence[object],
+                refs: tuple[tuple[int, str], ...] = ()) -> int:
+        op = _Op(table, sql, [None, *params], refs)
+        cur = self._run(op)
+        if cur is None:
+            own = op.params[0]
+            assert isinstance(own, int)
+            return own
+        rowid = cur.lastrowid
         assert rowid is not None
+        op.params[0] = rowid  # replayed with the same id if its group is rolled back
         return rowid
 
-    def _update_one(self, sql: str, params: Sequence[object], what: str) -> None:
-        if self._write(sql, params).rowcount != 1:
+    def _update_one(self, sql: str, params: Sequence[object], what: str,
+                    refs: tuple[tuple[int, str], ...]) -> None:
+        cur = self._run(_Op(None, sql, list(params), refs))
+        if cur is not None and cur.rowcount != 1:
             raise JournalError(f"{self.path}: no such {what}")
 
     def _read(self, sql: str, params: Sequence[object] = ()) -> list[tuple[object, ...]]:
@@ -341,6 +533,9 @@ class Journal:
 
     def close(self) -> None:
         if self._db is not None:
+            if self._backlog and not self.flush():
+                self.on_fault(f"journal {self.path}: {len(self._backlog) + self.dropped} "
+                              f"records could not be written and are lost")
             self._db.close()
             self._db = None
 
@@ -363,19 +558,25 @@ class Journal:
         also syncs the WAL header as the log restarts, so a same-value write follows here to
         pay for that too. PASSIVE: never waits for readers. Cheap when nothing was written.
         """
-        if not self._writes:
+        if self._backlog:
+            self.flush()
+        if not self._writes or self._backlog:
             return
-        row = self._read("PRAGMA wal_checkpoint(PASSIVE)")[0]
+        try:
+            row = self._read("PRAGMA wal_checkpoint(PASSIVE)")[0]
+        except JournalError:
+            return  # a failing disk: the next write says so
         busy, log, done = row
         if busy == 0 and log == done and isinstance(log, int) and log > 0:
-            self._write(f"PRAGMA user_version = {SCHEMA_VERSION}", ())
+            self._run(_Op(None, f"PRAGMA user_version = {SCHEMA_VERSION}", []))
         self._writes = 0
 
     # -- incidents ----------------------------------------------------------------
 
     def open_incident(self, cgroup: str, rule: str, dry_run: bool) -> int:
         return self._insert(
-            "INSERT INTO incidents (cgroup, rule, dry_run, opened_at) VALUES (?, ?, ?, ?)",
+            "incidents",
+            "INSERT INTO incidents (id, cgroup, rule, dry_run, opened_at) VALUES (?, ?, ?, ?, ?)",
             (_db_text(cgroup), _db_text(rule), int(dry_run), time.time()),
         )
 
@@ -384,6 +585,7 @@ class Journal:
             "UPDATE incidents SET closed_at = ?, outcome = ?, latency_ms = ? WHERE id = ?",
             (time.time(), _db_text(outcome), latency_ms, incident_id),
             f"incident {incident_id}",
+            ((3, "incidents"),),
         )
 
     def add_event(
@@ -394,7 +596,9 @@ class Journal:
         data: Mapping[str, object] | None = None,
     ) -> int:
         return self._insert(
-            "INSERT INTO events (incident_id, cgroup, kind, at, data_json) VALUES (?, ?, ?, ?, ?)",
+            "events",
+            "INSERT INTO events (id, incident_id, cgroup, kind, at, data_json)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
             (
                 incident_id,
                 _db_text(cgroup),
@@ -402,6 +606,7 @@ class Journal:
                 time.time(),
                 None if data is None else _to_json(data),
             ),
+            ((1, "incidents"),),
         )
 
     def begin_step(
@@ -414,6 +619,7 @@ class Journal:
     ) -> int:
         """Record that a step starts; `seq` is the next number within the incident."""
         step_id = self._insert(
+            "steps",
             _INSERT_STEP,
             (
                 incident_id,
@@ -424,6 +630,7 @@ class Journal:
                 None if before is None else _to_json(before),
                 _db_text(detail),
             ),
+            ((1, "incidents"),),
         )
         self._open_steps[step_id] = (incident_id, kind)
         return step_id
@@ -449,6 +656,7 @@ class Journal:
                 step_id,
             ),
             f"step {step_id}",
+            ((4, "steps"),),
         )
         opened = self._open_steps.pop(step_id, None)
         if opened is not None and self.step_listener is not None:
@@ -465,15 +673,19 @@ class Journal:
     ) -> None:
         """`rss` in bytes; `reaped_ms` from the signal to the pidfd reporting exit."""
         self._insert(
-            "INSERT INTO victims (incident_id, pid, comm, rss, signal, reaped_ms, at)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            "victims",
+            "INSERT INTO victims (id, incident_id, pid, comm, rss, signal, reaped_ms, at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             (incident_id, pid, _db_text(comm), rss, _db_text(signal), reaped_ms, time.time()),
+            ((1, "incidents"),),
         )
 
     def add_evidence(self, incident_id: int, kind: str, data: object) -> None:
         self._insert(
-            "INSERT INTO evidence (incident_id, kind, at, data_json) VALUES (?, ?, ?, ?)",
+            "evidence",
+            "INSERT INTO evidence (id, incident_id, kind, at, data_json) VALUES (?, ?, ?, ?, ?)",
             (incident_id, _db_text(kind), time.time(), _to_json(data)),
+            ((1, "incidents"),),
         )
 
     # -- the intent log -----------------------------------------------------------
@@ -489,6 +701,7 @@ class Journal:
     ) -> int:
         """Record a change to the system BEFORE making it; returns the id to mark restored."""
         return self._insert(
+            "changes",
             _INSERT_CHANGE,
             (
                 _db_text(cgroup),
@@ -499,16 +712,22 @@ class Journal:
                 incident_id,
                 time.time(),
             ),
+            ((6, "incidents"),),
         )
 
     def mark_restored(self, change_id: int) -> None:
         """The old value is back. Marking a row twice is harmless; an unknown id is an error."""
-        cur = self._write(
-            "UPDATE changes SET restored_at = ? WHERE id = ? AND restored_at IS NULL",
-            (time.time(), change_id),
-        )
-        if cur.rowcount == 0 and not self._read("SELECT 1 FROM changes WHERE id = ?", (change_id,)):
+        cur = self._run(_Op(
+            None, "UPDATE changes SET restored_at = ? WHERE id = ? AND restored_at IS NULL",
+            [time.time(), change_id], ((1, "changes"),)))
+        if (cur is not None and cur.rowcount == 0
+                and not self._read("SELECT 1 FROM changes WHERE id = ?", (change_id,))):
             raise JournalError(f"{self.path}: no such change {change_id}")
+
+    def open_incidents(self) -> list[tuple[int, str]]:
+        """(id, cgroup) of incidents never closed: after a crash, the ones it left."""
+        rows = self._read("SELECT id, cgroup FROM incidents WHERE closed_at IS NULL ORDER BY id")
+        return [(_int(r[0]), _py_text(r[1])) for r in rows]
 
     def pending_changes(self) -> list[Change]:
         """Changes not yet restored, newest first: the order to undo them in."""

@@ -1,0 +1,129 @@
+"""Recovery after the daemon dies: what a restart puts back, on the real kernel (v1).
+
+The daemon is SIGKILLed after a grow, with usage kept above the original limit, so v1
+refuses (EBUSY) to take the limit back down. The restart must do what shutdown does:
+kill by the rule's ranking, restore the limit, and close the crashed incident.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from oomguard.cgroup import MemoryCgroup
+from oomguard.workloads import STUBBORN
+
+from conftest import Daemon, Spawn, wait_until
+from journal_helpers import incidents, rule, wait_for_step
+
+MiB = 1 << 20
+pytestmark = pytest.mark.v1(reason="v1 refuses a limit below usage (EBUSY)")
+
+# Grows to TOTAL bytes a MiB at a time, says "grown", then keeps it all and sleeps.
+GROW_AND_STAY = r"""
+import sys, time
+total = int(sys.argv[1])
+chunks = []
+while sum(map(len, chunks)) < total:
+    b = bytearray(1 << 20)
+    b[::4096] = b"\x01" * 256
+    chunks.append(b)
+print("grown", flush=True)
+while True:
+    time.sleep(3600)
+"""
+
+STEADY_MARKED = r"""
+import sys, time
+b = bytearray(int(sys.argv[1]))
+b[::4096] = b"\x01" * (len(b) // 4096)
+print("ready", flush=True)
+while True:
+    time.sleep(3600)
+"""
+
+
+def crash(d: Daemon) -> None:
+    """SIGKILL the daemon and its guardian together, as systemd's KillMode=control-group
+    does (the guardian alone would undo the holds; recovery is for when both are gone).
+    Stopped first, so it cannot start another guardian in between."""
+    pid = d.proc.pid
+    os.kill(pid, signal.SIGSTOP)
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    for child in children:
+        os.kill(int(child), signal.SIGKILL)
+    os.kill(pid, signal.SIGKILL)
+    d.proc.wait(timeout=10)
+
+
+def line(proc: subprocess.Popen[bytes]) -> bytes:
+    assert proc.stdout is not None
+    return proc.stdout.readline()
+
+
+def test_restart_after_crash_restores_grown_limit(memcg: MemoryCgroup, spawn: Spawn,
+                                                  run_daemon) -> None:
+    # The largest task is protected: the ranking, not plain size, must pick the victim.
+    policy = rule(memcg, 'steps = ["hold", "grow", "kill"]\ngrow_step = "32M"\n'
+                         'grow_max = "160M"\nsettle = "200ms"\n'
+                         'protect = [{ cmdline = "keep-me" }]')
+    d = run_daemon(policy)
+    service = spawn(STEADY_MARKED, 48 * MiB, "keep-me")
+    assert line(service) == b"ready\n"
+    job = spawn(GROW_AND_STAY, 32 * MiB)
+    assert line(job) == b"grown\n"  # only possible because the daemon grew the limit
+    grown = memcg.limit()
+    assert grown is not None and grown > 64 * MiB and memcg.usage() > 64 * MiB
+
+    crash(d)  # nothing restored by the daemon, nor by its guardian
+    assert memcg.usage() > 64 * MiB
+
+    d2 = run_daemon(policy)
+    assert job.wait(timeout=30) == -signal.SIGKILL
+    assert service.poll() is None  # protected, though the largest
+    assert memcg.limit() == 64 * MiB and memcg.memsw_limit() == 64 * MiB
+    assert f"recovery: killed pid {job.pid}" in d2.log
+    [inc] = incidents(d2.journal)
+    assert inc["outcome"] == "crashed"
+    [event] = [e for e in inc["events"] if e["kind"] == "recovered"]  # type: ignore[union-attr]
+    assert f"limit {grown} -> {64 * MiB}" in event["data"]["undone"]
+    assert event["data"]["killed"] == [job.pid]
+    assert "closed as crashed" in d2.log
+    # The new daemon's baseline is the original limit: it holds there, and gives it back.
+    assert memcg.oom_state().kill_disabled
+    assert d2.stop() == 0
+    assert memcg.limit() == 64 * MiB and not memcg.oom_state().kill_disabled
+    assert service.poll() is None
+
+
+def test_restart_closes_crashed_incident(memcg: MemoryCgroup, spawn: Spawn,
+                                         run_daemon) -> None:
+    """A crash mid-incident (the kill step waiting out the grace of a task that ignores
+    SIGTERM) with the group in the OOM wait: the restart closes that incident "crashed"
+    and leaves the group neither under OOM nor without its hold."""
+    policy = rule(memcg, 'steps = ["hold", "kill"]\ngrace = "30s"\ndeadline = "60s"\n'
+                         'protect = [{ cmdline = "keep-me" }]')
+    d = run_daemon(policy)
+    service = spawn(STEADY_MARKED, 8 * MiB, "keep-me")
+    assert line(service) == b"ready\n"
+    stubborn = spawn(STUBBORN, 36 * MiB)
+    assert line(stubborn) == b"ready\n"
+    spawn(GROW_AND_STAY, 200 * MiB)
+    wait_for_step(d.journal, "kill")
+    crash(d)
+    state = memcg.oom_state()
+    assert state.under_oom and state.kill_disabled  # what a crash leaves without recovery
+    d2 = run_daemon(policy.replace('grace = "30s"', 'grace = "0s"'))
+    wait_until(lambda: not memcg.oom_state().under_oom, what="under_oom back to 0")
+    [first, *_] = incidents(d2.journal)
+    assert first["outcome"] == "crashed" and first["closed_at"]
+    assert [e for e in first["events"] if e["kind"] == "recovered"]  # type: ignore[union-attr]
+    assert "closed as crashed" in d2.log
+    assert service.poll() is None
+    assert memcg.oom_state().kill_disabled  # held again by the new daemon
+    assert d2.stop() == 0
+    assert not memcg.oom_state().kill_disabled
