@@ -374,35 +374,20 @@ class Engine:
         """A grown limit cannot come back while usage is above it. Without oomguard the
         kernel would already have killed by its own rule (the largest task): do that,
         then restore, so no limit stays raised."""
-        for _ in range(watch.rule.max_victims + 2):
-            # Usage may already be falling (the kernel's own killer, on again, or a task
-            # that exited): try the restore first, and kill only if it still cannot be.
-            if self._restore_settled(watch):
-                return
-            ranked = rank_for_rule(sample_group(watch.group), watch.rule, self.never_pids)
-            if not ranked:
-                break
-            pfd = open_verified(ranked[0].sample)
-            if pfd is None:
-                continue
-            with pfd:
-                pfd.send(9)
-                pfd.exited(5.0)
-            self.log.info(f"shutdown: killed pid {ranked[0].sample.pid} so the limit of "
-                          f"{watch.relpath} could be restored")
-        for change in self.ledger.for_group(watch.group):
+        group = watch.group
+        kill_until_restored(group, watch.rule, self.never_pids,
+                            lambda: self._restore_settled(watch), self.log.info, "shutdown")
+        for change in self.ledger.for_group(group):
             self.log.error(f"left {change.kind} of {watch.relpath} at {change.after} "
                            f"(was {change.before}); it stays in the journal for the next start")
 
     def _restore_settled(self, watch: Watch) -> bool:
-        """Retry the group's restores while freed memory is still being uncharged
-        (shutdown only: short, bounded waits are fine once the loop has stopped)."""
-        for delay in SHUTDOWN_RESTORE_WAITS:
-            time.sleep(delay)
+        """Retry the group's restores while freed memory is still being uncharged."""
+        def restored() -> bool:
             self.ledger.restore_all(watch.group)
-            if not self.ledger.for_group(watch.group):
-                return True
-        return False
+            return not self.ledger.for_group(watch.group)
+
+        return settled(restored)
 
     def shutdown(self) -> None:
         """Close incidents and undo every change: nothing held, stopped, frozen or raised."""
@@ -415,6 +400,49 @@ class Engine:
         leftover = self.ledger.restore_all()
         for change in leftover:
             self.log.error(f"could not restore {change.kind} of {change.group.relpath}")
+
+
+def settled(restored: Callable[[], bool]) -> bool:
+    """Retry `restored` while freed memory is still being uncharged (shutdown and
+    recovery only: short, bounded waits are fine while the loop is not running)."""
+    for delay in SHUTDOWN_RESTORE_WAITS:
+        time.sleep(delay)
+        if restored():
+            return True
+    return False
+
+
+def kill_until_restored(group: MemoryCgroup, rule: Rule, never_pids: frozenset[int],
+                        restored: Callable[[], bool], log: Callable[[str], None],
+                        when: str) -> list[int]:
+    """What the kernel would have done at the start of the episode: kill by the rule's
+    ranking (SIGKILL by a verified pidfd), one task at a time, until `restored()` (which
+    retries the restores, waiting briefly) says the limits are back. Returns the pids
+    killed. Shared by shutdown and by recovery after a crash."""
+    killed: list[int] = []
+    for _ in range(rule.max_victims + 2):
+        # Usage may already be falling (the kernel's own killer, on again, or a task
+        # that exited): try the restore first, and kill only if it still cannot be.
+        if restored():
+            return killed
+        try:
+            ranked = rank_for_rule(sample_group(group), rule, never_pids)
+        except OomguardError:
+            break  # the group is gone
+        if not ranked:
+            break
+        victim = ranked[0].sample
+        pfd = open_verified(victim)
+        if pfd is None:
+            continue
+        with pfd:
+            pfd.send(9)
+            pfd.exited(5.0)
+        killed.append(victim.pid)
+        log(f"{when}: killed pid {victim.pid} ({victim.comm}) so the limit of "
+            f"{group.relpath} could be restored")
+    restored()  # after the last kill, too
+    return killed
 
 
 def ranks_by_growth(rule: Rule) -> bool:

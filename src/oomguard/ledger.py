@@ -168,22 +168,81 @@ def _restore_order(kind: str, change_id: int) -> tuple[int, int]:
     return (rank.get(kind, 0), change_id)
 
 
-def recover(journal: Journal, hier: Hierarchies, log: Callable[[str], None]) -> list[Change]:
-    """Put back what a crashed run left changed; returns the changes that still failed."""
-    failed = []
+# Recovery's last resort (Daemon supplies it, see engine.kill_until_restored): kill in
+# `group` by its rule's ranking until `retry()` has restored its limits; the pids killed.
+LastResort = Callable[[MemoryCgroup, Callable[[], bool]], list[int]]
+
+
+def recover(journal: Journal, hier: Hierarchies, log: Callable[[str], None],
+            last_resort: LastResort | None = None,
+            skip: Callable[[str], bool] = lambda _p: False) -> list[Change]:
+    """Put back what a crashed run left changed and close the incidents it left open
+    (outcome "crashed", with an event naming what was undone); returns the changes that
+    still failed.
+
+    A grown limit that v1 refuses to lower (usage above it: EBUSY) is dealt with as at
+    shutdown: `last_resort` kills by the rule's ranking until it can be restored, so the
+    next run's baseline is the original limit, not the raised one. Incidents of groups
+    `skip` names (another live owner's, e.g. `run`'s) are left open."""
     pending = sorted(journal.pending_changes(), key=lambda c: _restore_order(c.kind, c.id),
                      reverse=True)
-    for change in pending:
-        group = cgroup_at(hier, change.cgroup)
-        if not group.exists():
-            journal.mark_restored(change.id)
-            continue
-        try:
-            write_change(group, change.kind, change.target, change.before)
-        except (CgroupError, OomguardError, ValueError) as exc:
-            log(f"recovery: could not restore {change.kind} of {change.cgroup}: {exc}")
-            failed.append(change)
-            continue
-        log(f"recovery: restored {change.kind} of {change.cgroup} to {change.before}")
-        journal.mark_restored(change.id)
+    undone: dict[str, list[str]] = {}
+    failed = [c for c in pending if not _recover_one(journal, hier, c, undone, log)]
+    killed: dict[str, list[int]] = {}
+    if last_resort is not None and failed:
+        by_group: dict[str, list[Change]] = {}
+        for change in failed:
+            by_group.setdefault(change.cgroup, []).append(change)
+        failed = []
+        for cgroup, left in by_group.items():
+            def retry(left: list[Change] = left) -> bool:
+                left[:] = [c for c in left if not _recover_one(journal, hier, c, undone)]
+                return not left
+
+            killed[cgroup] = last_resort(cgroup_at(hier, cgroup), retry)
+            failed += left
+    for change in failed:
+        log(f"recovery: left {change.kind} of {change.cgroup} at {change.after} "
+            f"(was {change.before}); it stays in the journal for the next start")
+    _close_crashed(journal, undone, killed, skip, log)
     return failed
+
+
+def _recover_one(journal: Journal, hier: Hierarchies, change: Change,
+                 undone: dict[str, list[str]],
+                 log: Callable[[str], None] | None = None) -> bool:
+    """Restore one pending change; True when done (or its group is gone)."""
+    group = cgroup_at(hier, change.cgroup)
+    if not group.exists():
+        journal.mark_restored(change.id)
+        return True
+    try:
+        write_change(group, change.kind, change.target, change.before)
+    except (CgroupError, OomguardError, ValueError) as exc:
+        if log is not None:
+            log(f"recovery: could not restore {change.kind} of {change.cgroup}: {exc}")
+        return False
+    if log is not None:
+        log(f"recovery: restored {change.kind} of {change.cgroup} to {change.before}")
+    undone.setdefault(change.cgroup, []).append(
+        f"{change.kind} {change.after} -> {change.before}")
+    journal.mark_restored(change.id)
+    return True
+
+
+def _close_crashed(journal: Journal, undone: dict[str, list[str]],
+                   killed: dict[str, list[int]], skip: Callable[[str], bool],
+                   log: Callable[[str], None]) -> None:
+    """The incidents a crash left open: closed "crashed", saying what was undone."""
+    for incident_id, cgroup in journal.open_incidents():
+        if skip(cgroup):
+            continue
+        data: dict[str, object] = {"undone": undone.get(cgroup, []),
+                                   "killed": killed.get(cgroup, [])}
+        journal.add_event(incident_id, cgroup, "recovered", data)
+        journal.close_incident(incident_id, "crashed", None)
+        what = "; ".join(undone.get(cgroup, [])) or "nothing left to undo"
+        kills = killed.get(cgroup)
+        if kills:
+            what += f"; killed {', '.join(map(str, kills))}"
+        log(f"recovery: incident {incident_id} of {cgroup} closed as crashed ({what})")
