@@ -104,9 +104,15 @@ def signal_step(inc: Incident, step: Step, done: Done) -> None:
     note = f"; not to {skipped}: {name} would kill them" if skipped else ""
     engine.log.info(f"sent {name} to {sent} in {inc.group.relpath}{note}")
 
-    def died(cand: Candidate, pfd: Pidfd) -> None:
-        """A signalled task exited while the step waited: a victim of this step."""
+    gen = inc.generation  # this step's run; a later step (a kill) reports its own deaths
+
+    def exited(_revents: int, cand: Candidate, pfd: Pidfd) -> None:
+        """A signalled task exited: a victim of this step, unless a later step has begun
+        meanwhile. Watched until the incident closes, since a dying task frees its memory
+        (and so may end the OOM) before its pidfd turns readable."""
         forget(pfd)
+        if inc.generation != gen:
+            return
         s = cand.sample
         ms = (time.monotonic() - sent_at) * 1000.0
         inc.victims += 1
@@ -116,31 +122,17 @@ def signal_step(inc: Incident, step: Step, done: Done) -> None:
                           why=f"exited after the signal step's {name}")
         engine.victim_killed(inc)
 
-    def exited(_revents: int, cand: Candidate, pfd: Pidfd) -> None:
-        died(cand, pfd)
-
     def forget(pfd: Pidfd) -> None:
         if pfd.fileno() >= 0:
             engine.loop.remove_reader(pfd.fileno())
             pfd.close()
 
-    def stop_watching() -> None:
-        for cand, pfd in watched:
-            if pfd.fileno() >= 0 and pfd.exited():
-                died(cand, pfd)  # exited just now: its reader has not run yet
-            forget(pfd)
-
-    for cand, pfd in watched:
-        engine.loop.add_reader(pfd.fileno(), functools.partial(exited, cand=cand, pfd=pfd))
     def cleanup() -> None:
         for _, pfd in watched:
             forget(pfd)
 
+    for cand, pfd in watched:
+        engine.loop.add_reader(pfd.fileno(), functools.partial(exited, cand=cand, pfd=pfd))
     inc.on_close(cleanup)
-
-    def finish(result: str) -> None:
-        stop_watching()
-        done(result)
-
-    inc.await_relief(lambda: finish("relief"), lambda: finish("done"),
+    inc.await_relief(lambda: done("relief"), lambda: done("done"),
                      budget=inc.rule.wait_for(step))
