@@ -44,6 +44,28 @@ while True:
 # Like STEADY but ignores SIGTERM, so only SIGKILL ends it.
 STUBBORN = "import signal\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\n" + STEADY
 
+# Takes SIZE bytes, ignores SIGTERM, and exits on its own (status 0) DELAY seconds after
+# FILE holds NEEDLE (polled every millisecond; a read refused for want of memory counts
+# too): a victim that leaves just as it is chosen.
+QUITTER = r"""
+import os, signal, sys, time
+size, path, needle = int(sys.argv[1]), sys.argv[2], sys.argv[3].encode()
+delay = float(sys.argv[4]) if len(sys.argv) > 4 else 0.0
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+b = bytearray(size)
+b[::4096] = b"\x01" * (size // 4096)
+fd = os.open(path, os.O_RDONLY)
+print("ready", flush=True)
+try:
+    while needle not in os.pread(fd, 4096, 0):
+        time.sleep(0.001)
+except OSError:
+    pass
+if delay:
+    time.sleep(delay)
+os._exit(0)
+"""
+
 # Frees its cache on SIGUSR1: the RFC's "send a signal to shrink".
 SHRINKABLE = r"""
 import signal, sys, time

@@ -73,6 +73,8 @@ def exec_step(inc: Incident, step: Step, done: Done) -> None:
 
     def on_timeout() -> None:
         nonlocal timed_out
+        if pfd.closed:
+            return  # it finished and was reaped: its pid may belong to someone else now
         timed_out = True
         try:
             os.killpg(proc.pid, signal.SIGKILL)  # the hook's own session, which it leads
@@ -99,7 +101,7 @@ def exec_step(inc: Incident, step: Step, done: Done) -> None:
     inc.later(timeout, on_timeout)
 
     def cleanup() -> None:
-        if pfd.fileno() >= 0:
+        if not pfd.closed:
             engine.loop.remove_reader(pfd.fileno())
             on_timeout()
             pfd.close()

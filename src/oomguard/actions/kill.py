@@ -16,8 +16,10 @@ from typing import TYPE_CHECKING
 
 from oomguard.actions.pause import thaw_for_kill
 from oomguard.actions.victims import needs_for, open_verified, sample_group
+from oomguard.cgroup.resolve import process_cgroup
 from oomguard.cgroup.v2 import V2MemoryCgroup
-from oomguard.errors import OomguardError, Unsupported
+from oomguard.errors import CgroupNotFound, NotAMemoryCgroup, OomguardError, Unsupported
+from oomguard.events.loop import Timer
 from oomguard.policy import Candidate, ProcSample, Step, Target, rank_for_rule
 from oomguard.procs import Pidfd, read_stat
 
@@ -142,16 +144,29 @@ def _kill_group(inc: Incident, step: Step, group: V2MemoryCgroup, done: Done) ->
 
 
 def _group_members(inc: Incident, victim: Candidate) -> list[Pidfd]:
-    """Other processes of the victim's process group inside the same cgroup."""
-    members = []
+    """Other processes of the victim's process group inside the same cgroup. Each pidfd
+    is opened before its pgid is read, so a pid reused in between is not taken."""
     try:
         pgid = read_stat(victim.sample.pid).pgid
-        for pid in inc.group.procs():
-            if pid != victim.sample.pid and pid not in inc.engine.never_pids \
-                    and read_stat(pid).pgid == pgid:
-                members.append(Pidfd.open(pid))
-    except Exception:
-        pass
+        pids = inc.group.procs()
+    except OomguardError:
+        return []
+    members = []
+    for pid in pids:
+        if pid == victim.sample.pid or pid in inc.engine.never_pids:
+            continue
+        try:
+            pfd = Pidfd.open(pid)
+        except OomguardError:
+            continue
+        try:
+            same = read_stat(pid).pgid == pgid
+        except OomguardError:
+            same = False
+        if same:
+            members.append(pfd)
+        else:
+            pfd.close()
     return members
 
 
@@ -172,6 +187,135 @@ def _asleep_in_oom_wait(inc: Incident, sample: ProcSample) -> bool:
         return False
 
 
+def _still_in_group(inc: Incident, pfd: Pidfd) -> bool | None:
+    """Is the process still in the incident's group (or a group below it)? None when
+    it exited meanwhile. /proc/PID/cgroup is read before the pidfd is polled: if the
+    process has not exited after the read, the read was of this process, not of a
+    new one that reused its pid. Unreadable for another reason: assume it stayed."""
+    try:
+        where: str | None = process_cgroup(inc.group.hierarchies, pfd.pid).relpath
+    except (CgroupNotFound, NotAMemoryCgroup):
+        where = ""  # outside the memory hierarchy we see: not in the group
+    except (OomguardError, OSError):
+        where = None
+    if pfd.exited():
+        return None
+    if where is None:
+        return True
+    home = inc.group.relpath.rstrip("/")
+    return where == (home or "/") or where.startswith(home + "/")
+
+
+class _Victim:
+    """One victim from its first signal to its exit: the pidfd's readability, the
+    SIGKILL after the grace, and the incident moving on race each other, and whichever
+    comes first ends the others (the timer is cancelled, the pidfd closed once)."""
+
+    def __init__(self, inc: Incident, sid: int, cand: Candidate, pfd: Pidfd,
+                 members: list[Pidfd], first: signal.Signals, done: Done) -> None:
+        self.inc, self.sid, self.cand, self.pfd, self.members = inc, sid, cand, pfd, members
+        self.sent = first
+        self.done = done
+        self.sent_at = time.monotonic()
+        self.timer: Timer | None = None
+        self.over = False
+        self.generation = inc.generation
+
+    def start(self, grace: float) -> None:
+        s, loop = self.cand.sample, self.inc.engine.loop
+        # Already gone (a zombie takes signals without a word): it was not our doing.
+        if self.pfd.exited() or not self.pfd.send(self.sent):
+            self._gone_before_signal()
+            return
+        for m in self.members:
+            m.send(self.sent)
+        if self.sent == signal.SIGKILL and s.rss >= MRELEASE_MIN_RSS:
+            self.pfd.mrelease()  # reap a large victim's memory now; ESRCH: keep waiting
+        if self.sent == signal.SIGTERM:
+            self.pfd.send(signal.SIGCONT)  # a stopped victim must run to act on SIGTERM
+            self.timer = loop.call_later(grace, self.escalate)
+        loop.add_reader(self.pfd.fileno(), self.exited)
+        self.inc.on_close(self.cleanup)
+
+    def _end(self) -> None:
+        """Stop watching: cancel the escalation, close every pidfd (once)."""
+        self.over = True
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.inc.engine.loop.remove_reader(self.pfd.fileno())
+        self.pfd.close()
+        for m in self.members:
+            m.close()
+
+    def _gone_before_signal(self) -> None:
+        s = self.cand.sample
+        self._end()
+        self.inc.engine.journal.finish_step(self.sid, "exited", None,
+                                            f"pid {s.pid} exited before it was signalled")
+        self.inc.engine.log.info(f"pid {s.pid} in {self.inc.group.relpath} exited on its own "
+                                 "as it was chosen")
+        self.done("relief")
+
+    def escalate(self) -> None:
+        self.timer = None
+        inc = self.inc
+        if self.over or inc.generation != self.generation or inc.state == "closed":
+            return  # exited, or the incident moved on: nothing to escalate
+        where = _still_in_group(inc, self.pfd)
+        if where is None:
+            return  # it is exiting: the pidfd's readability reports it
+        if not where:
+            self._left_group()
+            return
+        self.sent = signal.SIGKILL
+        self.pfd.send(signal.SIGKILL)
+        for m in self.members:
+            if _still_in_group(inc, m):
+                m.send(signal.SIGKILL)
+        if self.cand.sample.rss >= MRELEASE_MIN_RSS:
+            self.pfd.mrelease()
+
+    def _left_group(self) -> None:
+        """Moved out of the group during its grace: no longer this incident's to kill."""
+        s, inc = self.cand.sample, self.inc
+        self._end()
+        try:
+            now_in = process_cgroup(inc.group.hierarchies, s.pid).relpath
+        except (OomguardError, OSError):
+            now_in = None
+        inc.engine.journal.finish_step(self.sid, "left-group", {"now_in": now_in},
+                                       f"pid {s.pid} left the group during its grace: "
+                                       "not killed")
+        inc.engine.log.info(f"pid {s.pid} left {inc.group.relpath} during its grace; "
+                            "not killed")
+        self.done("relief")  # re-check; the kill step takes the next victim if need be
+
+    def exited(self, _revents: int) -> None:
+        if self.over:
+            return
+        self._end()
+        s, inc = self.cand.sample, self.inc
+        engine, journal = inc.engine, inc.engine.journal
+        reaped_ms = (time.monotonic() - self.sent_at) * 1000.0
+        inc.victims += 1
+        journal.add_victim(inc.id, s.pid, s.comm, s.rss, self.sent.name, reaped_ms)
+        journal.finish_step(self.sid, "killed", {"signal": self.sent.name,
+                                                 "reaped_ms": reaped_ms})
+        engine.log.killed(s.pid, s.comm, inc.group.relpath, s.rss,
+                          (time.monotonic() - inc.first_event) * 1000.0, why=self.cand.reason)
+        engine.victim_killed(inc)
+        self.done("relief")
+
+    def cleanup(self) -> None:
+        """The incident closed or handed over first: stop, and say so in the journal."""
+        if self.over:
+            return
+        self._end()
+        self.inc.engine.journal.finish_step(self.sid, "interrupted", {"signal": self.sent.name},
+                                            "the incident moved on before the victim exited")
+
+
 def _kill_one(inc: Incident, step: Step, cand: Candidate, pfd: Pidfd | None, done: Done) -> None:
     s = cand.sample
     engine, journal = inc.engine, inc.engine.journal
@@ -188,46 +332,4 @@ def _kill_one(inc: Incident, step: Step, cand: Candidate, pfd: Pidfd | None, don
     thaw_for_kill(inc)
     members = _group_members(inc, cand) if inc.rule.kill_process_group else []
     journal.commit()  # the kill is on disk before it is sent
-    sent_at = time.monotonic()
-    sent = first
-    pfd.send(first)
-    for m in members:
-        m.send(first)
-    if first == signal.SIGKILL and s.rss >= MRELEASE_MIN_RSS:
-        pfd.mrelease()  # reap a large victim's memory now; ESRCH: keep waiting
-    if first == signal.SIGTERM:
-        pfd.send(signal.SIGCONT)  # a stopped victim must run to act on SIGTERM
-
-    def escalate() -> None:
-        nonlocal sent
-        sent = signal.SIGKILL
-        pfd.send(signal.SIGKILL)
-        for m in members:
-            m.send(signal.SIGKILL)
-        if s.rss >= MRELEASE_MIN_RSS:
-            pfd.mrelease()
-
-    def exited(_revents: int) -> None:
-        engine.loop.remove_reader(pfd.fileno())
-        reaped_ms = (time.monotonic() - sent_at) * 1000.0
-        pfd.close()
-        for m in members:
-            m.close()
-        inc.victims += 1
-        journal.add_victim(inc.id, s.pid, s.comm, s.rss, sent.name, reaped_ms)
-        journal.finish_step(sid, "killed", {"signal": sent.name, "reaped_ms": reaped_ms})
-        engine.log.killed(s.pid, s.comm, inc.group.relpath, s.rss,
-                          (time.monotonic() - inc.first_event) * 1000.0, why=cand.reason)
-        engine.victim_killed(inc)
-        done("relief")
-
-    def cleanup() -> None:
-        engine.loop.remove_reader(pfd.fileno())
-        pfd.close()
-        for m in members:
-            m.close()
-
-    engine.loop.add_reader(pfd.fileno(), exited)
-    inc.on_close(cleanup)
-    if first == signal.SIGTERM:
-        inc.later(grace, escalate)
+    _Victim(inc, sid, cand, pfd, members, first, done).start(grace)

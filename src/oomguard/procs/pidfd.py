@@ -22,7 +22,12 @@ _libc = ctypes.CDLL(None, use_errno=True)
 
 
 class Pidfd:
-    """An open pidfd for one process."""
+    """An open pidfd for one process.
+
+    Safe after `close()` by construction: a closed Pidfd names no process, so `send`
+    returns False, `exited` True and `mrelease` False, and its number is never handed
+    to the kernel again (the same number may by then be another fd, even another
+    process's pidfd)."""
 
     def __init__(self, pid: int, fd: int) -> None:
         self.pid = pid
@@ -57,8 +62,15 @@ class Pidfd:
     def fileno(self) -> int:
         return self.fd
 
+    @property
+    def closed(self) -> bool:
+        return self.fd < 0
+
     def send(self, sig: int) -> bool:
-        """Send `sig`; False if the process has already exited."""
+        """Send `sig`; False if the process has already exited (ESRCH, or the pidfd was
+        closed because its exit was seen): a victim already gone is not an error."""
+        if self.closed:
+            return False
         try:
             signal.pidfd_send_signal(self.fd, sig)
         except ProcessLookupError:
@@ -68,12 +80,16 @@ class Pidfd:
         return True
 
     def exited(self, timeout: float = 0.0) -> bool:
+        if self.closed:
+            return True  # closed once its exit was seen, or given up on: gone for us
         poller = select.poll()
         poller.register(self.fd, select.POLLIN)
         return bool(poller.poll(int(timeout * 1000)))
 
     def mrelease(self) -> bool:
         """process_mrelease(2): reap a killed victim's memory now; False means keep waiting."""
+        if self.closed:
+            return False
         if _libc.syscall(_SYS_PROCESS_MRELEASE, self.fd, 0) == 0:
             return True
         err = ctypes.get_errno()
