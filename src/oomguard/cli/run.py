@@ -42,7 +42,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--grow", type=size_arg, metavar="STEP", help="grow the limit by STEP first")
     p.add_argument("--grow-max", type=size_arg, metavar="SIZE", help="ceiling for --grow")
     p.add_argument("--kill", choices=[s.value for s in Strategy], metavar="STRATEGY",
-                   help="victim ranking: largest (default), growth, newest, oldest, oom_score")
+                   help="victim ranking: auto (default: the one that grew, else the "
+                        "largest), largest, growth, newest, oldest, oom_score")
     p.add_argument("--protect", action="append", default=[], metavar="REGEX",
                    help="never kill a process whose name, cmdline or exe matches")
     p.add_argument("--prefer", action="append", default=[], metavar="REGEX",
