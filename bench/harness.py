@@ -52,7 +52,7 @@ ALL_MODES = ("kernel", "bare", "oomguard_kill", "oomguard_grow", "bare_grow")
 OOMGUARD_MODES = ("oomguard_kill", "oomguard_grow")
 NOTIFY_SIZES = (1, 100, 1000, 10000)
 WATCHING_RE = re.compile(rb"oomguard: watching (\d+) cgroups")
-SCENARIOS = ("resolution", "notify", "idle", "footprint", "storm")
+SCENARIOS = ("defaults", "resolution", "notify", "idle", "footprint", "storm")
 
 # The storm's hog: takes PREFILL bytes (touched), reports "r", waits for its stdin to close
 # (the start line, shared by all), then runs LEAK: a few steps later it hits its limit.
@@ -1186,6 +1186,9 @@ def run_storm_once(ctx: Context, groups: list[MemoryCgroup], observers: list[Oom
 
 # -- targets ---------------------------------------------------------------------------------
 TARGETS: list[tuple[str, str, float, Callable[[float, float], bool]]] = [
+    ("default_kill_vs_kernel_ratio", "<=", 0.8, lambda v, t: v <= t),
+    ("default_kill_vs_kernel_ratio_daemon", "<=", 0.8, lambda v, t: v <= t),
+    ("default_grow_stall_ms", "<=", 1.0, lambda v, t: v <= t),
     ("kill_vs_kernel_ratio", "<=", 0.6, lambda v, t: v <= t),
     ("kill_vs_bare_ratio", "<=", 1.2, lambda v, t: v <= t),
     ("grow_median_ms", "<=", 1.0, lambda v, t: v <= t),
@@ -1262,6 +1265,8 @@ def parse_args(argv_: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--only", metavar="LIST", default=",".join(SCENARIOS),
                    help=f"comma-separated subset of: {', '.join(SCENARIOS)}")
     p.add_argument("--n", type=int, help="iterations per mode at 64 MiB (default 30; quick 10)")
+    p.add_argument("--n-defaults", type=int,
+                   help="iterations per mode of the defaults scenario (default 15; quick 8)")
     p.add_argument("--n-1g", type=int, help="iterations per mode at 1 GiB (default 30; quick 3)")
     p.add_argument("--n-notify", type=int, help="iterations per size (default 100; quick 20)")
     p.add_argument("--idle-s", type=float, help="idle window (default 60 s; quick 15 s)")
@@ -1302,6 +1307,9 @@ def main(argv_: Sequence[str] | None = None) -> int:
     try:
         log(f"bench: {'quick' if args.quick else 'full'} run in {ctx.run.relpath}; "
             f"oomguard daemon {'available' if ctx.oomguard_ok else 'NOT available'}")
+        if "defaults" in only:
+            import defaults  # bench/defaults.py, beside this file
+            defaults.scenario_defaults(sys.modules[__name__], ctx)
         if "resolution" in only:
             scenario_resolution(ctx)
         many = None

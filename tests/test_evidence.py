@@ -5,11 +5,12 @@ from __future__ import annotations
 import os
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from oomguard.cgroup import MemoryCgroup
 from oomguard.obs.evidence import EvidenceStore, default_evidence_root
-from oomguard.workloads import LEAK
+from oomguard.workloads import LEAK, STEADY
 
 from conftest import Spawn
 from journal_helpers import closed_incident, rule
@@ -23,34 +24,57 @@ def evidence_of(inc: dict[str, object], kind: str) -> list[dict[str, object]]:
 
 def test_snapshot_leaves_ps_memory_stat_and_task_files(memcg: MemoryCgroup, spawn: Spawn,
                                                        run_daemon) -> None:
-    d = run_daemon(rule(memcg, 'steps = ["hold", "snapshot", "kill"]\ngrace = "0s"'))
+    d = run_daemon(rule(memcg, 'steps = ["hold", "snapshot", "kill"]\ngrace = "0s"\n'
+                               'strategy = "largest"'))
+    steady = spawn(STEADY, 8 * MiB, "steady-marker")
+    assert steady.stdout is not None and steady.stdout.readline() == b"ready\n"
     src = "import ctypes\nctypes.CDLL(None).prctl(15, b'leak\\x1b[31m', 0, 0, 0)\n" + LEAK
     leaker = spawn(src, MiB, 0, "marker-arg")
     assert leaker.wait(timeout=30) == -signal.SIGKILL
+    assert steady.poll() is None, "the smaller steady process must survive"
+    [ref] = wait_for(lambda: evidence_of(closed_incident(d.journal), "evidence-dir"))
     inc = closed_incident(d.journal)
-    [ref] = evidence_of(inc, "evidence-dir")
     directory = Path(str(ref["path"]))
     assert directory == d.journal.parent / "evidence" / str(inc["id"])
     assert oct(directory.stat().st_mode & 0o777) == "0o700"
     ps = (directory / "ps.txt").read_text()
     header, *rows = ps.splitlines()
     assert header.split() == ["PID", "PPID", "UID", "S", "VSZ", "RSS", "ARGS"]
+    # The victim's row is the listing AT the OOM: asleep in the held OOM, most of the limit.
     [row] = [r for r in rows if r.split()[0] == str(leaker.pid)]
-    assert "marker-arg" in row
     if memcg.version == 1:
         assert row.split()[3] == "D"  # asleep in the held OOM (v2: throttled, often R)
     assert int(row.split()[5]) > 40 * 1024  # RSS in KiB, most of the 64M limit
+    # Its args are read after the kill (nothing the ranking needed): gone with it, or there.
+    assert "marker-arg" in row or "[leak" in row
+    # A survivor's args and smaps_rollup, read once the kill was sent.
+    [srow] = [r for r in rows if r.split()[0] == str(steady.pid)]
+    assert "steady-marker" in srow
+    rollup = (directory / "tasks" / f"{steady.pid}.smaps_rollup").read_text()
+    assert "Rss:" in rollup and "Anonymous:" in rollup
     assert "\x1b" not in ps
     saved_stat = (directory / "memory.stat").read_text().splitlines()
     assert [line.split()[0] for line in saved_stat] == \
         [line.split()[0] for line in memcg.read("memory.stat").splitlines()]
+    # Each task's status as it was at the OOM (read once, for the ranking).
     status = (directory / "tasks" / f"{leaker.pid}.status").read_text()
     assert f"Pid:\t{leaker.pid}" in status and "VmRSS" in status
-    rollup = (directory / "tasks" / f"{leaker.pid}.smaps_rollup").read_text()
-    assert "Rss:" in rollup and "Anonymous:" in rollup
+    assert "State:\tD" in status or memcg.version == 2
     assert f"limit: {memcg.limit()}\n" in (directory / "cgroup.txt").read_text()
     assert sorted(ref["files"]) == sorted(  # type: ignore[arg-type]
         str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file())
+    [snap] = evidence_of(inc, "snapshot")
+    [jrow] = [r for r in snap["ps"] if r["pid"] == leaker.pid]  # type: ignore[index,union-attr]
+    assert jrow["state"] == "D" or memcg.version == 2
+
+
+def wait_for(fn: Callable[[], list[dict[str, object]]],
+             timeout: float = 10.0) -> list[dict[str, object]]:
+    """The evidence rows are written after the kill: wait for them to show."""
+    deadline = time.monotonic() + timeout
+    while not (got := fn()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return got
 
 
 def test_total_cap_deletes_oldest_incidents_first(tmp_path: Path) -> None:

@@ -15,7 +15,14 @@ from typing import TYPE_CHECKING
 
 from oomguard.actions import limits, stephooks
 from oomguard.actions.registry import run_kind, run_step
-from oomguard.actions.victims import needs_for, open_verified, sample_group
+from oomguard.actions.victims import (
+    NOTHING_EXTRA,
+    Needs,
+    needs_for,
+    open_verified,
+    sample_group,
+    take_snapshot,
+)
 from oomguard.cgroup import Hierarchies, MemoryCgroup
 from oomguard.cgroup.v2 import V2MemoryCgroup
 from oomguard.errors import CgroupError, OomguardError
@@ -33,6 +40,7 @@ from oomguard.watch import RemovalWatcher, Watch
 if TYPE_CHECKING:
     from oomguard.obs.desktop import Desktop
     from oomguard.obs.metrics import Metrics
+    from oomguard.procs.reader import ProcessSnapshot
 
 
 # After a kill at shutdown, how long to let the memory come back before trying again.
@@ -74,7 +82,9 @@ class Engine:
         # Desktop notifications for `ask` steps (obs/desktop.py): set up at start-up, if any.
         self.desktop: Desktop | None = None
         self._step_results: dict[int, list[tuple[str, str]]] = {}
+        self._looks: dict[int, ProcessSnapshot] = {}  # incident id -> its current look
         journal.step_listener = self._step_recorded
+        journal.warm()  # the first OOM of a fresh `run` costs what later ones do
 
     # -- steps -------------------------------------------------------------------------
     def _run_step(self, inc: Incident, step: Step, done: Callable[[str], None]) -> None:
@@ -247,25 +257,44 @@ class Engine:
         if self.metrics is not None:
             self.metrics.victim(inc.group.relpath)
 
-    def evidence_saved(self, inc: Incident, data: dict[str, object]) -> None:
-        """A snapshot into the incident's evidence directory (obs/evidence.py). The /proc
-        files are read now; the files are written after the step's successors started
-        (the kill is not delayed by disk writes). The journal names the directory once."""
+    def evidence_saved(self, inc: Incident, data: dict[str, object], look: ProcessSnapshot,
+                       raw: dict[str, bytes]) -> None:
+        """A snapshot into the incident's evidence directory (obs/evidence.py), from what
+        was read already (the look at the OOM, and what the snapshot read after the
+        decisive step): called once the kill or grow has been sent, never before it.
+        The journal names the directory once."""
         store = self.evidence_store()
         if store is None:
             return
-        files = store.snapshot_files(inc.group, data)
+        files = store.snapshot_files(data, look, raw)
+        try:
+            saved = store.save_files(inc.id, files)
+        except OSError as exc:
+            self.log.warning(f"evidence of incident {inc.id} not saved in {store.root}: {exc}")
+            return
+        if saved.pop("new"):
+            self.journal.add_evidence(inc.id, "evidence-dir", saved)
 
-        def write() -> None:
-            try:
-                saved = store.save_files(inc.id, files)
-            except OSError as exc:
-                self.log.warning(f"evidence of incident {inc.id} not saved in {store.root}: {exc}")
-                return
-            if saved.pop("new"):
-                self.journal.add_evidence(inc.id, "evidence-dir", saved)
+    # -- one look at the processes ----------------------------------------------------
+    def look(self, inc: Incident, needs: Needs = NOTHING_EXTRA) -> ProcessSnapshot:
+        """The group's processes as they are now, read once (stat and status each) and
+        shared by the steps that run back to back: the snapshot step's listing, the
+        ranking, the pid-reuse check's start ticks, the evidence. Valid until the loop
+        turns or a victim choice consumed it (kill, signal, move: see kill.choose)."""
+        snap = self._looks.get(inc.id)
+        if snap is None:
+            snap = take_snapshot(inc.group, needs)
+            self._looks[inc.id] = snap
 
-        self.loop.call_soon(write)
+            def expire() -> None:
+                if self._looks.get(inc.id) is snap:
+                    del self._looks[inc.id]
+
+            self.loop.call_soon(expire)
+        return snap
+
+    def forget_look(self, inc: Incident) -> None:
+        self._looks.pop(inc.id, None)
 
     def evidence_dir(self, inc: Incident) -> Path | None:
         """The incident's evidence directory, made (and named in the journal) if new."""

@@ -15,7 +15,7 @@ import time
 from typing import TYPE_CHECKING
 
 from oomguard.actions.pause import thaw_for_kill
-from oomguard.actions.victims import needs_for, open_verified, sample_group
+from oomguard.actions.victims import needs_for, open_verified, samples_of
 from oomguard.cgroup.resolve import process_cgroup
 from oomguard.cgroup.v2 import V2MemoryCgroup
 from oomguard.errors import CgroupNotFound, NotAMemoryCgroup, OomguardError, Unsupported
@@ -33,8 +33,13 @@ MRELEASE_MIN_RSS = 256 << 20
 
 
 def choose(inc: Incident, step: Step) -> list[Candidate]:
+    """The rule's ranking over the incident's current look at the group (the one the
+    snapshot step just took, if it did: read once). The choice is acted on at once, so
+    the look is used up: whatever runs after it looks again."""
     strategy = inc.rule.strategy_for(step)
-    samples = sample_group(inc.group, inc.watch.growth, needs_for(inc.rule, strategy))
+    needs = needs_for(inc.rule, strategy)
+    samples = samples_of(inc.engine.look(inc, needs), inc.watch.growth, needs)
+    inc.engine.forget_look(inc)
     return rank_for_rule(samples, inc.rule, inc.engine.never_pids, strategy)
 
 

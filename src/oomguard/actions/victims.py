@@ -1,9 +1,11 @@
 """Sampling a group's processes for ranking, and opening a pidfd on the chosen one.
 
-Reads only the group's own pids, a few small /proc files each. Between the
-sample and the signal a pid could be reused; the pidfd is opened first and the
-process's start time compared with the sample's, so the signal can only reach
-the process that was ranked.
+Reads only the group's own pids, a few small /proc files each, once per look: a
+`ProcessSnapshot` (procs/reader.py) is shared by the snapshot step, the ranking, the
+pid-reuse check and the evidence of the same moment. Between the sample and the
+signal a pid could be reused; the pidfd is opened first and the process's start
+ticks compared with the sample's, so the signal can only reach the process that
+was ranked.
 """
 
 from __future__ import annotations
@@ -12,10 +14,10 @@ import time
 from dataclasses import dataclass
 
 from oomguard.cgroup import MemoryCgroup
-from oomguard.errors import CgroupError, OomguardError
+from oomguard.errors import CgroupError
 from oomguard.policy import GrowthTracker, ProcSample, Rule, Strategy
-from oomguard.procs import Pidfd, process_info
-from oomguard.procs.reader import CLK_TCK
+from oomguard.procs import Pidfd
+from oomguard.procs.reader import ProcessSnapshot, Task
 
 
 @dataclass(frozen=True)
@@ -30,6 +32,7 @@ class Needs:
 
 
 EVERYTHING = Needs()
+NOTHING_EXTRA = Needs(cmdline=False, exe=False, oom_score=False)
 
 
 def needs_for(rule: Rule, strategy: Strategy) -> Needs:
@@ -41,30 +44,50 @@ def needs_for(rule: Rule, strategy: Strategy) -> Needs:
     )
 
 
-def sample_group(group: MemoryCgroup, growth: GrowthTracker | None = None,
-                 needs: Needs = EVERYTHING) -> list[ProcSample]:
+def take_snapshot(group: MemoryCgroup, needs: Needs = NOTHING_EXTRA) -> ProcessSnapshot:
+    """One look at the group's tasks: stat and status each, plus the extras `needs` asks."""
+    now = time.monotonic()
     try:
         pids = group.procs()
     except CgroupError:
-        return []
-    samples = []
-    for pid in pids:
-        try:
-            info = process_info(pid, with_cmdline=needs.cmdline, with_exe=needs.exe,
-                                with_oom_score=needs.oom_score)
-        except OomguardError:
-            continue  # exited while we looked
-        samples.append(ProcSample(
-            pid=pid, ppid=info.ppid, uid=info.uid, comm=info.comm,
-            cmdline=" ".join(info.args or []), exe=info.exe, rss_anon=info.rss_anon,
-            rss=info.rss, start_time=info.start_time, oom_score=info.oom_score,
-            state=info.state,
-        ))
+        return ProcessSnapshot({}, now)
+    return ProcessSnapshot.take(pids, now, cmdline=needs.cmdline, exe=needs.exe,
+                                oom_score=needs.oom_score)
+
+
+def to_sample(t: Task) -> ProcSample:
+    return ProcSample(
+        pid=t.pid, ppid=t.ppid, uid=t.uid, comm=t.comm, cmdline=" ".join(t.args or []),
+        exe=t.exe, rss_anon=t.rss_anon, rss=t.rss, start_time=t.start_time,
+        oom_score=t.oom_score, state=t.state, start_ticks=t.start_ticks,
+    )
+
+
+def samples_of(snapshot: ProcessSnapshot, growth: GrowthTracker | None = None,
+               needs: Needs = NOTHING_EXTRA) -> list[ProcSample]:
+    """The snapshot's tasks as ranking samples (read extras it lacks first). The growth
+    tracker sees each snapshot once, however many steps rank from it."""
+    if not snapshot.covers(cmdline=needs.cmdline, exe=needs.exe, oom_score=needs.oom_score):
+        snapshot.extend(cmdline=needs.cmdline, exe=needs.exe, oom_score=needs.oom_score)
+    cached = snapshot.derived.get("samples")
+    if isinstance(cached, list):
+        return cached
+    samples = [to_sample(t) for t in snapshot]
     if growth is not None:
-        samples = growth.observe(time.monotonic(), samples)
+        samples = growth.observe(snapshot.taken, samples)
+    snapshot.derived["samples"] = samples
     return samples
 
 
+def sample_group(group: MemoryCgroup, growth: GrowthTracker | None = None,
+                 needs: Needs = EVERYTHING) -> list[ProcSample]:
+    """A fresh look at the group, as ranking samples."""
+    return samples_of(take_snapshot(group, needs), growth, needs)
+
+
 def open_verified(sample: ProcSample) -> Pidfd | None:
-    """A pidfd for the sampled process, or None if it is gone or its pid was reused."""
-    return Pidfd.open_if_same(sample.pid, round(sample.start_time * CLK_TCK))
+    """A pidfd for the sampled process, or None if it is gone or its pid was reused
+    (or the sample carries no start ticks to compare: never signal on a guess)."""
+    if sample.start_ticks <= 0:
+        return None
+    return Pidfd.open_if_same(sample.pid, sample.start_ticks)

@@ -1,0 +1,260 @@
+"""Scenario `defaults`: what a user gets, next to the kernel's own killer, in one run.
+
+Modes, rotated every iteration (one 64 MiB group each):
+
+  kernel     the group's own OOM killer (oom_kill_disable=0)
+  run        `oomguard run --memory 64M -- HOG` (its default steps)
+  daemon     `oomguard daemon` with examples/policy.toml, its catch-all rule pointed at the group
+  run_grow   `oomguard run --memory 64M --grow 64M --grow-max 256M -- HOG` (HOG stops at 96 MiB)
+
+The hog stamps CLOCK_MONOTONIC before each 64 KiB it touches, into a FIFO only it holds
+(so `oomguard run`, its parent, cannot keep the pipe open). The kill latency is its last
+stamp -> its pidfd turning readable (exit), the same clock and the same wait in every mode.
+The grow figure is the longest gap between two stamps of the grow run: how long the
+allocating task stood still while oomguard saw the OOM and raised the limit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import itertools
+import os
+import re
+import select
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from oomguard.cgroup import MemoryCgroup
+from oomguard.procs import spawn_in
+
+MiB = 1 << 20
+STEP = 64 << 10
+F_SETPIPE_SZ = 1031
+PIPE_SIZE = 1 << 20  # every stamp of a run fits: nobody reads while the hog runs
+MODES = ("kernel", "run", "daemon", "run_grow")
+RUN_GROW_TOTAL = 96 * MiB
+
+# Writes its pid, then a stamp before each STEP it touches; stops at TOTAL (0: never).
+HOG = r"""
+import os, sys, time
+fd = os.open(sys.argv[1], os.O_WRONLY)
+step, total = int(sys.argv[2]), int(sys.argv[3])
+os.write(fd, b"pid %d\n" % os.getpid())
+page, chunks, used = b"\x01" * (step // 4096), [], 0
+while not total or used < total:
+    os.write(fd, b"%d\n" % time.monotonic_ns())
+    b = bytearray(step)
+    b[::4096] = page
+    chunks.append(b)
+    used += step
+os.write(fd, b"done\n")
+"""
+
+CATCH_ALL = re.compile(r'^match = "/\*\*"$', re.M)
+
+
+def example_policy(root: Path, relpath: str) -> str:
+    """examples/policy.toml with its catch-all rule matched to `relpath` only."""
+    text = (root / "examples" / "policy.toml").read_text()
+    text, n = CATCH_ALL.subn(f'match = "{relpath}"', text)
+    if n != 1:
+        raise RuntimeError("examples/policy.toml: no single catch-all `match = \"/**\"` line")
+    return text
+
+
+class Fifo:
+    """A FIFO the hog opens for writing; read only after the hog exited."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        os.mkfifo(path, 0o600)
+        self.fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(self.fd, F_SETPIPE_SZ, PIPE_SIZE)
+        self.buf = b""
+
+    def read_some(self, timeout: float) -> bool:
+        """Wait up to `timeout` for data; False at EOF or timeout."""
+        p = select.poll()
+        p.register(self.fd, select.POLLIN)
+        if not p.poll(int(timeout * 1000)):
+            return False
+        try:
+            data = os.read(self.fd, 1 << 20)
+        except BlockingIOError:
+            return True
+        self.buf += data
+        return bool(data)
+
+    def pid(self, timeout: float) -> int | None:
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self.buf:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            self.read_some(left)
+        first = self.buf.split(b"\n", 1)[0]
+        return int(first.split()[1]) if first.startswith(b"pid ") else None
+
+    def rest(self) -> tuple[list[int], bool]:
+        """Every stamp and whether the hog said done (the writer is gone: read to EOF)."""
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                data = os.read(self.fd, 1 << 20)
+                if not data:
+                    break
+                self.buf += data
+        lines = self.buf.split(b"\n")
+        return [int(x) for x in lines if x.isdigit()], b"done" in lines
+
+    def close(self) -> None:
+        os.close(self.fd)
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+
+def _exit_time(pid: int, timeout: float) -> int | None:
+    """monotonic ns when the process's pidfd turns readable (it exited)."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return None
+    try:
+        p = select.poll()
+        p.register(fd, select.POLLIN)
+        if not p.poll(int(timeout * 1000)):
+            return None
+        return time.monotonic_ns()
+    finally:
+        os.close(fd)
+
+
+def once(h: Any, ctx: Any, mode: str, group: MemoryCgroup | None, i: int,
+         daemon: Any) -> dict[str, Any]:
+    """One hog, one mode: {"latency_ms"} (kill modes) or {"stall_ms"} (run_grow)."""
+    fifo = Fifo(ctx.tmp / f"defaults-{mode}-{i}.fifo")
+    total = RUN_GROW_TOTAL if mode == "run_grow" else 0
+    hog_argv = [h.PY, "-c", HOG, str(fifo.path), str(STEP), str(total)]
+    out: dict[str, Any] = {"mode": mode, "iter": i}
+    runner = None
+    try:
+        if mode in ("kernel", "daemon"):
+            assert group is not None
+            proc = ctx.procs.add(spawn_in([group.path], hog_argv, stdin=subprocess.DEVNULL,
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        else:
+            grow = ["--grow", "64M", "--grow-max", "256M"] if mode == "run_grow" else []
+            cmd = [h.OOMGUARD, "run", "--memory", "64M", *grow,
+                   "--journal", str(ctx.tmp / f"defaults-{mode}.db"), "--", *hog_argv]
+            runner = ctx.procs.add(subprocess.Popen(
+                cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                stderr=open(ctx.tmp / f"defaults-{mode}.log", "ab")))  # noqa: SIM115
+            proc = None
+        pid = fifo.pid(60)
+        if pid is None:
+            out["error"] = "hog did not start"
+            return out
+        t_exit = _exit_time(pid, 20)
+        stamps, done = fifo.rest()
+        if t_exit is None:
+            out["error"] = "hog not resolved within 20 s"
+            return out
+        if proc is not None:
+            out["status"] = proc.wait(timeout=20)
+            ctx.procs.procs.remove(proc)
+        if runner is not None:
+            out["status"] = runner.wait(timeout=30)
+            ctx.procs.procs.remove(runner)
+        out["stamps"] = len(stamps)
+        if mode == "run_grow":
+            gaps = [(b - a) / 1e6 for a, b in itertools.pairwise(stamps)]
+            if not done or not gaps:
+                out["error"] = f"grow hog did not finish (status {out.get('status')})"
+                return out
+            out["stall_ms"] = max(gaps)
+            out["median_gap_ms"] = sorted(gaps)[len(gaps) // 2]
+        else:
+            if done or not stamps:
+                out["error"] = f"hog was not killed (status {out.get('status')})"
+                return out
+            out["latency_ms"] = (t_exit - stamps[-1]) / 1e6
+        return out
+    finally:
+        fifo.close()
+        for p in (runner,):
+            if p is not None and p.returncode is None:
+                ctx.procs.stop(p)
+
+
+def scenario_defaults(h: Any, ctx: Any) -> None:
+    """h: the harness module (its helpers and statistics); ctx: its Context."""
+    n = ctx.args.n_defaults or (8 if ctx.quick else 15)
+    kernel_g = ctx.group("defaults/kernel", 64 * MiB)
+    kernel_g.set_oom_kill_disable(False)
+    daemon_g = ctx.group("defaults/daemon", 64 * MiB)
+    daemon = h.Daemon(ctx, "defaults", example_policy(h.ROOT, daemon_g.relpath),
+                      trace=ctx.args.trace)
+    daemon.start()
+    modes = list(MODES)
+    try:
+        secs, _ = daemon.wait_watching(1)
+        h.log(f"defaults: daemon with examples/policy.toml watching after {secs:.3f} s")
+    except RuntimeError as exc:
+        ctx.error(f"defaults: {exc}")
+        ctx.procs.stop(daemon.proc)
+        daemon = None
+        modes.remove("daemon")
+    samples: dict[str, list[dict[str, Any]]] = {m: [] for m in modes}
+    ran = 0
+    last = 0.0
+    h.log(f"defaults: {n} iterations x {len(modes)} modes, interleaved (load "
+          f"{os.getloadavg()[0]:.2f})")
+    for i in range(n):
+        order = modes[i % len(modes):] + modes[: i % len(modes)]
+        for mode in order:
+            if mode == "daemon":
+                daemon.wait_closed(daemon_g.relpath, ran, last)
+            g = kernel_g if mode == "kernel" else daemon_g if mode == "daemon" else None
+            s = once(h, ctx, mode, g, i, daemon)
+            if mode == "daemon":
+                ran += 1
+                last = time.monotonic()
+            if "error" in s:
+                ctx.error(f"defaults {mode} iter {i}: {s['error']}")
+            samples[mode].append(s)
+            time.sleep(0.05)
+    out: dict[str, Any] = {"n": n, "step_kib": STEP >> 10, "modes": {}}
+    for mode, ss in samples.items():
+        key = "stall_ms" if mode == "run_grow" else "latency_ms"
+        st = h.summary([s[key] for s in ss if key in s])
+        st["errors"] = sum(1 for s in ss if "error" in s)
+        if mode == "run_grow":
+            st["median_gap_ms"] = h.pct([s["median_gap_ms"] for s in ss if "median_gap_ms" in s],
+                                        50)
+        out["modes"][mode] = st
+        if st["median_ms"] is not None:
+            h.log(f"  defaults {mode:9s} n={st['n']:3d} median {st['median_ms']:.3f} "
+                  f"p95 {st['p95_ms']:.3f} max {st['max_ms']:.3f} ms")
+    if daemon is not None:
+        daemon.wait_closed(daemon_g.relpath, ran, last)
+        code = daemon.stop()
+        out["daemon_exit_code"] = code
+        out["daemon_restored"] = not h.oom_kill_disabled(daemon_g)
+        if daemon.trace is not None and daemon.trace.exists() and ctx.args.keep_tmp:
+            out["daemon_trace_file"] = str(daemon.trace)
+    ctx.results["defaults"] = out
+    med = {m: out["modes"].get(m, {}).get("median_ms") for m in MODES}
+    p95 = {m: out["modes"].get(m, {}).get("p95_ms") for m in MODES}
+    ctx.results["default_kernel_median_ms"] = med["kernel"]
+    ctx.results["default_run_median_ms"] = med["run"]
+    ctx.results["default_daemon_median_ms"] = med["daemon"]
+    ctx.results["default_kill_vs_kernel_ratio"] = h.ratio(med["run"], med["kernel"])
+    ctx.results["default_kill_vs_kernel_ratio_daemon"] = h.ratio(med["daemon"], med["kernel"])
+    ctx.results["default_kill_vs_kernel_ratio_p95"] = h.ratio(p95["run"], p95["kernel"])
+    ctx.results["default_grow_stall_ms"] = med["run_grow"]
+    ctx.results["default_grow_stall_ms_p95"] = p95["run_grow"]
