@@ -118,8 +118,10 @@ def ask(inc: Incident, step: Step, done: Done) -> None:
         return
 
     def expire() -> None:
+        if answered[0]:
+            return  # answered already (the timer is not cancelled then): nothing to take down
         handle.cancel()
         answer(None, "timeout")
 
     inc.later(timeout, expire)
-    inc.on_close(handle.cancel)
+    inc.on_close(lambda: None if answered[0] else handle.cancel())
