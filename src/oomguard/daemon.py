@@ -29,7 +29,7 @@ from oomguard.discovery import Discovery
 from oomguard.engine import kill_until_restored, settled
 from oomguard.errors import OomguardError, UsageError
 from oomguard.events.loop import Timer
-from oomguard.journal import Journal, JournalError, default_journal_path, is_corrupt, set_aside
+from oomguard.journal import default_journal_path, set_aside_if_damaged
 from oomguard.ledger import recover
 from oomguard.obs import sdnotify
 from oomguard.obs.metrics import MetricsServer
@@ -263,20 +263,12 @@ def set_aside_if_corrupt(path: Path) -> str | None:
     """A journal the crashed predecessor left damaged must not keep the daemon from
     starting (its holds would stay): move it aside, kept for forensics, and say so.
     Checks what recovery reads; damage elsewhere shows on a write, and is survived."""
-    if not path.exists():
+    moved = set_aside_if_damaged(path)
+    if not moved:
         return None
-    try:
-        with Journal(path) as journal:
-            journal.pending_changes()
-            journal.open_incidents()
-        return None
-    except JournalError as exc:
-        if not is_corrupt(exc):
-            raise  # busy, full, unreadable: not a reason to throw the intent log away
-        moved = set_aside(path)
-        return (f"journal {path} is damaged ({exc.__cause__}): moved aside to "
-                f"{moved[0] if moved else '?'} (with its -wal/-shm), a fresh one started; "
-                f"holds left on watched groups are taken over at adoption")
+    return (f"journal {path} is damaged: moved aside to {', '.join(p.name for p in moved)} "
+            f"(kept for forensics) and a fresh one started; holds left on watched groups "
+            f"are taken over at adoption")
 
 
 def run_daemon(config: str, journal: str | None, log_format: str, metrics: str | None,

@@ -36,7 +36,7 @@ __all__ = [
     "format_incident_line",
     "is_corrupt",
     "iso_utc",
-    "set_aside",
+    "set_aside_if_damaged",
 ]
 
 SCHEMA_VERSION = 1
@@ -261,18 +261,45 @@ def is_corrupt(exc: BaseException) -> bool:
             and not isinstance(cause, sqlite3.OperationalError | sqlite3.IntegrityError))
 
 
-def set_aside(path: Path | str, now: float | None = None) -> list[Path]:
-    """Move a damaged journal (and its -wal/-shm) to journal.db.corrupt-<UTC time>, kept
-    for forensics; the next open starts a fresh one. Returns the files moved."""
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now))
-    moved = []
-    for suffix in ("", "-wal", "-shm"):
+def set_aside_if_damaged(path: Path | str) -> list[Path]:
+    """Open the journal and read what recovery reads; if SQLite says the file is damaged,
+    move it and its -wal/-shm to journal.db.corrupt-<UTC time>[-wal|-shm], kept for
+    forensics, so that the next open starts a fresh one. Returns the files moved (none:
+    the journal is fine). Raises JournalError for other failures (busy, full, unreadable):
+    those are no reason to throw the intent log away."""
+    # Opening a damaged file can make SQLite drop its -wal on close: keep a link to each.
+    kept: dict[str, Path] = {}
+    for suffix in ("-wal", "-shm"):
         src = Path(f"{path}{suffix}")
         if src.exists():
-            dst = Path(f"{path}.corrupt-{stamp}{suffix}")
-            os.replace(src, dst)
-            moved.append(dst)
-    return moved
+            probe = Path(f"{path}.probe{suffix}")
+            probe.unlink(missing_ok=True)
+            os.link(src, probe)
+            kept[suffix] = probe
+    try:
+        if not Path(path).exists():
+            return []
+        try:
+            with Journal(path) as journal:
+                journal.pending_changes()
+                journal.open_incidents()
+            return []
+        except JournalError as exc:
+            if not is_corrupt(exc):
+                raise
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        moved = []
+        for suffix in ("", "-wal", "-shm"):
+            src = kept.pop(suffix) if suffix in kept else Path(f"{path}{suffix}")
+            if src.exists():
+                dst = Path(f"{path}.corrupt-{stamp}{suffix}")
+                os.replace(src, dst)
+                moved.append(dst)
+            Path(f"{path}{suffix}").unlink(missing_ok=True)
+        return moved
+    finally:
+        for probe in kept.values():
+            probe.unlink(missing_ok=True)
 
 
 def _create_private_file(path: Path) -> None:

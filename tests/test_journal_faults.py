@@ -1,0 +1,197 @@
+"""The journal can never cause a hang: a full disk, a damaged file, garbage written under
+a running daemon; and SIGHUP reloads the policy. Real kernel (v1), real daemon.
+
+Each asserts what the kernel says afterwards: the leaker killed by pid, under_oom back
+to 0, the hold given back at exit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from oomguard.cgroup import MemoryCgroup
+from oomguard.cgroup.transient import destroy, new_group
+from oomguard.workloads import LEAK, STEADY
+
+from conftest import Daemon, Spawn, wait_until
+from journal_helpers import incidents, rule
+
+MiB = 1 << 20
+pytestmark = pytest.mark.v1(reason="oom_kill_disable and under_oom")
+
+KILL = 'steps = ["hold", "kill"]\ngrace = "0s"\nsettle = "200ms"'
+
+
+@pytest.fixture
+def tmpfs(tmp_path: Path) -> Iterator[Path]:
+    """A 2 MiB tmpfs: a disk that fills."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m,mode=0700", "tmpfs", str(mnt)],
+                   check=True)
+    try:
+        yield mnt
+    finally:
+        if subprocess.run(["umount", str(mnt)]).returncode != 0:
+            subprocess.run(["umount", "-l", str(mnt)])
+
+
+@pytest.fixture
+def daemon_at(tmp_path: Path) -> Iterator[Callable[[str, Path], Daemon]]:
+    started: list[Daemon] = []
+
+    def start(policy: str, journal: Path) -> Daemon:
+        config = tmp_path / f"policy-{len(started)}.toml"
+        config.write_text(policy)
+        d = Daemon(config, journal)
+        started.append(d)
+        d.wait_for("watching")
+        return d
+
+    yield start
+    for d in started:
+        d.stop()
+
+
+def fill(directory: Path) -> Path:
+    """Fill the file system until ENOSPC; returns the file to remove to free it."""
+    path = directory / "filler"
+    with open(path, "wb") as f, contextlib.suppress(OSError):
+        while True:
+            f.write(b"\0" * 65536)
+            f.flush()
+    return path
+
+
+def crash(d: Daemon) -> None:
+    """SIGKILL the daemon and its guardian together (systemd's KillMode=control-group):
+    what they held stays held. Stopped first, so no new guardian starts in between."""
+    pid = d.proc.pid
+    os.kill(pid, signal.SIGSTOP)
+    for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+        os.kill(int(child), signal.SIGKILL)
+    os.kill(pid, signal.SIGKILL)
+    d.proc.wait(timeout=10)
+
+
+def leak_and_expect_kill(memcg: MemoryCgroup, spawn: Spawn, d: Daemon) -> None:
+    leaker = spawn(LEAK, MiB)
+    assert leaker.wait(timeout=30) == -signal.SIGKILL
+    assert f"killed pid {leaker.pid}" in d.log
+    wait_until(lambda: not memcg.oom_state().under_oom, what="under_oom back to 0")
+    assert d.proc.poll() is None, d.log  # still running
+
+
+def test_disk_full_then_oom(memcg: MemoryCgroup, spawn: Spawn, daemon_at, tmpfs: Path) -> None:
+    journal = tmpfs / "journal.db"
+    d = daemon_at(rule(memcg, KILL), journal)
+    filler = fill(tmpfs)
+    leak_and_expect_kill(memcg, spawn, d)
+    assert memcg.oom_state().kill_disabled  # holding for the next one
+    d.wait_for("cannot be written")
+    assert d.log.count("cannot be written") == 1  # once, not per row
+    leak_and_expect_kill(memcg, spawn, d)  # more while it still fails
+    filler.unlink()
+    d.wait_for("is written again")  # the retry timer catches up
+    assert d.log.count("is written again") == 1
+    wait_until(lambda: all(i["closed_at"] for i in incidents(journal)), what="closed")
+    found = incidents(journal)
+    assert {i["outcome"] for i in found} == {"resolved"}
+    assert sum(len(i["victims"]) for i in found) == 2  # type: ignore[arg-type, misc]
+    assert d.stop() == 0
+    assert not memcg.oom_state().kill_disabled
+
+
+def test_disk_full_until_exit(memcg: MemoryCgroup, spawn: Spawn, daemon_at,
+                              tmpfs: Path) -> None:
+    """Never freed: the daemon still acts, and still gives everything back at exit."""
+    d = daemon_at(rule(memcg, KILL), tmpfs / "journal.db")
+    fill(tmpfs)
+    leak_and_expect_kill(memcg, spawn, d)
+    assert d.stop() == 0
+    assert not memcg.oom_state().kill_disabled and not memcg.oom_state().under_oom
+
+
+@pytest.mark.parametrize("damage", ["garbage", "wal-removed"])
+def test_damaged_journal_at_start(memcg: MemoryCgroup, spawn: Spawn, daemon_at,
+                                  tmp_path: Path, damage: str) -> None:
+    """A crash left the group held, in the OOM wait, and the journal damaged (or its WAL,
+    holding the intent row, gone): the restart still starts and handles that OOM."""
+    journal = tmp_path / "journal.db"
+    d = daemon_at(rule(memcg, KILL), journal)
+    crash(d)
+    assert memcg.oom_state().kill_disabled  # as the crash left it
+    leaker = spawn(LEAK, MiB)
+    wait_until(lambda: memcg.oom_state().under_oom, what="the leaker in the OOM wait")
+    if damage == "garbage":
+        for suffix in ("", "-wal"):
+            Path(f"{journal}{suffix}").write_bytes(os.urandom(8192))
+    else:
+        Path(f"{journal}-wal").unlink(missing_ok=True)
+        Path(f"{journal}-shm").unlink(missing_ok=True)
+
+    d2 = daemon_at(rule(memcg, KILL), journal)
+    assert leaker.wait(timeout=30) == -signal.SIGKILL
+    wait_until(lambda: not memcg.oom_state().under_oom, what="under_oom back to 0")
+    if damage == "garbage":
+        assert "is damaged" in d2.log and "moved aside" in d2.log
+        aside = sorted(p.name for p in tmp_path.glob("journal.db.corrupt-*"))
+        assert [name[-4:] for name in aside][1:] == ["-shm", "-wal"], aside
+        assert Path(tmp_path / aside[2]).stat().st_size == 8192  # the WAL kept as it was
+    assert "takes that hold over" in d2.log
+    assert any(i["victims"] for i in incidents(journal))  # the fresh journal records it
+    assert d2.stop() == 0
+    assert not memcg.oom_state().kill_disabled  # the hold was handed back
+
+
+def test_garbage_written_mid_run(memcg: MemoryCgroup, spawn: Spawn, daemon_at,
+                                 tmp_path: Path) -> None:
+    journal = tmp_path / "journal.db"
+    d = daemon_at(rule(memcg, KILL), journal)
+    with open(journal, "r+b") as f:  # over the header and the first pages, in place
+        f.write(os.urandom(16384))
+    Path(f"{journal}-wal").write_bytes(os.urandom(65536))
+    leak_and_expect_kill(memcg, spawn, d)
+    leak_and_expect_kill(memcg, spawn, d)
+    assert d.stop() == 0
+    assert not memcg.oom_state().kill_disabled and not memcg.oom_state().under_oom
+
+
+def test_sighup_reloads_policy(memcg: MemoryCgroup, spawn: Spawn, daemon_at, tmp_path: Path,
+                               test_parent: MemoryCgroup) -> None:
+    other = new_group(test_parent, "t", suffix="sighup-other")
+    other.set_limits(64 * MiB, 64 * MiB)
+    try:
+        d = daemon_at(rule(memcg, KILL), tmp_path / "journal.db")
+        config = tmp_path / "policy-0.toml"
+        assert not other.oom_state().kill_disabled
+
+        # A bad file: the old policy stays in force, one line says why, no exit.
+        config.write_text("[[rule]]\nname = 3\n")
+        d.proc.send_signal(signal.SIGHUP)
+        d.wait_for("SIGHUP: kept the policy in force")
+        assert d.proc.poll() is None
+        leak_and_expect_kill(memcg, spawn, d)
+
+        # A good one: the new group is adopted; the changed rule applies to what comes next.
+        service = spawn(STEADY, 8 * MiB)
+        assert service.stdout is not None and service.stdout.readline() == b"ready\n"
+        config.write_text(rule(memcg, KILL + '\nprotect = [{ cmdline = "import signal" }]')
+                          + rule(other, KILL).replace('name = "t"', 'name = "o"'))
+        d.proc.send_signal(signal.SIGHUP)
+        d.wait_for("SIGHUP: policy reloaded")
+        assert "1 groups adopted, 1 with a new rule" in d.log
+        wait_until(lambda: bool(other.oom_state().kill_disabled), what="the new group held")
+        leak_and_expect_kill(memcg, spawn, d)
+        assert service.poll() is None
+        assert d.stop() == 0
+        assert not memcg.oom_state().kill_disabled and not other.oom_state().kill_disabled
+    finally:
+        destroy(other)
