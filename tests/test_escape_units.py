@@ -70,7 +70,7 @@ def test_printable_plain_text_unchanged(plain: str) -> None:
         (" 2g ", 2 << 30),
         ("1.5G", 3 << 29),
         ("1T", 1 << 40),
-        ("2P", 2 << 50),
+        ("1P", 1 << 50),
         (4096, 4096),
     ],
 )

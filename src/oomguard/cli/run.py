@@ -11,6 +11,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
+import re
+import subprocess
+import warnings
+from pathlib import Path
 from typing import Any
 
 from oomguard.actions import ask
@@ -18,7 +23,7 @@ from oomguard.cgroup import MemoryCgroup
 from oomguard.cgroup.transient import clean_stale, destroy, ensure_own_parent, new_group
 from oomguard.cgroup.v1 import V1MemoryCgroup
 from oomguard.cli.common import duration_arg, size_arg
-from oomguard.errors import UsageError
+from oomguard.errors import OomguardError, UsageError
 from oomguard.policy import (
     Policy,
     Rule,
@@ -30,6 +35,7 @@ from oomguard.policy import (
 )
 from oomguard.procs import Pidfd, spawn_in
 from oomguard.session import Session
+from oomguard.units import MIN_MEMORY, format_size
 
 RUN_PARENT = "/oomguard.run"
 
@@ -37,10 +43,12 @@ RUN_PARENT = "/oomguard.run"
 def add_parser(sub: Any) -> None:
     p = sub.add_parser("run", help="run a command in a memory cgroup with an OOM policy",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--memory", type=size_arg, metavar="SIZE", help="memory limit, e.g. 512M")
+    p.add_argument("--memory", type=size_arg, metavar="SIZE",
+                   help="memory limit, e.g. 512M (1M to 1P)")
     p.add_argument("--memsw", type=size_arg, metavar="SIZE", help="memory+swap limit")
     p.add_argument("--grow", type=size_arg, metavar="STEP", help="grow the limit by STEP first")
-    p.add_argument("--grow-max", type=size_arg, metavar="SIZE", help="ceiling for --grow")
+    p.add_argument("--grow-max", type=size_arg, metavar="SIZE",
+                   help="ceiling for --grow (needs --grow)")
     p.add_argument("--kill", choices=[s.value for s in Strategy], metavar="STRATEGY",
                    help="victim ranking: auto (default: the one that grew, else the "
                         "largest), largest, growth, newest, oldest, oom_score")
@@ -49,9 +57,10 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--prefer", action="append", default=[], metavar="REGEX",
                    help="kill matching processes first")
     p.add_argument("--grace", type=duration_arg, metavar="SECONDS",
-                   help="SIGTERM -> SIGKILL wait (default 2s)")
+                   help="SIGTERM -> SIGKILL wait (default 2s, at most 24h)")
     p.add_argument("--deadline", type=duration_arg, metavar="SECONDS",
-                   help="hand an unresolved OOM to the kernel after this long (default 10s)")
+                   help="hand an unresolved OOM to the kernel after this long "
+                        "(default 10s; above 0, at most 24h)")
     p.add_argument("--core", action="store_true",
                    help="dump the victim's core (gdb's gcore) into the evidence directory "
                         "before killing it")
@@ -97,12 +106,21 @@ def build_rule(args: argparse.Namespace, relpath: str) -> Rule:
     if args.grace is not None:
         changes["grace"] = args.grace
     if args.deadline is not None:
+        if args.deadline <= 0:  # as the policy loader refuses it: 0 would never hold
+            raise UsageError("run: --deadline must be greater than 0")
         changes["deadline"] = args.deadline
     if args.dry_run:
         changes["dry_run"] = True
     rule = dataclasses.replace(base, **changes)
     if rule.memory is None:
         raise UsageError("run: --memory SIZE is required (or a policy rule with memory)")
+    if rule.memory < MIN_MEMORY:
+        raise UsageError(f"run: --memory must be at least {format_size(MIN_MEMORY)}, got "
+                         f"{rule.memory} bytes (a missing unit? --memory 512M)")
+    if args.grow is not None and args.grow <= 0:
+        raise UsageError("run: --grow must be greater than 0")
+    if args.grow_max is not None and args.grow is None:
+        raise UsageError("run: --grow-max needs --grow (the step to grow by)")
     if rule.grow_max is not None and rule.grow_max <= rule.memory:
         raise UsageError("run: --grow-max must be above --memory")
     if args.grow and rule.grow_max is None:
@@ -113,10 +131,29 @@ def build_rule(args: argparse.Namespace, relpath: str) -> Rule:
 
 
 def _matcher(regex: str) -> Any:
+    if not regex:
+        raise UsageError("run: an empty regex would match every process")
     try:
-        return process_matcher(anywhere=regex)
-    except ValueError as exc:
+        with warnings.catch_warnings():  # a FutureWarning is not this command's output
+            warnings.simplefilter("ignore")
+            return process_matcher(anywhere=regex)
+    except (re.error, ValueError, OverflowError, RecursionError) as exc:
         raise UsageError(f"run: bad regex {regex!r}: {exc}") from None
+
+
+def _start(dirs: list[Path], command: list[str], memory: int) -> subprocess.Popen[bytes]:
+    try:
+        return spawn_in(dirs, command)
+    except FileNotFoundError:
+        raise UsageError(f"run: command not found: {command[0]!r}") from None
+    except PermissionError:
+        raise UsageError(f"run: permission denied: {command[0]!r}") from None
+    except OSError as exc:  # ENOMEM: the exec itself did not fit in the limit
+        hint = f" (--memory {format_size(memory)} too small?)" if exc.errno == errno.ENOMEM else ""
+        raise OomguardError(f"run: cannot start {command[0]!r}: "
+                            f"{exc.strerror}{hint}") from None
+    except ValueError as exc:  # an argument with a NUL byte
+        raise UsageError(f"run: cannot start {command[0]!r}: {exc}") from None
 
 
 def exit_status(returncode: int) -> int:
@@ -127,6 +164,8 @@ def run(args: argparse.Namespace) -> int:
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         raise UsageError("run: no command given (oomguard run --memory 512M -- CMD ...)")
+    # Every flag and the policy file are checked before anything is made on the system.
+    build_rule(args, RUN_PARENT + "/run")
     session = Session.open(args.journal, args.log_format)
     parent = ensure_own_parent(session.hier, RUN_PARENT)
     clean_stale(parent)
@@ -147,17 +186,17 @@ def _supervise(session: Session, group: MemoryCgroup, rule: Rule, command: list[
     # to the system, so it is set even in a dry run (a dry run must never run unlimited).
     assert rule.memory is not None
     group.set_limits(rule.memory, rule.memsw)
-    engine.watch(group, rule)
     ask.setup(engine, [rule])  # D-Bus for `ask` steps, only if the rule asks
     dirs = [group.path]
     if isinstance(group, V1MemoryCgroup) and group.hierarchies.freezer_v1 is not None:
         dirs.append(group.ensure_freezer())
-    try:
-        child = spawn_in(dirs, command)
-    except FileNotFoundError:
-        raise UsageError(f"run: command not found: {command[0]!r}") from None
-    except PermissionError:
-        raise UsageError(f"run: permission denied: {command[0]!r}") from None
+    # The child is charged to the group from before its exec, and Popen blocks until that
+    # exec. Were the group held already, a child out of memory before exec would sleep in
+    # the OOM wait while this process, not yet in its loop, waits for the exec: for ever.
+    # So the kernel's killer stays on until the command runs; the hold comes right after
+    # (an OOM already pending then is signalled at registration).
+    child = _start(dirs, command, rule.memory)
+    engine.watch(group, rule)
     pidfd = Pidfd.open(child.pid)
     main_done = False
 

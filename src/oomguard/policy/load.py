@@ -12,6 +12,7 @@ import os
 import re
 import signal
 import tomllib
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -31,7 +32,16 @@ from oomguard.policy.model import (
     Strategy,
     Target,
 )
-from oomguard.units import format_size, parse_duration, parse_size
+from oomguard.units import (
+    MAX_DURATION,
+    MAX_SIZE,
+    MIN_MEMORY,
+    OutOfRange,
+    format_duration,
+    format_size,
+    parse_duration,
+    parse_size,
+)
 
 # ---------------------------------------------------------------------------------------------
 # Problems
@@ -116,10 +126,20 @@ def _size(value: object) -> int:
         raise _Invalid(f'expected a size like "64M" or "1.5G", got {_show(value)}')
     try:
         size = parse_size(value)
+    except OutOfRange:
+        raise _Invalid(f"must be at most {format_size(MAX_SIZE)}, got {_show(value)}") from None
     except ValueError:
         raise _Invalid(f'expected a size like "64M" or "1.5G", got {_show(value)}') from None
     if size <= 0:
         raise _Invalid(f"must be greater than 0, got {_show(value)}")
+    return size
+
+
+def _memory(value: object) -> int:
+    """A memory limit: at least MIN_MEMORY (below it not even `true` can be exec'd)."""
+    size = _size(value)
+    if size < MIN_MEMORY:
+        raise _Invalid(f"must be at least {format_size(MIN_MEMORY)}, got {_show(value)}")
     return size
 
 
@@ -130,7 +150,11 @@ def _duration(positive: bool) -> Callable[[object], float]:
         if not isinstance(value, str) and value < 0:
             raise _Invalid(f"must be at least 0, got {_show(value)}")
         try:
-            seconds = parse_duration(value)
+            seconds = parse_duration(value, MAX_DURATION)
+        except OutOfRange:
+            raise _Invalid(
+                f"must be at most {format_duration(MAX_DURATION)}, got {_show(value)}"
+            ) from None
         except ValueError:
             raise _Invalid(f'expected a duration like "2s", got {_show(value)}') from None
         if seconds < 0 or (positive and seconds == 0):
@@ -205,8 +229,10 @@ def _regex(value: object) -> str:
     if not isinstance(value, str) or not value:
         raise _Invalid(f"expected a regular expression, got {_show(value)}")
     try:
-        re.compile(value)
-    except re.error as error:
+        with warnings.catch_warnings():  # a FutureWarning would be a second, stray line
+            warnings.simplefilter("ignore")
+            re.compile(value)
+    except (re.error, OverflowError, RecursionError) as error:  # a{9999999999}, ((((...
         raise _Invalid(f"invalid regex {_show(value)}: {error}") from None
     return value
 
@@ -510,8 +536,8 @@ _RULE_KEYS: dict[str, Callable[[object], Any]] = {
     "name": _string,
     "match": _glob,
     "steps": _steps,
-    "memory": _size,
-    "memsw": _size,
+    "memory": _memory,
+    "memsw": _memory,
     "grow_step": _size,
     "grow_max": _size,
     "grow_budget": _count(0),
@@ -677,6 +703,8 @@ def parse_policy(text: str, source: str) -> Policy:
         document = tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(_syntax_error(source, error)) from None
+    except RecursionError:  # tomllib recurses once per nested [ or {: 3000 of them overflow
+        raise ConfigError(f"{source}: invalid TOML: arrays or tables nested too deeply") from None
     report = _Report(source)
     for key in document:
         if key not in _TOP_KEYS:
