@@ -28,6 +28,7 @@ from oomguard.cgroup.v2 import V2MemoryCgroup
 from oomguard.errors import CgroupError, OomguardError
 from oomguard.events.loop import EventLoop
 from oomguard.events.v1 import ThresholdNotifier
+from oomguard.faults import crash_point
 from oomguard.incident import Incident
 from oomguard.journal import Journal
 from oomguard.ledger import Ledger
@@ -38,6 +39,7 @@ from oomguard.procs import Pidfd, read_stat
 from oomguard.watch import RemovalWatcher, Watch
 
 if TYPE_CHECKING:
+    from oomguard.guardian.link import GuardianLink
     from oomguard.obs.desktop import Desktop
     from oomguard.obs.metrics import Metrics
     from oomguard.procs.reader import ProcessSnapshot
@@ -233,6 +235,9 @@ class Engine:
         try:
             inc = Incident(self, watch, when, count)
             watch.incident = inc
+            if self.ledger.guardian is not None:  # it beats while an incident is open
+                self.ledger.guardian.incident_opened(str(watch.group.path), inc.rule.deadline)
+            crash_point("incident-open")
             inc.start()
         finally:
             self.journal.commit()
@@ -246,12 +251,66 @@ class Engine:
                                          (latency_ms or 0.0) / 1000.0)
         if inc.watch.incident is inc:
             inc.watch.incident = None
+        if self.ledger.guardian is not None:
+            self.ledger.guardian.incident_closed(str(inc.group.path))
+        self._rehold(inc.watch)
         self._step_results.pop(inc.id, None)
         self.try_shrink(inc.watch)
         if inc.watch.relpath in self.watches:
             self.report_cgroup(inc.group)
         if self.on_incident_closed is not None:
             self.on_incident_closed(inc)
+
+    # -- the guardian ------------------------------------------------------------------
+    def attach_guardian(self, guardian: GuardianLink) -> None:
+        """Tell `guardian` of every hold before it is made (see guardian/)."""
+        self.ledger.guardian = guardian
+        self.ledger.deadline_for = self._deadline_for
+        guardian.on_released = self._released_by_guardian
+
+    def _deadline_for(self, group: MemoryCgroup) -> float:
+        watch = self.watches.get(group.relpath)
+        return watch.rule.deadline if watch is not None else 10.0
+
+    def _released_by_guardian(self, ids: list[int]) -> None:
+        """The guardian undid these changes because this loop did not turn for a group's
+        deadline: forget them, close that group's incident, hold again once it is over."""
+        groups = {}
+        for change_id in ids:
+            change = self.ledger.active.get(change_id)
+            if change is None:
+                continue
+            self.journal.mark_restored(change_id)
+            self.ledger.forget(change)
+            groups[change.group.relpath] = change
+        for relpath, change in groups.items():
+            self.log.warning(f"the guardian released the hold on {relpath} (this handler "
+                             f"did not act within its deadline); the kernel's killer has it")
+            self.journal.add_event(None, relpath, "guardian",
+                                   {"released": [c for c in ids], "kind": change.kind})
+            watch = self.watches.get(relpath)
+            inc = watch.incident if watch is not None else None
+            if isinstance(inc, Incident) and inc.state != "closed":
+                inc.close("guardian")
+            elif watch is not None:
+                self._rehold(watch)
+
+    def _rehold(self, watch: Watch) -> None:
+        """After an episode, put the adoption hold back if something took it away (the
+        guardian, or an outside writer) and the group is no longer out of memory."""
+        rule = watch.rule
+        if rule.dry_run or not any(s.kind is StepKind.HOLD for s in rule.steps):
+            return
+        if watch.relpath not in self.watches:
+            return
+        if any(c.tag == "hold" for c in self.ledger.for_group(watch.group)):
+            return
+        try:
+            if watch.out_of_memory():
+                return  # the kernel's killer is at work; the next close tries again
+            limits.establish_hold(self.ledger, watch.group, watch.baseline_limit)
+        except OomguardError as exc:
+            self.log.warning(f"{watch.relpath}: could not hold again: {exc}")
 
     def victim_killed(self, inc: Incident) -> None:
         if self.metrics is not None:

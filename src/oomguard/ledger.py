@@ -19,13 +19,18 @@ import contextlib
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from oomguard.cgroup import Hierarchies, MemoryCgroup, cgroup_at
 from oomguard.cgroup.v2 import V2MemoryCgroup
 from oomguard.errors import CgroupError, OomguardError
+from oomguard.faults import crash_point
 from oomguard.journal import Change, Journal
 from oomguard.procs.pidfd import Pidfd
 from oomguard.procs.reader import read_stat
+
+if TYPE_CHECKING:
+    from oomguard.guardian.link import GuardianLink
 
 MAX = "max"
 
@@ -100,6 +105,10 @@ class Ledger:
         # every change per group would grow with the square of the groups watched.
         self._by_group: dict[str, dict[int, ActiveChange]] = {}
         self._log = log or (lambda _msg: None)
+        # The guardian process (guardian/link.py), told of every hold before it is made so
+        # that it can undo it if this process dies or stalls; None where nothing guards.
+        self.guardian: GuardianLink | None = None
+        self.deadline_for: Callable[[MemoryCgroup], float] = lambda _g: 10.0
 
     def apply(self, group: MemoryCgroup, kind: str, target: str, before: str, after: str,
               incident_id: int | None = None, tag: str = "") -> ActiveChange:
@@ -107,19 +116,26 @@ class Ledger:
                                                incident_id)
         change = ActiveChange(change_id, group, kind, target, before, after, tag)
         self.journal.commit()  # the intent is on disk before the change is made
+        if self.guardian is not None:  # and the guardian knows how to undo it
+            self.guardian.added(change, self.deadline_for(group))
         try:
             write_change(group, kind, target, after)
         except BaseException:
             # Nothing changed, so there is nothing to restore.
             self.journal.mark_restored(change_id)
+            if self.guardian is not None:
+                self.guardian.removed(change_id)
             raise
+        crash_point(f"change:{kind}")
         self.active[change_id] = change
         self._by_group.setdefault(group.relpath, {})[change_id] = change
         return change
 
     def forget(self, change: ActiveChange) -> None:
-        """Drop a change that needs no undoing (its group is gone)."""
+        """Drop a change that needs no undoing (its group is gone, or it was undone)."""
         self.active.pop(change.id, None)
+        if self.guardian is not None:
+            self.guardian.removed(change.id)
         changes = self._by_group.get(change.group.relpath)
         if changes is not None:
             changes.pop(change.id, None)

@@ -195,13 +195,19 @@ def _supervise(session: Session, group: MemoryCgroup, rule: Rule, command: list[
     # the OOM wait while this process, not yet in its loop, waits for the exec: for ever.
     # So the kernel's killer stays on until the command runs; the hold comes right after
     # (an OOM already pending then is signalled at registration).
-    child = _start(dirs, command, rule.memory)
-    engine.watch(group, rule)
-    pidfd = Pidfd.open(child.pid)
-    main_done = False
+    pidfd: Pidfd | None = None
 
     def forward(signum: int) -> None:
-        pidfd.send(signum)
+        if pidfd is not None:
+            pidfd.send(signum)
+
+    # Before the child starts: a SIGTERM that comes while the group is being adopted
+    # (usage thresholds cost the kernel a few ms each) is forwarded, not fatal to run.
+    session.on_signals(forward)
+    child = _start(dirs, command, rule.memory)
+    pidfd = Pidfd.open(child.pid)
+    engine.watch(group, rule)
+    main_done = False
 
     def maybe_stop() -> None:
         open_incidents = [w for w in engine.watches.values()
@@ -211,12 +217,12 @@ def _supervise(session: Session, group: MemoryCgroup, rule: Rule, command: list[
 
     def child_exited(_revents: int) -> None:
         nonlocal main_done
+        assert pidfd is not None
         loop.remove_reader(pidfd.fileno())
         main_done = True
         maybe_stop()
         loop.call_later(rule.settle + 1.0, loop.stop)  # never wait long on a settling episode
 
-    session.on_signals(forward)
     engine.on_incident_closed = lambda _inc: maybe_stop()
     loop.add_reader(pidfd.fileno(), child_exited)
     loop.run()
