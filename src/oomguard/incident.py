@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 from oomguard.errors import OomguardError
 from oomguard.events.loop import Timer
+from oomguard.faults import crash_point
 from oomguard.ledger import ActiveChange
 from oomguard.policy import Rule, Step, StepKind
 
@@ -141,6 +142,8 @@ class Incident:
     def _step_finished(self, result: str) -> None:
         """Steps end with "relief" when they expect the kernel to let go (a victim
         exited, the limit grew): then re-check briefly. Anything else: next step."""
+        if self._last_step is not None:
+            crash_point(f"step:{self._last_step.kind.value}")
         if result == "kernel":
             return  # the step handed over; hand_over() drives the rest
         if result == "relief" and not self.dry_run and not self.paused():

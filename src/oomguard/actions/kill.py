@@ -20,6 +20,7 @@ from oomguard.cgroup.resolve import process_cgroup
 from oomguard.cgroup.v2 import V2MemoryCgroup
 from oomguard.errors import CgroupNotFound, NotAMemoryCgroup, OomguardError, Unsupported
 from oomguard.events.loop import Timer
+from oomguard.faults import crash_point
 from oomguard.policy import Candidate, ProcSample, Step, Target, rank_for_rule
 from oomguard.procs import Pidfd, read_stat
 
@@ -234,6 +235,7 @@ class _Victim:
             return
         for m in self.members:
             m.send(self.sent)
+        crash_point("kill-sent")
         if self.sent == signal.SIGKILL and s.rss >= MRELEASE_MIN_RSS:
             self.pfd.mrelease()  # reap a large victim's memory now; ESRCH: keep waiting
         if self.sent == signal.SIGTERM:
