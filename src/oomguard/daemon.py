@@ -29,6 +29,7 @@ from oomguard.discovery import Discovery
 from oomguard.engine import kill_until_restored, settled
 from oomguard.errors import OomguardError, UsageError
 from oomguard.events.loop import Timer
+from oomguard.guardian.report import consume as consume_report
 from oomguard.journal import default_journal_path, set_aside_if_damaged
 from oomguard.ledger import recover
 from oomguard.obs import sdnotify
@@ -153,6 +154,8 @@ class Daemon:
     def start(self) -> int:
         s = self.session
         self.check_not_inside()
+        if s.guardian is not None:  # what a guardian undid after the last handler died
+            consume_report(s.journal, s.guardian.report, s.log.warning)
         recover(s.journal, s.hier, s.log.info, self._last_resort, _skip)
         self.discovery = Discovery(s.hier, self.policy, s.loop, self.adopt, skip=_skip)
         self.discovery.scan()
