@@ -16,25 +16,28 @@ allocating task stood still while oomguard saw the OOM and raised the limit.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import fcntl
 import itertools
 import os
 import re
 import select
+import sqlite3
 import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
 from oomguard.cgroup import MemoryCgroup
+from oomguard.errors import CgroupError
 from oomguard.procs import spawn_in
 
 MiB = 1 << 20
 STEP = 64 << 10
 F_SETPIPE_SZ = 1031
 PIPE_SIZE = 1 << 20  # every stamp of a run fits: nobody reads while the hog runs
-MODES = ("kernel", "run", "daemon", "run_grow")
+MODES = ("kernel", "kernel_fresh", "run", "daemon", "run_grow")
 RUN_GROW_TOTAL = 96 * MiB
 
 # Writes its pid, then a stamp before each STEP it touches; stops at TOTAL (0: never).
@@ -91,13 +94,15 @@ class Fifo:
         self.buf += data
         return bool(data)
 
-    def pid(self, timeout: float) -> int | None:
+    def pid(self, timeout: float, parent: subprocess.Popen[bytes] | None = None) -> int | None:
+        """The hog's pid, its first line; None on timeout or if `parent` (`oomguard run`)
+        exited first (it could not start the hog)."""
         deadline = time.monotonic() + timeout
         while b"\n" not in self.buf:
             left = deadline - time.monotonic()
-            if left <= 0:
+            if left <= 0 or (parent is not None and parent.poll() is not None):
                 return None
-            self.read_some(left)
+            self.read_some(min(left, 0.1))
         first = self.buf.split(b"\n", 1)[0]
         return int(first.split()[1]) if first.startswith(b"pid ") else None
 
@@ -116,6 +121,32 @@ class Fifo:
         os.close(self.fd)
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
+
+
+def grow_gap(journal: Path, stamps: list[int]) -> int | None:
+    """Index of the gap between stamps that holds the grow step's start (the journal's
+    monotonic clock is the stamps' clock): the stall that the OOM and the raise caused,
+    as opposed to the kernel's reclaim just before the OOM, which any handler sees."""
+    try:
+        db = sqlite3.connect(f"file:{journal}?mode=ro", uri=True)
+        try:
+            rows = db.execute("SELECT started_mono FROM steps WHERE kind = 'grow'").fetchall()
+        finally:
+            db.close()
+    except sqlite3.Error:
+        return None
+    for (mono,) in rows:
+        t = int(float(mono) * 1e9)
+        if stamps[0] < t < stamps[-1]:
+            return bisect.bisect_left(stamps, t) - 1
+    return None
+
+
+def _tail(path: Path, n: int = 3) -> str:
+    try:
+        return " | ".join(path.read_text(errors="replace").splitlines()[-n:])
+    except OSError:
+        return ""
 
 
 def _exit_time(pid: int, timeout: float) -> int | None:
@@ -143,7 +174,7 @@ def once(h: Any, ctx: Any, mode: str, group: MemoryCgroup | None, i: int,
     out: dict[str, Any] = {"mode": mode, "iter": i}
     runner = None
     try:
-        if mode in ("kernel", "daemon"):
+        if mode in ("kernel", "kernel_fresh", "daemon"):
             assert group is not None
             proc = ctx.procs.add(spawn_in([group.path], hog_argv, stdin=subprocess.DEVNULL,
                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
@@ -155,9 +186,12 @@ def once(h: Any, ctx: Any, mode: str, group: MemoryCgroup | None, i: int,
                 cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                 stderr=open(ctx.tmp / f"defaults-{mode}.log", "ab")))  # noqa: SIM115
             proc = None
-        pid = fifo.pid(60)
+        pid = fifo.pid(60, runner)
         if pid is None:
-            out["error"] = "hog did not start"
+            out["error"] = "hog did not start" + (
+                f" (oomguard run exited {runner.returncode}: "
+                f"{_tail(ctx.tmp / f'defaults-{mode}.log')})" if runner is not None
+                and runner.returncode is not None else "")
             return out
         t_exit = _exit_time(pid, 20)
         stamps, done = fifo.rest()
@@ -178,6 +212,10 @@ def once(h: Any, ctx: Any, mode: str, group: MemoryCgroup | None, i: int,
                 return out
             out["stall_ms"] = max(gaps)
             out["median_gap_ms"] = sorted(gaps)[len(gaps) // 2]
+            at = grow_gap(ctx.tmp / f"defaults-{mode}.db", stamps)
+            if at is not None:
+                out["oom_stall_ms"] = gaps[at]
+                out["longest_is_oom"] = gaps[at] == out["stall_ms"]
         else:
             if done or not stamps:
                 out["error"] = f"hog was not killed (status {out.get('status')})"
@@ -220,7 +258,13 @@ def scenario_defaults(h: Any, ctx: Any) -> None:
             if mode == "daemon":
                 daemon.wait_closed(daemon_g.relpath, ran, last)
             g = kernel_g if mode == "kernel" else daemon_g if mode == "daemon" else None
+            if mode == "kernel_fresh":  # a new group, as `run` (or systemd-run) makes one
+                g = ctx.group(f"defaults/fresh-{i}", 64 * MiB)
+                g.set_oom_kill_disable(False)
             s = once(h, ctx, mode, g, i, daemon)
+            if mode == "kernel_fresh" and g is not None:
+                with contextlib.suppress(CgroupError):
+                    g.remove()
             if mode == "daemon":
                 ran += 1
                 last = time.monotonic()
@@ -236,10 +280,17 @@ def scenario_defaults(h: Any, ctx: Any) -> None:
         if mode == "run_grow":
             st["median_gap_ms"] = h.pct([s["median_gap_ms"] for s in ss if "median_gap_ms" in s],
                                         50)
+            oom = [s["oom_stall_ms"] for s in ss if "oom_stall_ms" in s]
+            st["oom_stall"] = h.summary(oom)
+            st["longest_is_oom"] = sum(1 for s in ss if s.get("longest_is_oom"))
         out["modes"][mode] = st
         if st["median_ms"] is not None:
             h.log(f"  defaults {mode:9s} n={st['n']:3d} median {st['median_ms']:.3f} "
                   f"p95 {st['p95_ms']:.3f} max {st['max_ms']:.3f} ms")
+        if mode == "run_grow" and st["oom_stall"]["median_ms"] is not None:
+            o = st["oom_stall"]
+            h.log(f"  defaults {'  at OOM':9s} n={o['n']:3d} median {o['median_ms']:.3f} "
+                  f"p95 {o['p95_ms']:.3f} max {o['max_ms']:.3f} ms (the gap holding the grow)")
     if daemon is not None:
         daemon.wait_closed(daemon_g.relpath, ran, last)
         code = daemon.stop()
@@ -253,8 +304,13 @@ def scenario_defaults(h: Any, ctx: Any) -> None:
     ctx.results["default_kernel_median_ms"] = med["kernel"]
     ctx.results["default_run_median_ms"] = med["run"]
     ctx.results["default_daemon_median_ms"] = med["daemon"]
+    ctx.results["default_kernel_fresh_median_ms"] = med["kernel_fresh"]
     ctx.results["default_kill_vs_kernel_ratio"] = h.ratio(med["run"], med["kernel"])
+    ctx.results["default_kill_vs_fresh_kernel_ratio"] = h.ratio(med["run"], med["kernel_fresh"])
     ctx.results["default_kill_vs_kernel_ratio_daemon"] = h.ratio(med["daemon"], med["kernel"])
     ctx.results["default_kill_vs_kernel_ratio_p95"] = h.ratio(p95["run"], p95["kernel"])
     ctx.results["default_grow_stall_ms"] = med["run_grow"]
     ctx.results["default_grow_stall_ms_p95"] = p95["run_grow"]
+    oom_stall = out["modes"].get("run_grow", {}).get("oom_stall", {})
+    ctx.results["default_grow_oom_stall_ms"] = oom_stall.get("median_ms")
+    ctx.results["default_grow_oom_stall_ms_p95"] = oom_stall.get("p95_ms")
