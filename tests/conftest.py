@@ -175,7 +175,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 class Daemon:
     """A real `oomguard daemon` in the background, its stderr collected line by line."""
 
-    def __init__(self, config: Path, journal: Path, *extra: str) -> None:
+    def __init__(self, config: Path, journal: Path, *extra: str,
+                 env: dict[str, str] | None = None) -> None:
         import sys
         import threading
 
@@ -184,7 +185,7 @@ class Daemon:
             [sys.executable, "-m", "oomguard", "daemon", "--config", str(config),
              "--journal", str(journal), *extra],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-            errors="surrogateescape")
+            errors="surrogateescape", env=None if env is None else {**os.environ, **env})
         self.lines: list[str] = []
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -215,10 +216,10 @@ class Daemon:
 def run_daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
     started: list[Daemon] = []
 
-    def start(config_text: str, *extra: str) -> Daemon:
+    def start(config_text: str, *extra: str, env: dict[str, str] | None = None) -> Daemon:
         config = tmp_path / f"policy{len(started)}.toml"
         config.write_text(config_text)
-        d = Daemon(config, tmp_path / "journal.db", *extra)
+        d = Daemon(config, tmp_path / "journal.db", *extra, env=env)
         started.append(d)
         d.wait_for("watching")
         return d
