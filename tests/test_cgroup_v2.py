@@ -21,9 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from oomguard.actions.limits import v2_headroom
 from oomguard.cgroup import MemoryCgroup, V2MemoryCgroup
 from oomguard.cgroup.transient import destroy, new_group
+from oomguard.cgroup.v2 import v2_headroom
 from oomguard.errors import CgroupError
 from oomguard.procs import spawn_in
 from oomguard.workloads import LEAK, STEADY, argv

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 
-from oomguard.actions.limits import current_hold_limit
 from oomguard.cgroup import MemoryCgroup
 from oomguard.journal import Journal
 
@@ -71,7 +70,7 @@ def small(memcg: MemoryCgroup) -> None:
 
 def held_at(memcg: MemoryCgroup) -> int | None:
     """The limit the hold keeps: v1 memory.limit_in_bytes, v2 memory.high (max is above)."""
-    return current_hold_limit(memcg)
+    return memcg.hold_level()
 
 
 def core_evidence(inc: dict[str, object]) -> dict[str, object]:

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from oomguard.actions.limits import v2_headroom
 from oomguard.cgroup import MemoryCgroup, V2MemoryCgroup
 from oomguard.cgroup.transient import new_group
+from oomguard.cgroup.v2 import v2_headroom
 from oomguard.workloads import LEAK, STEADY
 
 from cli_helpers import oomguard, oomguard_bg

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from oomguard.actions.limits import v2_headroom
 from oomguard.cgroup import MemoryCgroup
+from oomguard.cgroup.v2 import v2_headroom
 from oomguard.journal import Journal
 from oomguard.workloads import LEAK, STEADY, STUBBORN, argv
 

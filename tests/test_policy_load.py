@@ -152,7 +152,7 @@ steps = [
 
 def test_step_dry_run_overrides_an_acting_rule() -> None:
     """The other direction from the full file above (a dry rule with one acting step): the
-    engine applies this per step (actions/registry.run_step; the real-kernel proof is
+    engine applies this per step (steps/runner.run_step; the real-kernel proof is
     test_signal_step.py::test_kill_step_marked_dry_run_signals_nobody)."""
     rule = only_rule(rule_text(
         'steps = ["hold", {kind="kill", dry_run=true}, {kind="grow", dry_run=false}, "kill"]'))

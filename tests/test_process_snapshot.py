@@ -13,12 +13,12 @@ from typing import Any
 
 import pytest
 
-from oomguard.actions.victims import open_verified, take_snapshot, to_sample
 from oomguard.cgroup import MemoryCgroup, V2MemoryCgroup
 from oomguard.journal import Journal
 from oomguard.policy import Rule, Step, StepKind, Strategy
 from oomguard.procs.reader import CLK_TCK, ProcessSnapshot, dying, read_task
 from oomguard.session import Session
+from oomguard.steps.victims import open_verified, take_snapshot, to_sample
 from oomguard.workloads import LEAK, STEADY
 
 from conftest import Spawn

@@ -433,7 +433,7 @@ def test_out_of_memory_at_the_hold(group: V2MemoryCgroup, fs: FakeCgroupFs) -> N
 
 
 def test_v2_headroom_numbers() -> None:
-    from oomguard.actions.limits import v2_headroom
+    from oomguard.cgroup.v2 import v2_headroom
 
     assert v2_headroom(64 * MiB) == 8 * MiB  # measured: ~12 s stall before max
     assert v2_headroom(512 * MiB) == 32 * MiB

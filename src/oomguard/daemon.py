@@ -23,7 +23,6 @@ import signal
 from collections.abc import Callable
 from pathlib import Path
 
-from oomguard.actions import ask
 from oomguard.cgroup import MemoryCgroup, resolve
 from oomguard.discovery import Discovery
 from oomguard.engine import kill_until_restored, settled
@@ -163,7 +162,7 @@ class Daemon:
             self.server = MetricsServer(self.metrics_addr, s.metrics)
             self.server.attach(s.loop)
             s.log.info(f"serving metrics at {self.server.url}")
-        ask.setup(s.engine, self.policy.rules)  # D-Bus for `ask` steps, only if a rule asks
+        s.engine.setup_desktop(self.policy.rules)  # D-Bus for `ask` steps, only if a rule asks
         s.engine.on_unwatched = lambda _w: self._health()
         self._health()
         for note in lock_memory():
@@ -214,7 +213,7 @@ class Daemon:
             self.discovery.close()
         self.discovery = Discovery(s.hier, policy, s.loop, self.adopt, skip=_skip)
         self.discovery.scan()
-        ask.setup(engine, policy.rules)
+        engine.setup_desktop(policy.rules)
         self._health()
         s.log.info(f"SIGHUP: policy reloaded from {self.config} ({len(policy.rules)} rules): "
                    f"{len(engine.watches) - before} groups adopted, {changed} with a new rule "

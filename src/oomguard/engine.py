@@ -1,7 +1,7 @@
 """The handler: one event loop, the watched groups, their incidents.
 
 Data flows one way: kernel event (watch) -> incident (state machine) -> step
-(actions, through the ledger) -> journal. The engine owns the pieces and the
+(steps/, through the ledger) -> journal. The engine owns the pieces and the
 order of shutdown: every change it made is undone before it exits.
 """
 
@@ -9,22 +9,11 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from oomguard.actions import limits, stephooks
-from oomguard.actions.registry import run_kind, run_step
-from oomguard.actions.victims import (
-    NOTHING_EXTRA,
-    Needs,
-    needs_for,
-    open_verified,
-    sample_group,
-    take_snapshot,
-)
 from oomguard.cgroup import Hierarchies, MemoryCgroup
-from oomguard.cgroup.v2 import V2MemoryCgroup
 from oomguard.errors import CgroupError, OomguardError
 from oomguard.events.loop import EventLoop
 from oomguard.events.v1 import ThresholdNotifier
@@ -34,8 +23,19 @@ from oomguard.journal import Journal
 from oomguard.ledger import Ledger
 from oomguard.obs.evidence import EvidenceStore, default_evidence_root, default_total_max
 from oomguard.obs.log import DecisionLog
-from oomguard.policy import Rule, Step, StepKind, Strategy, rank_for_rule
+from oomguard.policy import Rule, StepKind, Strategy, rank_for_rule
 from oomguard.procs import Pidfd, read_stat
+from oomguard.steps import hooks
+from oomguard.steps.grow import try_shrink
+from oomguard.steps.hold import establish_hold
+from oomguard.steps.victims import (
+    NOTHING_EXTRA,
+    Needs,
+    needs_for,
+    open_verified,
+    sample_group,
+    take_snapshot,
+)
 from oomguard.watch import RemovalWatcher, Watch
 
 if TYPE_CHECKING:
@@ -72,9 +72,6 @@ class Engine:
         self.ledger = Ledger(journal, log.warning)
         self.never_pids = ancestors_of_self()
         self.watches: dict[str, Watch] = {}
-        self.run_step = self._run_step
-        self.run_kind = run_kind
-        self.release_hold = limits.release_hold
         self.on_incident_closed: Callable[[Incident], None] | None = None
         self.on_unwatched: Callable[[Watch], None] | None = None
         self.incidents_closed = 0
@@ -83,35 +80,38 @@ class Engine:
         self.evidence: EvidenceStore | None = None
         # Desktop notifications for `ask` steps (obs/desktop.py): set up at start-up, if any.
         self.desktop: Desktop | None = None
-        self._step_results: dict[int, list[tuple[str, str]]] = {}
         self._looks: dict[int, ProcessSnapshot] = {}  # incident id -> its current look
         journal.step_listener = self._step_recorded
         journal.warm()  # the first OOM of a fresh `run` costs what later ones do
 
-    # -- steps -------------------------------------------------------------------------
-    def _run_step(self, inc: Incident, step: Step, done: Callable[[str], None]) -> None:
-        stephooks.run_with_hooks(inc, step, done, run_step)
-
     def _step_recorded(self, incident_id: int, kind: str, result: str) -> None:
-        """Every finished step, as the journal records it: metrics, and step hooks."""
+        """Every finished step, as the journal records it: into the metrics."""
         if self.metrics is not None:
             self.metrics.action(kind, result)
-        results = self._step_results.get(incident_id)
-        if results is not None:
-            results.append((kind, result))
 
-    def track_step_results(self, incident_id: int) -> list[tuple[str, str]]:
-        """A fresh list that collects (kind, result) of the incident's finished steps."""
-        results: list[tuple[str, str]] = []
-        self._step_results[incident_id] = results
-        return results
+    def setup_desktop(self, rules: Iterable[Rule]) -> None:
+        """At start-up, if a rule asks: import the D-Bus client and connect to the buses."""
+        steps = [s for r in rules for s in r.steps if s.kind is StepKind.ASK]
+        if not steps or self.desktop is not None:
+            return
+        try:
+            from oomguard.obs.desktop import Desktop
+        except ImportError as exc:
+            self.log.warning(f"desktop notifications off: {exc.name or exc} is not installed "
+                             "(pip install 'oomguard[desktop]'); ask steps will go on without")
+            return
+        desktop = Desktop(self.loop, self.log.info)
+        n = desktop.start(sorted({s.bus for s in steps if s.bus}))
+        self.desktop = desktop
+        self.log.info(f"desktop notifications: {n} session bus{'es' if n != 1 else ''} "
+                      "reached for ask steps")
 
     def report_cgroup(self, group: MemoryCgroup) -> None:
         """Usage and limit into the metrics (at adoption and incident close: no polling)."""
         if self.metrics is None:
             return
         try:
-            limit = limits.current_hold_limit(group)  # v2: memory.high, where the hold is
+            limit = group.hold_level()  # v2: memory.high, where the hold is
             self.metrics.set_cgroup(group.relpath, group.usage(),
                                     limit if limit is not None else group.limit())
         except OomguardError:
@@ -139,7 +139,7 @@ class Engine:
                 raise
             self._on_removed(watch)  # removed while being adopted (it happens: a race)
             return watch
-        if group.version == 2:
+        if group.rmdir_needs_parent_watch:
             self.removals.add(watch)
         if ranks_by_growth(rule) and not rule.dry_run:
             try:
@@ -160,7 +160,7 @@ class Engine:
         if rule.memory is not None and not rule.dry_run:
             current = group.limit()
             if current != rule.memory:
-                if rule.memsw is not None and group.version == 1:  # v1: memsw >= memory always
+                if rule.memsw is not None and group.memsw_bounds_memory:  # memsw >= memory
                     old = group.memsw_limit()
                     if old is None or old < rule.memory:
                         self.ledger.apply(group, "memsw_limit", group.relpath, _t(old),
@@ -170,23 +170,16 @@ class Engine:
         if rule.memsw is not None and not rule.dry_run and group.memsw_limit() != rule.memsw:
             self.ledger.apply(group, "memsw_limit", group.relpath, _t(group.memsw_limit()),
                               str(rule.memsw), tag="rule")
-        baseline = limits.current_hold_limit(group) if group.version == 1 else group.limit()
+        baseline = group.limit()  # before any hold: v2 puts memory.max above it
         watch.baseline_limit = baseline
         holds = any(s.kind is StepKind.HOLD for s in rule.steps)
         if holds and not rule.dry_run:
-            limits.establish_hold(self.ledger, group, baseline)
+            establish_hold(self.ledger, group, baseline)
         watch.start(self.loop, self._on_oom, self._on_removed)
 
     def _sample_growth(self, watch: Watch) -> None:
         """Usage crossed a mark: record each process's size for the growth ranking."""
         sample_group(watch.group, watch.growth, needs_for(watch.rule, Strategy.GROWTH))
-
-    def holds(self, group: MemoryCgroup) -> bool:
-        if any(c.tag == "hold" for c in self.ledger.for_group(group)):
-            return True  # ours, established at adoption: no need to ask the kernel again
-        if isinstance(group, V2MemoryCgroup):
-            return group.high() is not None
-        return bool(group.oom_state().kill_disabled)
 
     def unwatch(self, watch: Watch, removed: bool = False) -> None:
         if self.watches.pop(watch.relpath, None) is None:
@@ -254,7 +247,6 @@ class Engine:
         if self.ledger.guardian is not None:
             self.ledger.guardian.incident_closed(str(inc.group.path))
         self._rehold(inc.watch)
-        self._step_results.pop(inc.id, None)
         self.try_shrink(inc.watch)
         if inc.watch.relpath in self.watches:
             self.report_cgroup(inc.group)
@@ -308,15 +300,16 @@ class Engine:
         try:
             if watch.out_of_memory():
                 return  # the kernel's killer is at work; the next close tries again
-            limits.establish_hold(self.ledger, watch.group, watch.baseline_limit)
+            establish_hold(self.ledger, watch.group, watch.baseline_limit)
         except OomguardError as exc:
             self.log.warning(f"{watch.relpath}: could not hold again: {exc}")
 
-    def victim_killed(self, inc: Incident) -> None:
+    # -- what steps share (steps/context.py Services) -------------------------------------
+    def victim_killed(self, group: MemoryCgroup) -> None:
         if self.metrics is not None:
-            self.metrics.victim(inc.group.relpath)
+            self.metrics.victim(group.relpath)
 
-    def evidence_saved(self, inc: Incident, data: dict[str, object], look: ProcessSnapshot,
+    def evidence_saved(self, incident_id: int, data: dict[str, object], look: ProcessSnapshot,
                        raw: dict[str, bytes]) -> None:
         """A snapshot into the incident's evidence directory (obs/evidence.py), from what
         was read already (the look at the OOM, and what the snapshot read after the
@@ -327,42 +320,44 @@ class Engine:
             return
         files = store.snapshot_files(data, look, raw)
         try:
-            saved = store.save_files(inc.id, files)
+            saved = store.save_files(incident_id, files)
         except OSError as exc:
-            self.log.warning(f"evidence of incident {inc.id} not saved in {store.root}: {exc}")
+            self.log.warning(f"evidence of incident {incident_id} not saved in {store.root}: "
+                             f"{exc}")
             return
         if saved.pop("new"):
-            self.journal.add_evidence(inc.id, "evidence-dir", saved)
+            self.journal.add_evidence(incident_id, "evidence-dir", saved)
 
     # -- one look at the processes ----------------------------------------------------
-    def look(self, inc: Incident, needs: Needs = NOTHING_EXTRA) -> ProcessSnapshot:
+    def look(self, incident_id: int, group: MemoryCgroup,
+             needs: Needs = NOTHING_EXTRA) -> ProcessSnapshot:
         """The group's processes as they are now, read once (stat and status each) and
         shared by the steps that run back to back: the snapshot step's listing, the
         ranking, the pid-reuse check's start ticks, the evidence. Valid until the loop
         turns or a victim choice consumed it (kill, signal, move: see kill.choose)."""
-        snap = self._looks.get(inc.id)
+        snap = self._looks.get(incident_id)
         if snap is None:
-            snap = take_snapshot(inc.group, needs)
-            self._looks[inc.id] = snap
+            snap = take_snapshot(group, needs)
+            self._looks[incident_id] = snap
 
             def expire() -> None:
-                if self._looks.get(inc.id) is snap:
-                    del self._looks[inc.id]
+                if self._looks.get(incident_id) is snap:
+                    del self._looks[incident_id]
 
             self.loop.call_soon(expire)
         return snap
 
-    def forget_look(self, inc: Incident) -> None:
-        self._looks.pop(inc.id, None)
+    def forget_look(self, incident_id: int) -> None:
+        self._looks.pop(incident_id, None)
 
-    def evidence_dir(self, inc: Incident) -> Path | None:
+    def evidence_dir(self, incident_id: int) -> Path | None:
         """The incident's evidence directory, made (and named in the journal) if new."""
         store = self.evidence_store()
         if store is None:
             return None
-        directory, new = store.dir_for(inc.id)
+        directory, new = store.dir_for(incident_id)
         if new:
-            self.journal.add_evidence(inc.id, "evidence-dir", {"path": str(directory)})
+            self.journal.add_evidence(incident_id, "evidence-dir", {"path": str(directory)})
         return directory
 
     # -- shrinking back after a grow ---------------------------------------------------
@@ -372,7 +367,7 @@ class Engine:
         if watch.baseline_limit is None or watch.shrink_armed:
             return
         watch.shrink_armed = True
-        if watch.group.version == 1:
+        if watch.group.has_usage_thresholds:
             try:
                 th = ThresholdNotifier(watch.group, watch.baseline_limit)
             except CgroupError:
@@ -412,7 +407,7 @@ class Engine:
             return
         try:
             before = watch.group.limit()
-            if limits.try_shrink(self.ledger, watch.group, watch.baseline_limit):
+            if try_shrink(self.ledger, watch.group, watch.baseline_limit):
                 self.log.shrank(watch.relpath, before, watch.group.limit())
                 self._disarm_shrink(watch)
                 return
@@ -438,7 +433,7 @@ class Engine:
     # -- shutdown ----------------------------------------------------------------------
     def _restore_group(self, watch: Watch) -> None:
         self._disarm_shrink(watch)
-        if isinstance(watch.group, V2MemoryCgroup) and self._grown_past_baseline(watch):
+        if watch.group.limit_cut_kills and self._grown_past_baseline(watch):
             # v1 refuses a limit below usage; v2 takes memory.max down by OOM-killing on
             # its own, blind to the rule's protect. Choose the victim as v1 does first
             # (after letting paused tasks run again, as restore_all would).
@@ -482,7 +477,7 @@ class Engine:
         for watch in list(self.watches.values()):
             self.unwatch(watch)
         self.removals.close()
-        stephooks.cancel_all()
+        hooks.cancel_all()
         if self.desktop is not None:
             self.desktop.close()
         leftover = self.ledger.restore_all()

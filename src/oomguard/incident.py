@@ -13,7 +13,7 @@ incident moved on is ignored (each step run carries a generation number).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from oomguard.errors import OomguardError
@@ -21,12 +21,13 @@ from oomguard.events.loop import Timer
 from oomguard.faults import crash_point
 from oomguard.ledger import ActiveChange
 from oomguard.policy import Rule, Step, StepKind
+from oomguard.steps import runner
+from oomguard.steps.context import Done, Outcome, StepContext
+from oomguard.steps.hold import release_hold
 
 if TYPE_CHECKING:
     from oomguard.engine import Engine
     from oomguard.watch import Watch
-
-Done = Callable[[str], None]
 
 # How long after a step to keep re-checking whether the kernel let go of the OOM.
 # The waiters wake asynchronously after memory is freed or the limit raised; these
@@ -58,7 +59,24 @@ class Incident:
         self._deadline = engine.loop.call_later(self.rule.deadline, self._on_deadline)
         engine.log.incident_opened(self.group.relpath, self.id)
 
-    # -- helpers for steps --------------------------------------------------------
+    # -- what steps get (steps/context.py) ---------------------------------------------
+    @property
+    def acting(self) -> bool:
+        return self.state == "acting"
+
+    def context(self, step: Step, dry_run: bool, done: Done) -> StepContext:
+        """One run of `step`, with only what a step may use."""
+        engine, watch = self.engine, self.watch
+        return StepContext(step=step, group=self.group, rule=self.rule, dry_run=dry_run,
+                           episode=self, ledger=engine.ledger, journal=engine.journal,
+                           log=engine.log, loop=engine.loop, never_pids=engine.never_pids,
+                           growth=watch.growth, baseline_limit=watch.baseline_limit,
+                           services=engine, on_done=done)
+
+    def run_kind(self, kind: str, done: Done) -> None:
+        """Run a step of `kind` now with the rule's settings (an exec's or an ask's choice)."""
+        runner.run_kind(self, kind, done)
+
     def later(self, delay: float, fn: Callable[[], None]) -> None:
         gen = self.generation
 
@@ -75,23 +93,11 @@ class Incident:
         """The `done` callback for the step now starting; ignored if the incident moved on."""
         gen = self.generation
 
-        def finish(result: str) -> None:
+        def finish(outcome: Outcome) -> None:
             if gen == self.generation and self.state == "acting":
-                self._step_finished(result)
+                self._step_finished(outcome)
 
         return finish
-
-    def skip_if_dry_run(self, step_id: int, done: Done, would: str,
-                        after: Mapping[str, object] | None = None) -> bool:
-        """In a dry run: record what the step would have done and finish it (True).
-        Every step asks this right before its first change to the system. `dry_run` is the
-        running step's own (rule.dry_run_for: the step runner, actions/registry.py, sets it
-        for the step's duration)."""
-        if not self.dry_run:
-            return False
-        self.engine.journal.finish_step(step_id, "dry-run", after, would)
-        done("done")
-        return True
 
     def under_oom(self) -> bool:
         """Is the group still out of memory, by the kernel's own account?"""
@@ -137,16 +143,16 @@ class Incident:
         self.index += 1
         self._last_step = step
         self.generation += 1
-        self.engine.run_step(self, step, self.step_done())
+        runner.run_step(self, step, self.step_done(), self.engine.journal, self.engine.log)
 
-    def _step_finished(self, result: str) -> None:
-        """Steps end with "relief" when they expect the kernel to let go (a victim
+    def _step_finished(self, outcome: Outcome) -> None:
+        """Steps end with RELIEF when they expect the kernel to let go (a victim
         exited, the limit grew): then re-check briefly. Anything else: next step."""
         if self._last_step is not None:
             crash_point(f"step:{self._last_step.kind.value}")
-        if result == "kernel":
+        if outcome is Outcome.HANDED_OVER:
             return  # the step handed over; hand_over() drives the rest
-        if result == "relief" and not self.dry_run and not self.paused():
+        if outcome is Outcome.RELIEF and not self.dry_run and not self.paused():
             self.await_relief(self._resolved, self._retry_or_advance)
         else:
             self._advance()
@@ -223,7 +229,7 @@ class Incident:
         self.engine.log.handed_to_kernel(self.group.relpath, reason)
         step_id = self.engine.journal.begin_step(self.id, "kernel", None, {"reason": reason})
         try:
-            self.engine.release_hold(self)
+            self.changes.extend(release_hold(self.engine.ledger, self.group, self.id))
         except OomguardError as exc:
             self.engine.journal.finish_step(step_id, "failed", None, str(exc))
         else:

@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from oomguard.cgroup import Hierarchies, MemoryCgroup, cgroup_at
-from oomguard.cgroup.v2 import V2MemoryCgroup
 from oomguard.errors import CgroupError, OomguardError
 from oomguard.faults import crash_point
 from oomguard.journal import Change, Journal
@@ -60,9 +59,7 @@ def write_change(group: MemoryCgroup, kind: str, target: str, value: str) -> Non
     elif kind == "memsw_limit":
         group.set_memsw_limit(_value(value))
     elif kind == "high":
-        if not isinstance(group, V2MemoryCgroup):
-            raise CgroupError(str(group.path), "memory.high is cgroup v2 only")
-        group.set_high(_value(value))
+        group.set_high(_value(value))  # v1 raises CgroupError: memory.high is v2 only
     elif kind == "oom_kill_disable":
         group.set_oom_kill_disable(value == "1")
     elif kind == "freeze":

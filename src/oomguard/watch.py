@@ -14,7 +14,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from oomguard.cgroup import MemoryCgroup
-from oomguard.cgroup.v2 import V2MemoryCgroup
 from oomguard.errors import OomguardError, Unsupported
 from oomguard.events.inotify import DirectoryWatcher
 from oomguard.events.loop import EventLoop
@@ -143,7 +142,7 @@ class Watch:
         rank by growth pay it, once, at adoption.) On v2 the samples come from the rule's
         PSI trigger, when it has one, and from each incident."""
         limit = self.baseline_limit
-        if self.group.version != 1 or not limit:
+        if not self.group.has_usage_thresholds or not limit:
             return
         for mark in GROWTH_MARKS:
             notifier = ThresholdNotifier(self.group, int(limit * mark))
@@ -155,19 +154,10 @@ class Watch:
             self._add(loop, notifier.fileno(), crossed, notifier.poll_events, notifier.close)
 
     def out_of_memory(self) -> bool:
-        """Is the group out of memory by the kernel's own account right now?
-
-        v1: tasks asleep in the OOM wait (`under_oom`). v2 has no such state: usage is
-        at the hold (memory.high) and nothing reclaimable is left (see
-        V2MemoryCgroup.out_of_memory_at). After a hand-over lifted memory.high, the
-        group is judged at the hold it had until the kernel's killer has acted.
-        """
-        group = self.group
-        if isinstance(group, V2MemoryCgroup):
-            high = group.high()
-            level = high if high is not None else self.baseline_limit
-            return level is not None and group.out_of_memory_at(level)
-        return group.oom_state().under_oom
+        """Is the group out of memory by the kernel's own account right now? (v1: tasks
+        asleep in the OOM wait; v2: usage at the hold and nothing reclaimable left, judged
+        at the baseline after a hand-over lifted the hold: MemoryCgroup.out_of_memory.)"""
+        return self.group.out_of_memory(self.baseline_limit)
 
     def _add(self, loop: EventLoop, fd: int, cb: Callable[[int], None], events: int,
              closer: Callable[[], None]) -> None:

@@ -35,6 +35,21 @@ class OomState:
 
 
 @dataclass(frozen=True)
+class FileChange:
+    """A change a backend asks for, made (and journaled first) by the ledger: `kind` is a
+    ledger change kind ("limit", "memsw_limit", "high", "oom_kill_disable"), `before` and
+    `after` its values as the journal writes them ("max" for none)."""
+
+    kind: str
+    before: str
+    after: str
+
+
+def as_text(value: int | None) -> str:
+    return "max" if value is None else str(value)
+
+
+@dataclass(frozen=True)
 class MemoryFigures:
     """One consistent reading for `status`."""
 
@@ -48,9 +63,28 @@ class MemoryFigures:
 
 
 class MemoryCgroup(ABC):
-    """A memory cgroup, addressed by its path relative to the hierarchy root."""
+    """A memory cgroup, addressed by its path relative to the hierarchy root.
+
+    What differs between the versions in *how oomguard handles an OOM* lives here too
+    (the hold, its release, a grow, "is it out of memory"), so that the handler above
+    never asks which version it has."""
 
     version: ClassVar[int]
+    #: How the hold works, for the log line of the hold step (None: nothing to add).
+    hold_note: ClassVar[str | None] = None
+    #: A freeze is over only when the kernel says so, later (v2 cgroup.events "frozen 1").
+    freeze_settles_later: ClassVar[bool] = False
+    #: A runnable (R) task of a group out of memory is stuck too (v2: throttled in reclaim
+    #: at memory.high), not only one asleep (D) in the OOM wait.
+    runnable_tasks_wait: ClassVar[bool] = False
+    #: The kernel offers usage thresholds through eventfds (v1 cgroup.event_control).
+    has_usage_thresholds: ClassVar[bool] = False
+    #: The group's own fds see no rmdir (v2): watch the parent directory instead.
+    rmdir_needs_parent_watch: ClassVar[bool] = False
+    #: Lowering the limit below usage makes the kernel kill (v2) instead of refusing (v1).
+    limit_cut_kills: ClassVar[bool] = False
+    #: memsw is a separate limit that must stay >= memory (v1).
+    memsw_bounds_memory: ClassVar[bool] = False
 
     def __init__(self, hierarchies: Hierarchies, mount: Mount, relpath: str) -> None:
         self.hierarchies = hierarchies
@@ -195,6 +229,40 @@ class MemoryCgroup(ABC):
 
     @abstractmethod
     def set_oom_kill_disable(self, disabled: bool) -> None: ...
+
+    def set_high(self, value: int | None) -> None:
+        raise CgroupError(str(self.path), "memory.high is cgroup v2 only")
+
+    def oom_group(self) -> bool:
+        """Must an OOM kill take the whole group (v2 memory.oom.group)?"""
+        return False
+
+    # -- the hold: OOMs of this group wait for oomguard instead of the kernel's killer --
+    @abstractmethod
+    def hold_level(self) -> int | None:
+        """The limit the group is held at (v2: memory.high; memory.max where nothing holds),
+        what a grow raises; None for no limit."""
+
+    @abstractmethod
+    def is_held(self) -> bool:
+        """Do OOMs of this group wait (v1 oom_kill_disable, v2 memory.high set)?"""
+
+    @abstractmethod
+    def hold_changes(self, limit: int | None) -> list[FileChange]:
+        """What to change so that the group's OOMs at `limit` wait ([] if they do)."""
+
+    @abstractmethod
+    def release_changes(self) -> list[FileChange]:
+        """What to change to hand the group's OOM to the kernel's killer."""
+
+    @abstractmethod
+    def grow_changes(self, current: int, new: int) -> list[FileChange]:
+        """What to change, in order, to raise the hold level from `current` to `new`."""
+
+    @abstractmethod
+    def out_of_memory(self, held_at: int | None = None) -> bool:
+        """Is the group out of memory by the kernel's own account right now? `held_at`:
+        the level it was held at, for a v2 group whose hold was lifted."""
 
     def figures(self) -> MemoryFigures:
         return MemoryFigures(

@@ -9,7 +9,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from oomguard.cgroup import files
-from oomguard.cgroup.base import UNLIMITED_THRESHOLD, MemoryCgroup, OomState
+from oomguard.cgroup.base import (
+    UNLIMITED_THRESHOLD,
+    FileChange,
+    MemoryCgroup,
+    OomState,
+)
 from oomguard.errors import Unsupported
 
 
@@ -19,6 +24,8 @@ def _limit(value: int) -> int | None:
 
 class V1MemoryCgroup(MemoryCgroup):
     version = 1
+    has_usage_thresholds = True
+    memsw_bounds_memory = True
 
     def tasks(self) -> list[int]:
         return files.parse_pids(self.read("tasks"))
@@ -75,6 +82,30 @@ class V1MemoryCgroup(MemoryCgroup):
 
     def set_oom_kill_disable(self, disabled: bool) -> None:
         self.write("memory.oom_control", "1" if disabled else "0")
+
+    # -- the hold: oom_kill_disable=1, tasks asleep in the OOM wait -----------------------
+    def hold_level(self) -> int | None:
+        return self.limit()
+
+    def is_held(self) -> bool:
+        return bool(self.oom_state().kill_disabled)
+
+    def hold_changes(self, limit: int | None) -> list[FileChange]:
+        return [] if self.is_held() else [FileChange("oom_kill_disable", "0", "1")]
+
+    def release_changes(self) -> list[FileChange]:
+        return [FileChange("oom_kill_disable", "1", "0")] if self.is_held() else []
+
+    def grow_changes(self, current: int, new: int) -> list[FileChange]:
+        changes = []
+        memsw = self.memsw_limit()
+        if memsw is not None:  # memsw first: it must stay >= memory
+            changes.append(FileChange("memsw_limit", str(memsw), str(memsw + new - current)))
+        changes.append(FileChange("limit", str(current), str(new)))
+        return changes
+
+    def out_of_memory(self, held_at: int | None = None) -> bool:
+        return self.oom_state().under_oom
 
     # -- the v1 freezer is its own hierarchy: the group at the same path there --
     def freezer_path(self) -> Path:

@@ -12,9 +12,29 @@ parent, never in the group itself (docs/cgroup-v2.md).
 from __future__ import annotations
 
 from oomguard.cgroup import files
-from oomguard.cgroup.base import MemoryCgroup, OomState
+from oomguard.cgroup.base import FileChange, MemoryCgroup, OomState, as_text
 from oomguard.cgroup.files import ValueRejected
 from oomguard.errors import CgroupError, CgroupRemoved, Unsupported
+
+MiB = 1 << 20
+
+
+def v2_headroom(limit: int) -> int:
+    """How far memory.max sits above the v2 hold (memory.high at `limit`).
+
+    With no swap, an allocator over memory.high is throttled in penalty sleeps; how
+    long it takes to climb to memory.max (where the kernel kills) grows with the
+    headroom squared over the limit, and faster than that with size. Measured in the
+    VM (docs/cgroup-v2.md): 1/16 of 64M stalls 1.5 s, 1/8 12 s, 1/4 64 s; at 1/8,
+    256M stalls 33 s and 512M 68 s. Half of (limit in MiB)^(2/3) MiB held it at
+    10.5-13.4 s from 64M to 1G (8M at 64M, 20M at 256M, 32M at 512M, 51M at 1G):
+    just over the default deadline (10 s), after which oomguard hands over anyway.
+    Clamped to 2M..1G, rounded up to whole pages.
+    """
+    mib = limit / MiB
+    headroom = int(0.5 * mib ** (2 / 3) * MiB)
+    headroom = -(-headroom // 4096) * 4096
+    return min(1 << 30, max(2 * MiB, headroom))
 
 
 def _parse_max(text: str) -> int | None:
@@ -45,6 +65,11 @@ def reclaimable_floor(level: int) -> int:
 
 class V2MemoryCgroup(MemoryCgroup):
     version = 2
+    hold_note = "tasks throttled at memory.high, memory.max above it"
+    freeze_settles_later = True
+    runnable_tasks_wait = True
+    rmdir_needs_parent_watch = True
+    limit_cut_kills = True
 
     def _before_create(self) -> None:
         """A new group gets memory.* files only if its PARENT distributes the controller.
@@ -139,6 +164,48 @@ class V2MemoryCgroup(MemoryCgroup):
         `under_oom` (allocators are being throttled at the hold, not killed)."""
         high = self.high()
         return high is not None and self.out_of_memory_at(high)
+
+    # -- the hold: memory.high at the limit, memory.max a headroom above it ---------------
+    def hold_level(self) -> int | None:
+        high = self.high()
+        return high if high is not None else self.limit()
+
+    def is_held(self) -> bool:
+        return self.high() is not None
+
+    def hold_changes(self, limit: int | None) -> list[FileChange]:
+        if limit is None:
+            return []  # nothing to hold at: no limit
+        changes = []
+        high, mx = self.high(), self.limit()
+        if high != limit:
+            changes.append(FileChange("high", as_text(high), str(limit)))
+        wanted_max = limit + v2_headroom(limit)
+        if mx != wanted_max:
+            changes.append(FileChange("limit", as_text(mx), str(wanted_max)))
+        return changes
+
+    def release_changes(self) -> list[FileChange]:
+        high = self.high()
+        return [] if high is None else [FileChange("high", str(high), "max")]
+
+    def grow_changes(self, current: int, new: int) -> list[FileChange]:
+        # Move max first so that high never sits above it; high only where it holds.
+        delta = new - current
+        old_max, old_high = self.limit(), self.high()
+        changes = []
+        if old_max is not None:
+            changes.append(FileChange("limit", str(old_max), str(old_max + delta)))
+        if old_high is not None:
+            changes.append(FileChange("high", str(old_high), str(old_high + delta)))
+        return changes
+
+    def out_of_memory(self, held_at: int | None = None) -> bool:
+        """Usage at the hold and nothing reclaimable left (out_of_memory_at). After a
+        hand-over lifted memory.high, judged at `held_at` until the kernel's killer acts."""
+        high = self.high()
+        level = high if high is not None else held_at
+        return level is not None and self.out_of_memory_at(level)
 
     def oom_state(self) -> OomState:
         ev = self.events()

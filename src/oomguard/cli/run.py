@@ -18,7 +18,6 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from oomguard.actions import ask
 from oomguard.cgroup import MemoryCgroup
 from oomguard.cgroup.transient import clean_stale, destroy, ensure_own_parent, new_group
 from oomguard.cgroup.v1 import V1MemoryCgroup
@@ -186,7 +185,7 @@ def _supervise(session: Session, group: MemoryCgroup, rule: Rule, command: list[
     # to the system, so it is set even in a dry run (a dry run must never run unlimited).
     assert rule.memory is not None
     group.set_limits(rule.memory, rule.memsw)
-    ask.setup(engine, [rule])  # D-Bus for `ask` steps, only if the rule asks
+    engine.setup_desktop([rule])  # D-Bus for `ask` steps, only if the rule asks
     dirs = [group.path]
     if isinstance(group, V1MemoryCgroup) and group.hierarchies.freezer_v1 is not None:
         dirs.append(group.ensure_freezer())

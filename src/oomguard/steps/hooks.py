@@ -1,10 +1,11 @@
-"""Hooks around every step of a rule: `before_step` and `after_step` (argv, never a shell).
+"""Commands started from the loop: step hooks (`before_step`/`after_step`, run by the
+step runner, runner.py) and the core step's gcore. Argv, never a shell.
 
 The before-hook runs first and the step waits for it, at most `hook_timeout` (its exit
 status is recorded but decides nothing: that is what an `exec` step is for). The after-hook
 is started when the step has finished and is not waited for. Both run in oomguard's own
 cgroup, in a session of their own (a timeout kills the whole session), with the incident's
-environment (see actions/hook.py) plus:
+environment (`hook_environment`) plus:
 
     OOMGUARD_HOOK          "before" or "after"
     OOMGUARD_STEP          the step's kind ("kill", "grow", ...)
@@ -29,18 +30,42 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import IO, TYPE_CHECKING
 
-from oomguard.actions.hook import OUTPUT_LIMIT, hook_environment
 from oomguard.errors import OomguardError
 from oomguard.events.loop import EventLoop, Timer
 from oomguard.fsutil import memory_file
-from oomguard.policy import Step
 from oomguard.procs import Pidfd
 
 if TYPE_CHECKING:
-    from oomguard.incident import Done, Incident
+    from oomguard.steps.context import StepContext
 
-StepFn = Callable[["Incident", Step, "Done"], None]
 Finished = Callable[[dict[str, object]], None]
+OUTPUT_LIMIT = 64 << 10
+
+
+def hook_environment(ctx: StepContext, extra: Mapping[str, str] | None = None
+                     ) -> dict[str, str]:
+    """What a hook learns: documented in docs/configuration.md (OOMGUARD_*)."""
+    group = ctx.group
+    env = {k: v for k, v in os.environ.items() if k in ("PATH", "LANG", "LC_ALL", "HOME", "TZ")}
+    env.setdefault("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+    env.update({
+        "OOMGUARD_INCIDENT": str(ctx.incident_id),
+        "OOMGUARD_CGROUP": group.relpath,
+        "OOMGUARD_CGROUP_PATH": str(group.path),
+        "OOMGUARD_CGROUP_VERSION": str(group.version),
+        "OOMGUARD_RULE": ctx.rule.name,
+        "OOMGUARD_DRY_RUN": "1" if ctx.dry_run else "0",
+    })
+    try:
+        env["OOMGUARD_USAGE"] = str(group.usage())
+        limit = group.limit()
+        env["OOMGUARD_LIMIT"] = "max" if limit is None else str(limit)
+        env["OOMGUARD_PIDS"] = " ".join(map(str, group.procs()))
+    except OomguardError:
+        pass
+    if extra:
+        env.update(extra)
+    return env
 
 
 @dataclass(eq=False)
@@ -139,53 +164,3 @@ def cancel_all() -> None:
     """Kill every hook still running (the daemon is stopping)."""
     for hook in list(_RUNNING):
         hook.cancel()
-
-
-def run_with_hooks(inc: Incident, step: Step, done: Done, inner: StepFn) -> None:
-    """Run `step` through `inner`, with the rule's before/after hooks around it."""
-    rule, engine = inc.rule, inc.engine
-    if rule.dry_run_for(step) or not (rule.before_step or rule.after_step):
-        inner(inc, step, done)
-        return
-    index = inc.index  # already advanced past this step: its position from 1
-    results = engine.track_step_results(inc.id)
-    base = {"OOMGUARD_STEP": step.kind.value, "OOMGUARD_STEP_INDEX": str(index)}
-
-    def record(when: str) -> Finished:
-        def save(data: dict[str, object]) -> None:
-            data = {"hook": when, "step": step.kind.value, "index": index, **data}
-            try:
-                engine.journal.add_evidence(inc.id, "hook-output", data)
-            except OomguardError as exc:
-                engine.log.warning(f"hook output of incident {inc.id} not recorded: {exc}")
-            if data.get("timed_out") or data.get("status") not in (0, None):
-                engine.log.info(f"{when}_step hook for {step.kind.value} in {inc.group.relpath}: "
-                                f"{'timed out' if data.get('timed_out') else data.get('status')}")
-        return save
-
-    def finished(result: str) -> None:
-        if rule.after_step:
-            own = [r for kind, r in results if kind == step.kind.value]
-            env = hook_environment(inc, {**base, "OOMGUARD_HOOK": "after",
-                                         "OOMGUARD_STEP_RESULT": own[0] if own else result,
-                                         "OOMGUARD_STEP_OUTCOME": result})
-            spawn(engine.loop, rule.after_step, env, rule.hook_timeout, record("after"))
-        done(result)
-
-    if not rule.before_step:
-        inner(inc, step, finished)
-        return
-    gen = inc.generation
-    saved = record("before")
-
-    def before_finished(data: dict[str, object]) -> None:
-        saved(data)
-        if data.get("cancelled") or inc.generation != gen or inc.state != "acting":
-            return  # the incident moved on (closed, handed over) while the hook ran
-        del results[:]
-        inner(inc, step, finished)
-
-    env = hook_environment(inc, {**base, "OOMGUARD_HOOK": "before"})
-    hook = spawn(engine.loop, rule.before_step, env, rule.hook_timeout, before_finished)
-    if hook is not None:
-        inc.on_close(hook.cancel)

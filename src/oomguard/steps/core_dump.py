@@ -24,21 +24,18 @@ from __future__ import annotations
 import os
 import signal
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from oomguard.actions import limits, stephooks
-from oomguard.actions.kill import choose
-from oomguard.actions.victims import open_verified
 from oomguard.errors import OomguardError
 from oomguard.fsutil import which
 from oomguard.ledger import ActiveChange, pid_target
-from oomguard.policy import Candidate, Step
+from oomguard.policy import Candidate
 from oomguard.policy.model import DEFAULT_CORE_MAX
 from oomguard.procs import read_stat
+from oomguard.steps import hooks
+from oomguard.steps.context import Outcome, StepContext
+from oomguard.steps.grow import raise_limit
+from oomguard.steps.victims import choose, open_verified
 from oomguard.units import format_size
-
-if TYPE_CHECKING:
-    from oomguard.incident import Done, Incident
 
 WAKE_GROW = 8 << 20  # enough for the sleeper to finish its fault and reach the stop
 DISK_MARGIN = 64 << 20  # free space left on the evidence file system after the core
@@ -57,11 +54,11 @@ def core_estimate(rss: int) -> int:
     return rss + rss // 8 + (16 << 20)
 
 
-def core(inc: Incident, step: Step, done: Done) -> None:
-    engine, journal = inc.engine, inc.engine.journal
+def core(ctx: StepContext) -> None:
+    step = ctx.step
     cand, pfd = None, None
-    for c in choose(inc, step):
-        if inc.dry_run:
+    for c in choose(ctx):
+        if ctx.dry_run:
             cand = c
             break
         pfd = open_verified(c.sample)
@@ -69,21 +66,17 @@ def core(inc: Incident, step: Step, done: Done) -> None:
             cand = c
             break
     if cand is None:
-        sid = journal.begin_step(inc.id, "core", None, None)
-        journal.finish_step(sid, "no-victim", None, "no process to dump")
-        done("failed")
+        ctx.fail("no-victim", "no process to dump")
         return
     if pfd is not None:
         pfd.close()  # the stop below names the process by pid and start time
     s = cand.sample
     cap = step.max_size if step.max_size is not None else DEFAULT_CORE_MAX
-    sid = journal.begin_step(inc.id, "core", s.pid, {"comm": s.comm, "rss": s.rss,
-                                                      "max_size": cap})
+    ctx.begin(s.pid, {"comm": s.comm, "rss": s.rss, "max_size": cap})
 
     def refuse(result: str, reason: str) -> None:
-        journal.finish_step(sid, result, None, reason)
-        engine.log.info(f"no core of pid {s.pid} in {inc.group.relpath}: {reason}")
-        done("failed")
+        ctx.log.info(f"no core of pid {s.pid} in {ctx.group.relpath}: {reason}")
+        ctx.fail(result, reason)
 
     gcore = find_gcore()
     if gcore is None:
@@ -93,15 +86,15 @@ def core(inc: Incident, step: Step, done: Done) -> None:
         refuse("skipped", f"its rss {format_size(s.rss)} is above the core cap "
                           f"{format_size(cap)} (max_size)")
         return
-    store = engine.evidence_store()
+    store = ctx.services.evidence_store()
     if store is None:
         refuse("refused", "no evidence directory (the journal is in memory)")
         return
-    if inc.skip_if_dry_run(sid, done, f"would dump pid {s.pid}"):
+    if ctx.would(f"would dump pid {s.pid}"):
         return
     need = core_estimate(s.rss)
     try:
-        directory = engine.evidence_dir(inc)
+        directory = ctx.services.evidence_dir(ctx.incident_id)
         assert directory is not None
         if not store.make_room(need, keep=directory):
             refuse("skipped", f"the evidence cap {format_size(store.total_max)} leaves no room "
@@ -116,31 +109,30 @@ def core(inc: Incident, step: Step, done: Done) -> None:
         refuse("skipped", f"only {format_size(free)} free for the evidence directory")
         return
     room = min(max(cap, need), store.room_left(), free - DISK_MARGIN)
-    _stop_and_dump(inc, step, done, sid, cand, gcore, directory, room)
+    _stop_and_dump(ctx, cand, gcore, directory, room)
 
 
-def _stop_and_dump(inc: Incident, step: Step, done: Done, sid: int, cand: Candidate,
-                   gcore: str, directory: Path, room: int) -> None:
-    engine, journal, ledger, group = inc.engine, inc.engine.journal, inc.engine.ledger, inc.group
+def _stop_and_dump(ctx: StepContext, cand: Candidate, gcore: str, directory: Path,
+                   room: int) -> None:
+    ledger, group = ctx.ledger, ctx.group
     s = cand.sample
     try:
         stat = read_stat(s.pid)
         stop = ledger.apply(group, "stop", pid_target(s.pid, stat.start_ticks), "running",
-                            "stopped", inc.id, tag="incident")
+                            "stopped", ctx.incident_id, tag="incident")
     except OomguardError as exc:
-        journal.finish_step(sid, "failed", None, f"could not stop it: {exc}")
-        done("failed")
+        ctx.fail("failed", f"could not stop it: {exc}")
         return
-    inc.changes.append(stop)
+    ctx.episode.changes.append(stop)
     woke_by = 0
     if stat.state == "D":  # asleep (in the OOM wait): a SIGSTOP waits until it wakes
         try:
-            current = limits.current_hold_limit(group)
+            current = group.hold_level()
             if current is not None:
-                limits.raise_limit(ledger, group, current, current + WAKE_GROW, inc.id)
+                raise_limit(ledger, group, current, current + WAKE_GROW, ctx.incident_id)
                 woke_by = WAKE_GROW
         except OomguardError as exc:
-            engine.log.warning(f"{group.relpath}: could not wake pid {s.pid} for its core: {exc}")
+            ctx.log.warning(f"{group.relpath}: could not wake pid {s.pid} for its core: {exc}")
 
     def check(i: int) -> None:
         try:
@@ -148,22 +140,22 @@ def _stop_and_dump(inc: Incident, step: Step, done: Done, sid: int, cand: Candid
         except OomguardError:
             state = "gone"
         if state in ("T", "t", "gone") or i >= len(STOP_CHECKS):
-            _dump(inc, step, done, sid, cand, gcore, directory, room, stop, woke_by, state)
+            _dump(ctx, cand, gcore, directory, room, stop, woke_by, state)
         else:
-            inc.later(STOP_CHECKS[i], lambda: check(i + 1))
+            ctx.later(STOP_CHECKS[i], lambda: check(i + 1))
 
     check(0)
 
 
-def _dump(inc: Incident, step: Step, done: Done, sid: int, cand: Candidate, gcore: str,
-          directory: Path, room: int, stop: ActiveChange, woke_by: int, state: str) -> None:
-    engine, journal, ledger = inc.engine, inc.engine.journal, inc.engine.ledger
+def _dump(ctx: StepContext, cand: Candidate, gcore: str, directory: Path, room: int,
+          stop: ActiveChange, woke_by: int, state: str) -> None:
+    journal, ledger = ctx.journal, ctx.ledger
     s = cand.sample
     if state == "gone":
         if stop.id in ledger.active:
             ledger.restore(stop)
-        journal.finish_step(sid, "gone", None, "the victim exited before its core")
-        done("relief")
+        ctx.finish("gone", None, "the victim exited before its core")
+        ctx.done(Outcome.RELIEF)
         return
     path = directory / f"core.{s.pid}"
     argv: list[str] = [gcore, "-o", str(directory / "core"), str(s.pid)]
@@ -171,7 +163,7 @@ def _dump(inc: Incident, step: Step, done: Done, sid: int, cand: Candidate, gcor
     if prlimit is not None:
         argv = [prlimit, f"--fsize={room}", "--core=0", *argv]
     env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"), "LC_ALL": "C"}
-    timeout = inc.rule.timeout_for(step)
+    timeout = ctx.rule.timeout_for(ctx.step)
 
     def finished(rec: dict[str, object]) -> None:
         status, timed_out = rec.get("status"), bool(rec.get("timed_out"))
@@ -200,23 +192,22 @@ def _dump(inc: Incident, step: Step, done: Done, sid: int, cand: Candidate, gcor
             size = 0
         output = str(rec.get("output", ""))[-OUTPUT_TAIL:]
         ms = float(str(rec.get("ms", 0.0)))
-        journal.add_evidence(inc.id, "core", {
+        journal.add_evidence(ctx.incident_id, "core", {
             "pid": s.pid, "comm": s.comm, "path": str(path) if ok else None, "size": size,
             "ms": ms, "status": status, "timed_out": timed_out, "limit": room,
             "woke_by": woke_by, "output": output})
-        journal.finish_step(sid, result, {"path": str(path) if ok else None, "size": size,
-                                          "ms": ms}, detail)
+        ctx.finish(result, {"path": str(path) if ok else None, "size": size, "ms": ms}, detail)
         if ok:
-            engine.log.info(f"dumped core of pid {s.pid} ({s.comm}) in {inc.group.relpath}: "
-                            f"{format_size(size)} in {ms:.0f} ms, {path}")
+            ctx.log.info(f"dumped core of pid {s.pid} ({s.comm}) in {ctx.group.relpath}: "
+                         f"{format_size(size)} in {ms:.0f} ms, {path}")
         else:
-            engine.log.info(f"no core of pid {s.pid} in {inc.group.relpath}: {detail}")
-        store = engine.evidence_store()
+            ctx.log.info(f"no core of pid {s.pid} in {ctx.group.relpath}: {detail}")
+        store = ctx.services.evidence_store()
         if store is not None:
             store.refresh(directory)
             store.make_room(0, keep=directory)
-        done("done" if ok else "failed")
+        ctx.done(Outcome.DONE if ok else Outcome.FAILED)
 
-    hook = stephooks.spawn(engine.loop, tuple(argv), env, timeout, finished)
+    hook = hooks.spawn(ctx.loop, tuple(argv), env, timeout, finished)
     if hook is not None:
-        inc.on_close(hook.cancel)
+        ctx.on_close(hook.cancel)

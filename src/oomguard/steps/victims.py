@@ -12,12 +12,25 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from oomguard.cgroup import MemoryCgroup
 from oomguard.errors import CgroupError
-from oomguard.policy import GrowthTracker, ProcSample, Rule, Strategy
+from oomguard.policy import (
+    Candidate,
+    GrowthTracker,
+    ProcSample,
+    Rule,
+    Step,
+    Strategy,
+    Target,
+    rank_for_rule,
+)
 from oomguard.procs import Pidfd
 from oomguard.procs.reader import ProcessSnapshot, Task
+
+if TYPE_CHECKING:
+    from oomguard.steps.context import StepContext
 
 
 @dataclass(frozen=True)
@@ -91,3 +104,21 @@ def open_verified(sample: ProcSample) -> Pidfd | None:
     if sample.start_ticks <= 0:
         return None
     return Pidfd.open_if_same(sample.pid, sample.start_ticks)
+
+
+def choose(ctx: StepContext, step: Step | None = None) -> list[Candidate]:
+    """The rule's ranking over the incident's current look at the group (the one the
+    snapshot step just took, if it did: read once). The choice is acted on at once, so
+    the look is used up: whatever runs after it looks again."""
+    step = step or ctx.step
+    strategy = ctx.rule.strategy_for(step)
+    needs = needs_for(ctx.rule, strategy)
+    samples = samples_of(ctx.look(needs), ctx.growth, needs)
+    ctx.forget_look()
+    return rank_for_rule(samples, ctx.rule, ctx.never_pids, strategy)
+
+
+def targets_for(ctx: StepContext) -> list[Candidate]:
+    """Whom a signal or move step acts on: the best candidate, or all of them."""
+    candidates = choose(ctx)
+    return candidates if ctx.step.to is Target.ALL else candidates[:1]

@@ -18,17 +18,13 @@ from __future__ import annotations
 import functools
 import signal
 import time
-from typing import TYPE_CHECKING
 
-from oomguard.actions.kill import choose
-from oomguard.actions.victims import open_verified
 from oomguard.errors import OomguardError
-from oomguard.policy import Candidate, Step, Target, signal_name
+from oomguard.policy import Candidate, Target, signal_name
 from oomguard.procs import Pidfd
 from oomguard.procs.reader import read_status
-
-if TYPE_CHECKING:
-    from oomguard.incident import Done, Incident
+from oomguard.steps.context import Outcome, StepContext
+from oomguard.steps.victims import choose, open_verified
 
 # Default action "ignore" or "continue": sending one never ends or stops a task.
 HARMLESS_BY_DEFAULT = frozenset({signal.SIGCHLD, signal.SIGCONT, signal.SIGURG,
@@ -55,12 +51,13 @@ def safe_to_signal(pid: int, signum: int) -> bool:
     return signum in HARMLESS_BY_DEFAULT or handles(pid, signum)
 
 
-def split_targets(inc: Incident, step: Step, signum: int) -> tuple[list[Candidate], list[int]]:
+def split_targets(ctx: StepContext, signum: int) -> tuple[list[Candidate], list[int]]:
     """(whom to signal, pids left out because the signal would kill or stop them).
     `to = "victim"`: the best-ranked candidate that handles the signal."""
+    step = ctx.step
     chosen: list[Candidate] = []
     skipped: list[int] = []
-    for cand in choose(inc, step):
+    for cand in choose(ctx):
         if step.even_if_fatal or safe_to_signal(cand.sample.pid, signum):
             chosen.append(cand)
             if step.to is Target.VICTIM:
@@ -70,25 +67,24 @@ def split_targets(inc: Incident, step: Step, signum: int) -> tuple[list[Candidat
     return chosen, skipped
 
 
-def signal_step(inc: Incident, step: Step, done: Done) -> None:
-    engine, journal = inc.engine, inc.engine.journal
+def signal_step(ctx: StepContext) -> None:
+    step, group, inc = ctx.step, ctx.group, ctx.episode
     signum = step.signal or signal.SIGUSR1
     name = signal_name(signum)
-    targets, skipped = split_targets(inc, step, signum)
+    targets, skipped = split_targets(ctx, signum)
     pids = [c.sample.pid for c in targets]
-    sid = journal.begin_step(inc.id, "signal", pids[0] if len(pids) == 1 else None,
-                             {"signal": name, "pids": pids, "skipped": skipped,
-                              "even_if_fatal": step.even_if_fatal})
+    ctx.begin(pids[0] if len(pids) == 1 else None,
+              {"signal": name, "pids": pids, "skipped": skipped,
+               "even_if_fatal": step.even_if_fatal})
     if not targets:
         why = (f"no process catches or ignores {name} (would kill: {skipped}; "
                f"even_if_fatal = true sends anyway)" if skipped else "no process may be signalled")
-        journal.finish_step(sid, "no-target", None, why)
-        engine.log.info(f"{inc.group.relpath}: signal step sent nothing: {why}")
-        done("failed")
+        ctx.log.info(f"{group.relpath}: signal step sent nothing: {why}")
+        ctx.fail("no-target", why)
         return
-    if inc.skip_if_dry_run(sid, done, f"would send {name} to {pids}"):
+    if ctx.would(f"would send {name} to {pids}"):
         return
-    journal.commit()
+    ctx.journal.commit()
     watched: list[tuple[Candidate, Pidfd]] = []
     sent_at = time.monotonic()
     for cand in targets:
@@ -100,9 +96,9 @@ def signal_step(inc: Incident, step: Step, done: Done) -> None:
         else:
             pfd.close()
     sent = [c.sample.pid for c, _ in watched]
-    journal.finish_step(sid, "signalled", {"pids": sent})
+    ctx.finish("signalled", {"pids": sent})
     note = f"; not to {skipped}: {name} would kill them" if skipped else ""
-    engine.log.info(f"sent {name} to {sent} in {inc.group.relpath}{note}")
+    ctx.log.info(f"sent {name} to {sent} in {group.relpath}{note}")
 
     gen = inc.generation  # this step's run; a later step (a kill) reports its own deaths
 
@@ -116,15 +112,15 @@ def signal_step(inc: Incident, step: Step, done: Done) -> None:
         s = cand.sample
         ms = (time.monotonic() - sent_at) * 1000.0
         inc.victims += 1
-        journal.add_victim(inc.id, s.pid, s.comm, s.rss, name, ms)
-        engine.log.killed(s.pid, s.comm, inc.group.relpath, s.rss,
-                          (time.monotonic() - inc.first_event) * 1000.0, signal=name,
-                          why=f"exited after the signal step's {name}")
-        engine.victim_killed(inc)
+        ctx.journal.add_victim(inc.id, s.pid, s.comm, s.rss, name, ms)
+        ctx.log.killed(s.pid, s.comm, group.relpath, s.rss,
+                       ctx.ms_since_event(time.monotonic()), signal=name,
+                       why=f"exited after the signal step's {name}")
+        ctx.services.victim_killed(group)
 
     def forget(pfd: Pidfd) -> None:
         if pfd.fileno() >= 0:
-            engine.loop.remove_reader(pfd.fileno())
+            ctx.loop.remove_reader(pfd.fileno())
             pfd.close()
 
     def cleanup() -> None:
@@ -132,7 +128,7 @@ def signal_step(inc: Incident, step: Step, done: Done) -> None:
             forget(pfd)
 
     for cand, pfd in watched:
-        engine.loop.add_reader(pfd.fileno(), functools.partial(exited, cand=cand, pfd=pfd))
-    inc.on_close(cleanup)
-    inc.await_relief(lambda: done("relief"), lambda: done("done"),
-                     budget=inc.rule.wait_for(step))
+        ctx.loop.add_reader(pfd.fileno(), functools.partial(exited, cand=cand, pfd=pfd))
+    ctx.on_close(cleanup)
+    inc.await_relief(lambda: ctx.done(Outcome.RELIEF), lambda: ctx.done(Outcome.DONE),
+                     budget=ctx.rule.wait_for(step))

@@ -12,14 +12,9 @@ and never blocking on D state.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from oomguard.errors import OomguardError
 from oomguard.obs.evidence import MAX_TASKS, at_oom, enrich
-from oomguard.policy import Step
-
-if TYPE_CHECKING:
-    from oomguard.incident import Done, Incident
+from oomguard.steps.context import Outcome, StepContext
 
 __all__ = ["ENRICH_AFTER", "MAX_TASKS", "snapshot"]
 
@@ -30,13 +25,13 @@ __all__ = ["ENRICH_AFTER", "MAX_TASKS", "snapshot"]
 ENRICH_AFTER = 0.1
 
 
-def snapshot(inc: Incident, step: Step, done: Done) -> None:
-    engine, journal = inc.engine, inc.engine.journal
-    sid = journal.begin_step(inc.id, "snapshot", None, None)
-    look = engine.look(inc)  # shared with the ranking that follows: read once
-    data = at_oom(inc.group, look)
+def snapshot(ctx: StepContext) -> None:
+    ctx.begin()
+    look = ctx.look()  # shared with the ranking that follows: read once
+    group, journal, inc_id = ctx.group, ctx.journal, ctx.incident_id
+    data = at_oom(group, look)
     ps = data["ps"]
-    journal.finish_step(sid, "done", {"tasks": len(ps) if isinstance(ps, list) else 0})
+    ctx.finish("done", {"tasks": len(ps) if isinstance(ps, list) else 0})
 
     pending = [True]
 
@@ -44,13 +39,13 @@ def snapshot(inc: Incident, step: Step, done: Done) -> None:
         if not pending:  # once: after the delay or at the close, whichever comes first
             return
         pending.clear()
-        raw = enrich(inc.group, data)
+        raw = enrich(group, data)
         try:
-            journal.add_evidence(inc.id, "snapshot", data)
+            journal.add_evidence(inc_id, "snapshot", data)
         except OomguardError as exc:
-            engine.log.warning(f"snapshot of incident {inc.id} not journaled: {exc}")
-        engine.evidence_saved(inc, data, look, raw)
+            ctx.log.warning(f"snapshot of incident {inc_id} not journaled: {exc}")
+        ctx.services.evidence_saved(inc_id, data, look, raw)
 
-    engine.loop.call_later(ENRICH_AFTER, after_decision)
-    inc.on_close(after_decision)
-    done("done")
+    ctx.loop.call_later(ENRICH_AFTER, after_decision)
+    ctx.on_close(after_decision)
+    ctx.done(Outcome.DONE)

@@ -1,0 +1,64 @@
+"""The grow step: raise the limit by a step, within the rule's ceiling and per-incident
+budget; and shrinking back once usage fits under the original limit again.
+
+What to write for a grow is the backend's (`MemoryCgroup.grow_changes`: v1 memsw then
+the limit; v2 memory.max then memory.high); the ledger records each change first.
+"""
+
+from __future__ import annotations
+
+from oomguard.cgroup import MemoryCgroup
+from oomguard.errors import OomguardError
+from oomguard.ledger import Ledger
+from oomguard.steps.context import Outcome, StepContext
+from oomguard.units import format_size
+
+
+def grow(ctx: StepContext) -> None:
+    rule, group, inc = ctx.rule, ctx.group, ctx.episode
+    current = group.hold_level()
+    by = rule.grow_by(ctx.step)
+    ceiling = rule.grow_max
+    ctx.begin(before={"limit": current, "grows": inc.grows})
+    if current is None:
+        ctx.fail("skipped", "no limit to grow")
+        return
+    if inc.grows >= rule.grow_budget:
+        ctx.fail("budget", f"grow budget of {rule.grow_budget} used")
+        return
+    new = current + by if ceiling is None else min(current + by, ceiling)
+    if new <= current:
+        ctx.log.info(f"{group.relpath}: at the grow ceiling {format_size(ceiling)}")
+        ctx.fail("ceiling", f"at the ceiling {format_size(ceiling)}")
+        return
+    if ctx.would(f"would grow to {format_size(new)}", after={"limit": new}):
+        return
+    try:
+        raise_limit(ctx.ledger, group, current, new, inc.id)
+    except OomguardError as exc:
+        ctx.fail("failed", str(exc))
+        return
+    inc.grows += 1
+    ctx.finish("grew", {"limit": new, "grows": inc.grows})
+    ctx.log.grew(group.relpath, current, new)
+    ctx.done(Outcome.RELIEF)
+
+
+def raise_limit(ledger: Ledger, group: MemoryCgroup, current: int, new: int,
+                incident_id: int | None) -> None:
+    for c in group.grow_changes(current, new):
+        ledger.apply(group, c.kind, group.relpath, c.before, c.after, incident_id, tag="grow")
+
+
+def try_shrink(ledger: Ledger, group: MemoryCgroup, baseline: int | None) -> bool:
+    """Undo the grows once usage fits under the original limit; True when done.
+
+    Restoring newest first walks the limit back down grow by grow, limit before
+    memsw (memsw must stay >= memory).
+    """
+    grown = [c for c in ledger.for_group(group) if c.tag == "grow"]
+    if not grown:
+        return True
+    if baseline is not None and group.usage() > baseline:
+        return False
+    return all(ledger.restore(change) for change in sorted(grown, key=lambda c: -c.id))

@@ -1,0 +1,40 @@
+"""Move tasks to another cgroup.
+
+On current kernels charges never move with a task (move_charge_at_immigrate
+is gone): the memory it already has stays charged to the old group, only new
+allocations go to the new one. A task asleep in the OOM wait is not woken by
+the move. Useful to put a task where its *future* growth is contained.
+"""
+
+from __future__ import annotations
+
+from oomguard.cgroup import cgroup_at
+from oomguard.errors import OomguardError
+from oomguard.ledger import pid_target
+from oomguard.procs import read_stat
+from oomguard.steps.context import Outcome, StepContext
+from oomguard.steps.victims import targets_for
+
+
+def move(ctx: StepContext) -> None:
+    ledger, group, inc_id = ctx.ledger, ctx.group, ctx.incident_id
+    dest = cgroup_at(group.hierarchies, ctx.step.target or "/")
+    targets = targets_for(ctx)
+    pids = [c.sample.pid for c in targets]
+    ctx.begin(pids[0] if len(pids) == 1 else None, {"to": dest.relpath, "pids": pids})
+    if not dest.exists():
+        ctx.fail("failed", f"no cgroup {dest.relpath}")
+        return
+    if ctx.would(f"would move {pids} to {dest.relpath}"):
+        return
+    moved = []
+    for cand in targets:
+        try:
+            target = pid_target(cand.sample.pid, read_stat(cand.sample.pid).start_ticks)
+            ledger.apply(dest, "move", target, group.relpath, dest.relpath, inc_id, tag="move")
+            moved.append(cand.sample.pid)
+        except OomguardError:
+            continue
+    ctx.finish("moved" if moved else "failed", {"pids": moved})
+    ctx.log.info(f"moved {moved} from {group.relpath} to {dest.relpath}")
+    ctx.done(Outcome.RELIEF if moved else Outcome.FAILED)

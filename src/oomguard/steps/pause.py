@@ -1,0 +1,154 @@
+"""Pausing a group: stop (SIGSTOP each task), freeze (the freezer), continue.
+
+A task asleep in the OOM wait cannot be stopped or frozen until it wakes (the
+signal stays pending, the freezer stays FREEZING); once something lets it wake
+(a grow), it stops before running again. So stop -> grow -> decide -> continue
+works. The incident resumes whatever it paused when it closes.
+"""
+
+from __future__ import annotations
+
+import time
+
+from oomguard.errors import OomguardError
+from oomguard.events.v2 import cgroup_events
+from oomguard.ledger import ActiveChange, Ledger, pid_target
+from oomguard.procs import read_stat
+from oomguard.steps.context import Outcome, StepContext
+
+# How long a v2 freeze step waits for cgroup.events "frozen 1" (a throttled task's
+# penalty sleep at memory.high lasts up to 2 s; the guest VM runs 5-20x slower).
+FREEZE_CONFIRM = 3.0
+
+
+def stop(ctx: StepContext) -> None:
+    ledger, group, inc = ctx.ledger, ctx.group, ctx.episode
+    try:
+        pids = [p for p in group.procs() if p not in ctx.never_pids]
+    except OomguardError as exc:
+        ctx.fail("failed", str(exc))
+        return
+    ctx.begin(before={"pids": pids})
+    if ctx.would(f"would stop {len(pids)} tasks"):
+        return
+    stopped = []
+    for pid in pids:
+        try:
+            target = pid_target(pid, read_stat(pid).start_ticks)
+            inc.changes.append(ledger.apply(group, "stop", target, "running", "stopped", inc.id,
+                                            tag="incident"))
+            stopped.append(pid)
+        except OomguardError:
+            continue  # exited meanwhile
+    ctx.finish("stopped", {"pids": stopped})
+    ctx.log.info(f"stopped {len(stopped)} tasks in {group.relpath}")
+    ctx.done(Outcome.DONE)
+
+
+def freeze(ctx: StepContext) -> None:
+    ledger, group, inc = ctx.ledger, ctx.group, ctx.episode
+    ctx.begin()
+    if ctx.would("would freeze the group"):
+        return
+    try:
+        before = group.freezer_state()
+        if before != "THAWED":
+            ctx.finish("skipped", {"state": before}, "already frozen")
+            ctx.done(Outcome.DONE)
+            return
+        inc.changes.append(ledger.apply(group, "freeze", group.relpath, "THAWED", "FROZEN",
+                                        inc.id, tag="incident"))
+    except OomguardError as exc:
+        ctx.fail("failed", str(exc))
+        return
+    if group.freeze_settles_later:
+        _confirm_frozen(ctx)
+        return
+    ctx.finish("frozen", {"state": group.freezer_state()})
+    ctx.log.info(f"froze {group.relpath}")
+    ctx.done(Outcome.DONE)
+
+
+def _confirm_frozen(ctx: StepContext) -> None:
+    """v2 freezes each task on its way back to user mode: a task throttled at
+    memory.high gets there only after its penalty sleep (up to 2 s). Wait for the
+    kernel's "frozen 1" in cgroup.events (POLLPRI), at most FREEZE_CONFIRM seconds."""
+    group, loop = ctx.group, ctx.loop
+    try:
+        events = cgroup_events(group.path)
+    except OomguardError as exc:
+        ctx.fail("failed", str(exc))
+        return
+    started = time.monotonic()
+    finished = False
+
+    def finish(frozen: bool) -> None:
+        nonlocal finished
+        if finished:
+            return
+        finished = True
+        loop.remove_reader(events.fileno())
+        events.close()
+        waited_ms = round((time.monotonic() - started) * 1000.0, 1)
+        if frozen:
+            ctx.finish("frozen", {"state": "FROZEN", "waited_ms": waited_ms})
+            ctx.log.info(f"froze {group.relpath}")
+        else:
+            ctx.finish("freezing", {"state": "FREEZING", "waited_ms": waited_ms},
+                       "not every task was frozen in time; going on")
+            ctx.log.info(f"{group.relpath}: still freezing after {waited_ms:g} ms")
+        ctx.done(Outcome.DONE)
+
+    def changed(_revents: int) -> None:
+        change = events.read()
+        if change.removed or change.values.get("frozen", 0) == 1:
+            finish(True)
+
+    if events.values.get("frozen", 0) == 1:
+        events.close()
+        finished = True
+        ctx.finish("frozen", {"state": "FROZEN", "waited_ms": 0.0})
+        ctx.log.info(f"froze {group.relpath}")
+        ctx.done(Outcome.DONE)
+        return
+
+    def cleanup() -> None:
+        nonlocal finished
+        if not finished:
+            finished = True
+            loop.remove_reader(events.fileno())
+            events.close()
+            ctx.finish("interrupted", None, "the incident closed first")
+
+    loop.add_reader(events.fileno(), changed, events.poll_events)
+    ctx.on_close(cleanup)
+    left = max(0.0, ctx.rule.deadline - (time.monotonic() - ctx.episode.first_event))
+    ctx.later(min(FREEZE_CONFIRM, left), lambda: finish(False))
+
+
+def resume(ledger: Ledger, changes: list[ActiveChange]) -> int:
+    """Continue and thaw what an incident paused; returns how many changes it undid."""
+    undone = 0
+    for change in list(changes):
+        if change.kind in ("stop", "freeze") and change.id in ledger.active:
+            ledger.restore(change)
+            undone += 1
+    return undone
+
+
+def thaw_for_kill(ctx: StepContext) -> None:
+    """SIGKILL to a task in a FREEZING group freezes it instead: thaw before killing."""
+    for change in list(ctx.episode.changes):
+        if change.kind == "freeze" and change.id in ctx.ledger.active:
+            ctx.ledger.restore(change)
+
+
+def continue_(ctx: StepContext) -> None:
+    ctx.begin()
+    if ctx.would("would continue the tasks"):
+        return
+    n = resume(ctx.ledger, ctx.episode.changes)
+    ctx.finish("continued", {"undone": n})
+    if n:
+        ctx.log.info(f"continued {ctx.group.relpath}")
+    ctx.done(Outcome.RELIEF)
