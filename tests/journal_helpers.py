@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from oomguard.cgroup import MemoryCgroup
-from oomguard.journal import Journal
+from oomguard.journal import IncidentRecord, Journal, StepRecord
 
 from conftest import wait_until
 
@@ -22,23 +24,38 @@ def hold_released(memcg: MemoryCgroup) -> bool:
     return memcg.read("memory.high").strip() == "max"
 
 
-def incidents(journal: Path) -> list[dict[str, object]]:
+def incidents(journal: Path) -> list[IncidentRecord]:
     with Journal(journal) as j:
         return j.incidents()
 
 
-def closed_incident(journal: Path, timeout: float = 60.0) -> dict[str, object]:
-    wait_until(lambda: any(i["closed_at"] for i in incidents(journal)), timeout,
+def closed_incident(journal: Path, timeout: float = 60.0) -> IncidentRecord:
+    wait_until(lambda: any(i.closed_at for i in incidents(journal)), timeout,
                what="an incident to close")
-    return next(i for i in incidents(journal) if i["closed_at"])
+    return next(i for i in incidents(journal) if i.closed_at)
 
 
-def steps_of(inc: dict[str, object]) -> list[tuple[str, str]]:
-    return [(str(s["kind"]), str(s["result"])) for s in inc["steps"]]  # type: ignore[union-attr]
+def steps_of(inc: IncidentRecord) -> list[tuple[str, str]]:
+    return [(s.kind, str(s.result)) for s in inc.steps]
+
+
+def step(inc: IncidentRecord, kind: str) -> StepRecord:
+    """The incident's first step of `kind` (StopIteration if none: the test fails there)."""
+    return next(s for s in inc.steps if s.kind == kind)
+
+
+def evidence_data(inc: IncidentRecord, kind: str) -> list[Mapping[str, Any]]:
+    """The data of the incident's evidence of `kind`, each a JSON object."""
+    return [e.fields for e in inc.evidence if e.kind == kind]
+
+
+def fields(data: Mapping[str, object] | None) -> Mapping[str, Any]:
+    """A step's before/after or an event's data (empty if none), for a test to look into:
+    what an action records there is open-ended JSON, so its values are Any."""
+    return data or {}
 
 
 def wait_for_step(journal: Path, kind: str, timeout: float = 60.0) -> None:
     """Until some incident of the journal has started a step of `kind`."""
-    wait_until(lambda: any(s["kind"] == kind for i in incidents(journal)
-                           for s in i["steps"]),  # type: ignore[attr-defined]
+    wait_until(lambda: any(s.kind == kind for i in incidents(journal) for s in i.steps),
                timeout, what=f"an incident to reach its {kind} step")

@@ -30,7 +30,15 @@ from oomguard.workloads import LEAK, STEADY, argv
 
 from cli_helpers import oomguard
 from conftest import Spawn, wait_until
-from journal_helpers import closed_incident, incidents, rule, steps_of, wait_for_step
+from journal_helpers import (
+    closed_incident,
+    fields,
+    incidents,
+    rule,
+    step,
+    steps_of,
+    wait_for_step,
+)
 
 pytestmark = pytest.mark.v2
 MiB = 1 << 20
@@ -134,11 +142,11 @@ def test_memory_oom_group_kills_the_whole_group(memcg: MemoryCgroup, spawn: Spaw
     assert leaker.wait(timeout=60) == -signal.SIGKILL
     assert service.wait(timeout=30) == -signal.SIGKILL  # a unit: no half-killed workload
     inc = closed_incident(d.journal)
-    assert inc["outcome"] == "resolved"
-    assert {v["pid"] for v in inc["victims"]} == {service.pid, leaker.pid}  # type: ignore[union-attr]
-    kill = next(s for s in inc["steps"] if s["kind"] == "kill")  # type: ignore[union-attr]
-    assert kill["before"]["oom_group"] is True and kill["before"]["signal"] == "SIGKILL"
-    assert kill["after"]["how"] == "cgroup.kill"
+    assert inc.outcome == "resolved"
+    assert {v.pid for v in inc.victims} == {service.pid, leaker.pid}
+    kill = step(inc, "kill")
+    assert fields(kill.before)["oom_group"] is True and fields(kill.before)["signal"] == "SIGKILL"
+    assert fields(kill.after)["how"] == "cgroup.kill"
     assert g.events()["oom_kill"] == 0  # oomguard did it, not the kernel
 
 
@@ -154,9 +162,9 @@ def test_freeze_waits_for_frozen_in_cgroup_events(memcg: MemoryCgroup, spawn: Sp
     assert g.freezer_state() == "FROZEN"
     assert leaker.wait(timeout=60) == -signal.SIGKILL  # thawed, then killed
     inc = closed_incident(d.journal)
-    freeze = next(s for s in inc["steps"] if s["kind"] == "freeze")  # type: ignore[union-attr]
-    assert freeze["result"] == "frozen" and "waited_ms" in freeze["after"]
-    assert ("kill", "killed") in steps_of(inc) and inc["outcome"] == "resolved"
+    freeze = step(inc, "freeze")
+    assert freeze.result == "frozen" and "waited_ms" in fields(freeze.after)
+    assert ("kill", "killed") in steps_of(inc) and inc.outcome == "resolved"
     assert not g.frozen() and g.read("cgroup.freeze").strip() == "0"
 
 
@@ -262,8 +270,8 @@ def test_non_root_user_handles_its_own_delegated_subtree(test_parent: MemoryCgro
         assert run.returncode == 137, (out, err)
         assert b"killed pid" in err
         [inc] = incidents(home / "run.db")
-        assert str(inc["cgroup"]).startswith(f"{base.relpath}/oomguard.run/run-")
-        assert inc["outcome"] == "resolved" and len(inc["victims"]) == 1  # type: ignore[arg-type]
+        assert inc.cgroup.startswith(f"{base.relpath}/oomguard.run/run-")
+        assert inc.outcome == "resolved" and len(inc.victims) == 1
         assert os.stat(base.path / "oomguard.run").st_uid == NOBODY
         assert base.child("oomguard.run").children() == []  # cleaned up after itself
 
@@ -286,7 +294,7 @@ def test_non_root_user_handles_its_own_delegated_subtree(test_parent: MemoryCgro
         started.append(leaker)
         assert leaker.wait(timeout=60) == -signal.SIGKILL
         inc = closed_incident(home / "d.db")
-        assert [v["pid"] for v in inc["victims"]] == [leaker.pid]  # type: ignore[union-attr]
+        assert [v.pid for v in inc.victims] == [leaker.pid]
         assert v2(job).events()["oom_kill"] == 0  # the user's daemon, not the kernel
         daemon.send_signal(signal.SIGTERM)
         assert daemon.wait(timeout=60) == 0

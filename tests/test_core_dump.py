@@ -10,16 +10,18 @@ from __future__ import annotations
 import shutil
 import signal
 import subprocess
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from oomguard.cgroup import MemoryCgroup
-from oomguard.journal import Journal
+from oomguard.journal import IncidentRecord, Journal
 
 from cli_helpers import oomguard
 from conftest import Spawn, task_state, wait_until
-from journal_helpers import closed_incident, hold_released, rule, steps_of
+from journal_helpers import closed_incident, evidence_data, hold_released, rule, steps_of
 
 MiB = 1 << 20
 MARKER = "OOMGUARD-LEAK-MARKER"
@@ -73,9 +75,9 @@ def held_at(memcg: MemoryCgroup) -> int | None:
     return memcg.hold_level()
 
 
-def core_evidence(inc: dict[str, object]) -> dict[str, object]:
-    [core] = [e["data"] for e in inc["evidence"] if e["kind"] == "core"]  # type: ignore[union-attr,index]
-    return core  # type: ignore[no-any-return]
+def core_evidence(inc: IncidentRecord) -> Mapping[str, Any]:
+    [core] = evidence_data(inc, "core")
+    return core
 
 
 @needs_gdb
@@ -90,10 +92,10 @@ def test_core_of_held_leaker_loads_in_gdb_then_kill(memcg: MemoryCgroup, spawn: 
     inc = closed_incident(d.journal)
     assert steps_of(inc) == [("hold", "held"), ("snapshot", "done"), ("core", "dumped"),
                              ("kill", "killed")]
-    assert inc["outcome"] == "resolved"
+    assert inc.outcome == "resolved"
     core = core_evidence(inc)
     path = Path(str(core["path"]))
-    assert path == d.journal.parent / "evidence" / str(inc["id"]) / f"core.{leaker.pid}"
+    assert path == d.journal.parent / "evidence" / str(inc.id) / f"core.{leaker.pid}"
     size = path.stat().st_size
     assert path.stat().st_mode & 0o777 == 0o600
     assert size == core["size"] and 8 * MiB < size < 64 * MiB
@@ -111,8 +113,8 @@ def test_core_of_held_leaker_loads_in_gdb_then_kill(memcg: MemoryCgroup, spawn: 
     assert all(task_state(p) not in ("T", "t") for p in memcg.procs())
     with Journal(d.journal) as j:
         assert not [c for c in j.pending_changes() if c.kind in ("stop", "limit", "memsw_limit")
-                    and c.incident_id == inc["id"]]
-    kinds = [c["kind"] for c in inc["changes"]]  # type: ignore[union-attr,index]
+                    and c.incident_id == inc.id]
+    kinds = [c.kind for c in inc.changes]
     assert "stop" in kinds and "limit" in kinds
     assert f"dumped core of pid {leaker.pid}" in d.log
     assert d.stop() == 0
@@ -144,8 +146,8 @@ def test_core_refused_without_gdb(memcg: MemoryCgroup, spawn: Spawn, run_daemon,
     assert leaker.wait(timeout=30) == -signal.SIGKILL
     inc = closed_incident(d.journal)
     assert steps_of(inc) == [("hold", "held"), ("core", "refused"), ("kill", "killed")]
-    [core] = [s for s in inc["steps"] if s["kind"] == "core"]  # type: ignore[union-attr]
-    assert "gdb is not installed" in core["detail"]
+    [core] = inc.steps_named("core")
+    assert "gdb is not installed" in core.detail
     assert "gdb is not installed" in d.log
     assert not list((d.journal.parent / "evidence").glob("*/core.*"))
 
@@ -160,8 +162,8 @@ def test_core_skipped_above_its_cap(memcg: MemoryCgroup, spawn: Spawn, run_daemo
     assert leaker.wait(timeout=30) == -signal.SIGKILL
     inc = closed_incident(d.journal)
     assert steps_of(inc) == [("hold", "held"), ("core", "skipped"), ("kill", "killed")]
-    [core] = [s for s in inc["steps"] if s["kind"] == "core"]  # type: ignore[union-attr]
-    assert "above the core cap 4M" in core["detail"]
+    [core] = inc.steps_named("core")
+    assert "above the core cap 4M" in core.detail
     assert held_at(memcg) == 16 * MiB  # nothing grown, nothing stopped
 
 

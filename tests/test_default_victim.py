@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -30,7 +31,7 @@ SCRIPT = (
 )
 
 
-def run_headline(tmp_path: Path, *flags: str) -> tuple[dict[str, int], str, str, dict[str, object]]:
+def run_headline(tmp_path: Path, *flags: str) -> tuple[dict[str, int], str, str, dict[str, Any]]:
     journal = tmp_path / "j.db"
     r = oomguard("run", "--memory", "64M", *flags, "--journal", str(journal), "--",
                  "sh", "-c", SCRIPT)
@@ -41,10 +42,10 @@ def run_headline(tmp_path: Path, *flags: str) -> tuple[dict[str, int], str, str,
     return pids, r.stdout, r.stderr, incs[0]
 
 
-def signalled_pids(inc: dict[str, object]) -> set[int]:
-    """Every pid a step acted on, and every victim."""
-    pids = {int(v["pid"]) for v in inc["victims"]}  # type: ignore[attr-defined]
-    for step in inc["steps"]:  # type: ignore[attr-defined]
+def signalled_pids(inc: dict[str, Any]) -> set[int]:
+    """Every pid a step acted on, and every victim (from `events --json`)."""
+    pids = {int(v["pid"]) for v in inc["victims"]}
+    for step in inc["steps"]:
         if step.get("pid") is not None:
             pids.add(int(step["pid"]))
         before = step.get("before") or {}
@@ -56,9 +57,9 @@ def test_default_kills_the_leaker_and_keeps_the_steady_one(tmp_path: Path) -> No
     pids, out, err, inc = run_headline(tmp_path)
     assert "leaker-exit 137" in out, (out, err)  # SIGKILL: asleep in the OOM wait
     assert "steady-alive" in out, (out, err)
-    assert [v["pid"] for v in inc["victims"]] == [pids["leaker"]]  # type: ignore[attr-defined]
+    assert [v["pid"] for v in inc["victims"]] == [pids["leaker"]]
     assert pids["steady"] not in signalled_pids(inc)
-    kill = next(s for s in inc["steps"] if s["kind"] == "kill")  # type: ignore[attr-defined]
+    kill = next(s for s in inc["steps"] if s["kind"] == "kill")
     assert str(kill["before"]["reason"]).startswith("grew ")
     # The log says who and why, and "resolved" only once the kernel let go, after the kill.
     killed = next(line for line in err.splitlines() if f"killed pid {pids['leaker']}" in line)
@@ -72,5 +73,5 @@ def test_ranking_by_size_would_have_killed_the_steady_one(tmp_path: Path) -> Non
     """The same run with the old default: proof that the scenario tells them apart."""
     pids, out, err, inc = run_headline(tmp_path, "--kill", "largest")
     assert "steady-alive" not in out, (out, err)
-    victims = [v["pid"] for v in inc["victims"]]  # type: ignore[attr-defined]
+    victims = [v["pid"] for v in inc["victims"]]
     assert victims[0] == pids["steady"]

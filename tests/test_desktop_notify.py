@@ -24,7 +24,7 @@ from oomguard.cgroup import MemoryCgroup
 from oomguard.workloads import LEAK
 
 from conftest import REPO, Spawn, wait_until
-from journal_helpers import closed_incident, rule, steps_of
+from journal_helpers import closed_incident, fields, rule, step, steps_of
 
 MiB = 1 << 20
 NOBODY = 65534
@@ -195,9 +195,8 @@ def test_kill_chosen_on_the_desktop(desktop: DesktopSession, memcg: MemoryCgroup
     assert f"#Kill python3 ({leaker.pid})" in menu or f"#Kill python ({leaker.pid})" in menu
     inc = closed_incident(d.journal)
     assert steps_of(inc) == [("hold", "held"), ("ask", "kill"), ("kill", "killed")]
-    assert inc["outcome"] == "resolved"
-    ask = next(s for s in inc["steps"] if s["kind"] == "ask")  # type: ignore[union-attr]
-    assert ask["after"]["answer"] == "kill"
+    assert inc.outcome == "resolved"
+    assert fields(step(inc, "ask").after)["answer"] == "kill"
     assert "the desktop chose kill" in d.log
     wait_until(lambda: desktop.run("dunstctl", "count", "displayed").strip() == "0", 10,
                what="the pop-up to go away")
@@ -252,8 +251,8 @@ def test_popup_with_buttons_times_out_to_the_next_step(desktop: DesktopSession,
     assert leaker.wait(timeout=20) == -signal.SIGKILL
     inc = closed_incident(d.journal)
     assert steps_of(inc) == [("hold", "held"), ("ask", "timeout"), ("kill", "killed")]
-    ask = next(s for s in inc["steps"] if s["kind"] == "ask")  # type: ignore[union-attr]
-    assert 2900 <= float(ask["duration_ms"]) < 6000
+    ask = step(inc, "ask")
+    assert ask.duration_ms is not None and 2900 <= ask.duration_ms < 6000
     # The pop-up was taken down (CloseNotification) when the time ran out.
     wait_until(lambda: mean(desktop.screenshot(tmp_path / "after.png")) <= blank + 1, 10,
                what="the pop-up to be closed")

@@ -5,21 +5,20 @@ from __future__ import annotations
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 from oomguard.cgroup import MemoryCgroup
 from oomguard.obs.evidence import EvidenceStore, default_evidence_root
 from oomguard.workloads import LEAK, STEADY
 
 from conftest import Spawn
-from journal_helpers import closed_incident, rule
+from journal_helpers import closed_incident, evidence_data, rule
 
 MiB = 1 << 20
 
 
-def evidence_of(inc: dict[str, object], kind: str) -> list[dict[str, object]]:
-    return [e["data"] for e in inc["evidence"] if e["kind"] == kind]  # type: ignore[union-attr,index]
 
 
 def test_snapshot_leaves_ps_memory_stat_and_task_files(memcg: MemoryCgroup, spawn: Spawn,
@@ -32,10 +31,10 @@ def test_snapshot_leaves_ps_memory_stat_and_task_files(memcg: MemoryCgroup, spaw
     leaker = spawn(src, MiB, 0, "marker-arg")
     assert leaker.wait(timeout=30) == -signal.SIGKILL
     assert steady.poll() is None, "the smaller steady process must survive"
-    [ref] = wait_for(lambda: evidence_of(closed_incident(d.journal), "evidence-dir"))
+    [ref] = wait_for(lambda: evidence_data(closed_incident(d.journal), "evidence-dir"))
     inc = closed_incident(d.journal)
     directory = Path(str(ref["path"]))
-    assert directory == d.journal.parent / "evidence" / str(inc["id"])
+    assert directory == d.journal.parent / "evidence" / str(inc.id)
     assert oct(directory.stat().st_mode & 0o777) == "0o700"
     ps = (directory / "ps.txt").read_text()
     header, *rows = ps.splitlines()
@@ -61,15 +60,15 @@ def test_snapshot_leaves_ps_memory_stat_and_task_files(memcg: MemoryCgroup, spaw
     assert f"Pid:\t{leaker.pid}" in status and "VmRSS" in status
     assert "State:\tD" in status or memcg.version == 2
     assert f"limit: {memcg.limit()}\n" in (directory / "cgroup.txt").read_text()
-    assert sorted(ref["files"]) == sorted(  # type: ignore[arg-type]
+    assert sorted(ref["files"]) == sorted(
         str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file())
-    [snap] = evidence_of(inc, "snapshot")
-    [jrow] = [r for r in snap["ps"] if r["pid"] == leaker.pid]  # type: ignore[index,union-attr]
+    [snap] = evidence_data(inc, "snapshot")
+    [jrow] = [r for r in snap["ps"] if r["pid"] == leaker.pid]
     assert jrow["state"] == "D" or memcg.version == 2
 
 
-def wait_for(fn: Callable[[], list[dict[str, object]]],
-             timeout: float = 10.0) -> list[dict[str, object]]:
+def wait_for(fn: Callable[[], list[Mapping[str, Any]]],
+             timeout: float = 10.0) -> list[Mapping[str, Any]]:
     """The evidence rows are written after the kill: wait for them to show."""
     deadline = time.monotonic() + timeout
     while not (got := fn()) and time.monotonic() < deadline:

@@ -29,7 +29,16 @@ from oomguard.workloads import LEAK, STEADY, STUBBORN, argv
 
 from cli_helpers import oomguard
 from conftest import Spawn, task_state, wait_until
-from journal_helpers import closed_incident, hold_released, rule, steps_of, wait_for_step
+from journal_helpers import (
+    closed_incident,
+    fields,
+    hold_released,
+    incidents,
+    rule,
+    step,
+    steps_of,
+    wait_for_step,
+)
 
 MiB = 1 << 20
 pytestmark = pytest.mark.scenario
@@ -69,12 +78,12 @@ def test_leaker_killed_service_untouched(memcg: MemoryCgroup, spawn: Spawn, run_
     leaker = spawn(LEAK, MiB)
     assert leaker.wait(timeout=30) == -signal.SIGKILL
     inc = closed_incident(d.journal)
-    assert inc["outcome"] == "resolved"
-    assert [v["pid"] for v in inc["victims"]] == [leaker.pid]  # type: ignore[union-attr]
+    assert inc.outcome == "resolved"
+    assert [v.pid for v in inc.victims] == [leaker.pid]
     assert steps_of(inc)[:3] == [("hold", "held"), ("snapshot", "done"), ("kill", "killed")]
     assert service.poll() is None and task_state(service.pid) in ("S", "R")
     assert int(Path(f"/proc/{service.pid}/statm").read_text().split()[1]) >= service_rss_before
-    assert inc["latency_ms"] is not None and 0 < float(inc["latency_ms"]) < 5000
+    assert inc.latency_ms is not None and 0 < inc.latency_ms < 5000
     assert f"killed pid {leaker.pid}" in d.log
     assert memcg.oom_state().oom_kill == 0  # the kernel's killer never ran
     assert holding_at(memcg, 64 * MiB)  # still holding for the next one
@@ -97,11 +106,10 @@ def test_sigterm_ignored_then_sigkill_after_grace(memcg: MemoryCgroup, spawn: Sp
     assert stubborn.wait(timeout=30) == -signal.SIGKILL
     assert time.monotonic() - start >= 0.6
     inc = closed_incident(d.journal)
-    victim = inc["victims"][0]  # type: ignore[index]
-    assert victim["pid"] == stubborn.pid and victim["signal"] == "SIGKILL"
-    assert victim["reaped_ms"] >= 600
-    kill = next(s for s in inc["steps"] if s["kind"] == "kill")  # type: ignore[union-attr]
-    assert kill["before"]["signal"] == "SIGTERM"
+    victim = inc.victims[0]
+    assert victim.pid == stubborn.pid and victim.signal == "SIGKILL"
+    assert victim.reaped_ms is not None and victim.reaped_ms >= 600
+    assert fields(step(inc, "kill").before)["signal"] == "SIGTERM"
     assert small.wait(timeout=30) == 0  # the small allocator got its memory and finished
 
 
@@ -112,8 +120,8 @@ def test_grow_lets_job_finish_and_limit_comes_back(memcg: MemoryCgroup, spawn: S
     job = spawn(LEAK, MiB, 80 * MiB)
     assert job.wait(timeout=60) == 0  # finished: never signalled
     inc = closed_incident(d.journal)
-    assert ("grow", "grew") in steps_of(inc) and inc["outcome"] == "resolved"
-    assert not inc["victims"]
+    assert ("grow", "grew") in steps_of(inc) and inc.outcome == "resolved"
+    assert not inc.victims
     # v2: the grow raised memory.high and memory.max together; both come back.
     wait_until(lambda: holding_at(memcg, 64 * MiB), what="the limit to shrink back")
     if memcg.version == 1:
@@ -128,7 +136,7 @@ def test_run_grow_exit_0(tmp_path: Path, backend: int) -> None:
                  *argv(LEAK, MiB, 80 * MiB))
     assert r.returncode == 0, r.stderr
     assert "done" in r.stdout
-    [inc] = json.loads(oomguard("events", "--json", "--journal", str(tmp_path / "j.db")).stdout)
+    [inc] = incidents(tmp_path / "j.db")
     assert ("grow", "grew") in steps_of(inc)
 
 
@@ -142,7 +150,7 @@ def test_ceiling_reached_then_next_step(memcg: MemoryCgroup, spawn: Spawn, run_d
     assert ("grow", "grew") in kinds and ("grow", "ceiling") in kinds
     assert kinds[-1] == ("kill", "killed")
     assert kinds.index(("grow", "ceiling")) < kinds.index(("kill", "killed"))
-    assert inc["victims"][0]["pid"] == job.pid  # type: ignore[index]
+    assert inc.victims[0].pid == job.pid
     wait_until(lambda: holding_at(memcg, 64 * MiB), what="limit back after the victim exits")
 
 
@@ -154,7 +162,7 @@ def test_stop_grow_continue(memcg: MemoryCgroup, spawn: Spawn, run_daemon) -> No
     inc = closed_incident(d.journal)
     kinds = [k for k, _ in steps_of(inc)]
     assert kinds[:4] == ["hold", "stop", "grow", "continue"]
-    assert inc["outcome"] == "resolved"
+    assert inc.outcome == "resolved"
     assert no_task_stopped(memcg)
     with Journal(d.journal) as j:
         assert not [c for c in j.pending_changes() if c.kind == "stop"]
@@ -166,12 +174,12 @@ def test_deadline_hands_over_to_kernel(memcg: MemoryCgroup, spawn: Spawn, run_da
     leaker = spawn(LEAK, MiB)
     assert leaker.wait(timeout=30) == -signal.SIGKILL
     inc = closed_incident(d.journal)
-    assert inc["outcome"] == "kernel"
+    assert inc.outcome == "kernel"
     assert ("kernel", "handed-over") in steps_of(inc)
     # the kernel's own killer did it: v1 once oom_kill_disable=0, v2 once memory.high
     # was lifted to max and the hog reached memory.max
     assert memcg.oom_state().oom_kill >= 1
-    assert not inc["victims"]
+    assert not inc.victims
     assert "deadline" in d.log
     wait_until(lambda: holding_at(memcg, 64 * MiB), what="the hold back")
 
@@ -187,7 +195,7 @@ def test_dry_run_changes_nothing(memcg: MemoryCgroup, spawn: Spawn, run_daemon) 
     leaker = spawn(LEAK, MiB)
     assert leaker.wait(timeout=30) == -signal.SIGKILL  # by the kernel, as without oomguard
     inc = closed_incident(d.journal)
-    assert inc["dry_run"] and inc["outcome"] == "dry-run"
+    assert inc.dry_run and inc.outcome == "dry-run"
     assert {r for _, r in steps_of(inc)} <= {"dry-run", "done", "no-victim"}
     assert (memcg.limit(), memcg.memsw_limit(), memcg.soft_limit(),
             memcg.oom_state().kill_disabled) == before
@@ -299,7 +307,7 @@ def test_exec_hook_env_and_exit_status_choose_next(tmp_path: Path, memcg: Memory
     inc = closed_incident(d.journal)
     env = dict(line.split("=", 1) for line in out.read_text().splitlines())
     assert env["OOMGUARD_CGROUP"] == memcg.relpath
-    assert env["OOMGUARD_INCIDENT"] == str(inc["id"])
+    assert env["OOMGUARD_INCIDENT"] == str(inc.id)
     assert str(leaker.pid) in env["OOMGUARD_PIDS"]
     assert ("exec", "exit 3") in steps_of(inc) and ("kill", "killed") in steps_of(inc)
 
@@ -388,9 +396,9 @@ def test_growth_strategy_kills_the_grower_not_the_largest(memcg: MemoryCgroup, s
     grower = spawn(LEAK, MiB, 0, "quiet", 0.003)
     assert grower.wait(timeout=30) == -signal.SIGKILL
     inc = closed_incident(d.journal)
-    kill = next(s for s in inc["steps"] if s["kind"] == "kill")  # type: ignore[union-attr]
-    assert kill["pid"] == grower.pid
-    assert "growing" in str(kill["before"]["reason"])
+    kill = step(inc, "kill")
+    assert kill.pid == grower.pid
+    assert "growing" in str(fields(kill.before)["reason"])
     assert big.poll() is None
-    rss = {v["pid"]: v["rss"] for v in inc["victims"]}  # type: ignore[union-attr]
+    rss = {v.pid: v.rss for v in inc.victims}
     assert rss[grower.pid] < 34 * MiB  # it was not the largest

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import json
 import os
 import sqlite3
@@ -14,11 +16,18 @@ from pathlib import Path
 
 import pytest
 
+from oomguard.cli.events import run_events, run_show
 from oomguard.journal import (
     SCHEMA_VERSION,
     Change,
+    ChangeRecord,
+    EventRecord,
+    EvidenceRecord,
+    IncidentRecord,
     Journal,
     JournalError,
+    StepRecord,
+    VictimRecord,
     default_journal_path,
     iso_utc,
 )
@@ -26,29 +35,16 @@ from oomguard.journal_format import format_incident_detail, format_incident_line
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
-INCIDENT_KEYS = {
-    "id",
-    "cgroup",
-    "rule",
-    "dry_run",
-    "opened_at",
-    "opened_ts",
-    "closed_at",
-    "closed_ts",
-    "outcome",
-    "latency_ms",
-    "steps",
-    "victims",
-    "events",
-    "evidence",
-    "changes",
-}
-STEP_KEYS = {"seq", "kind", "pid", "result", "before", "after", "detail", "duration_ms"}
-STEP_KEYS |= {"started_at"}
-VICTIM_KEYS = {"pid", "comm", "rss", "signal", "reaped_ms"}
-EVENT_KEYS = {"at", "kind", "data"}
-EVIDENCE_KEYS = {"kind", "data"}
-CHANGE_KEYS = {"id", "cgroup", "kind", "target", "before", "after", "restored_at"}
+INCIDENT_KEYS = ["id", "cgroup", "rule", "dry_run", "opened_at", "opened_ts", "closed_at",
+                 "closed_ts", "outcome", "latency_ms", "steps", "victims", "events", "evidence",
+                 "changes"]
+STEP_KEYS = ["id", "seq", "kind", "pid", "result", "before", "after", "detail", "duration_ms",
+             "started_at", "started_ts"]
+VICTIM_KEYS = ["pid", "comm", "rss", "signal", "reaped_ms", "at"]
+EVENT_KEYS = ["at", "at_ts", "cgroup", "kind", "data"]
+EVIDENCE_KEYS = ["kind", "at", "data"]
+CHANGE_KEYS = ["id", "cgroup", "kind", "target", "before", "after", "recorded_at",
+               "recorded_ts", "restored_at", "restored_ts"]
 
 HOSTILE_COMM = "evil\n\x1b[2Jx\udcff"  # newline, ESC (clear screen), a byte not UTF-8
 
@@ -93,60 +89,68 @@ def test_round_trip_everything(j: Journal) -> None:
     iid = _full_incident(j)
     d = j.incident(iid)
     assert d is not None
-    assert d["id"] == iid
-    assert d["cgroup"] == "/sys/fs/cgroup/app.slice/web"
-    assert d["rule"] == "web-leak"
-    assert d["dry_run"] is False
-    assert d["outcome"] == "killed"
-    assert d["latency_ms"] == 83.25
-    opened, closed = d["opened_ts"], d["closed_ts"]
+    assert d.id == iid
+    assert d.cgroup == "/sys/fs/cgroup/app.slice/web"
+    assert d.rule == "web-leak"
+    assert d.dry_run is False
+    assert d.outcome == "killed"
+    assert d.latency_ms == 83.25
+    opened, closed = d.opened_ts, d.closed_ts
     assert isinstance(opened, float) and isinstance(closed, float)
     assert before <= opened <= closed <= time.time()
-    assert d["opened_at"] == iso_utc(opened)
-    assert isinstance(d["opened_at"], str) and d["opened_at"].endswith("Z")
+    assert d.opened_at == iso_utc(opened)
+    assert d.opened_at is not None and d.opened_at.endswith("Z")
 
-    steps = d["steps"]
-    assert isinstance(steps, list)
-    assert [(s["seq"], s["kind"], s["pid"], s["result"]) for s in steps] == [
+    steps = d.steps
+    assert [(s.seq, s.kind, s.pid, s.result) for s in steps] == [
         (1, "grow", None, "ok"),
         (2, "kill", 4242, "reaped"),
     ]
     grow = steps[0]
-    assert grow["before"] == {"memory.max": 1073741824}
-    assert grow["after"] == {"memory.max": 1342177280}
-    assert grow["detail"] == "grow by 25%; written"
-    assert isinstance(grow["duration_ms"], float) and grow["duration_ms"] >= 0.0
-    assert steps[1]["before"] is None and steps[1]["detail"] == ""
+    assert grow.before == {"memory.max": 1073741824}
+    assert grow.after == {"memory.max": 1342177280}
+    assert grow.detail == "grow by 25%; written"
+    assert grow.duration_ms is not None and grow.duration_ms >= 0.0
+    assert steps[1].before is None and steps[1].detail == ""
 
-    assert d["victims"] == [
-        {
-            "pid": 4242,
-            "comm": "leaky",
-            "rss": 900 << 20,
-            "signal": "SIGKILL",
-            "reaped_ms": 12.5,
-            "at": d["victims"][0]["at"],  # type: ignore[index]
-        }
-    ]
-    events = d["events"]
-    assert isinstance(events, list) and len(events) == 1
-    assert events[0]["kind"] == "oom" and events[0]["data"] == {"oom": 1, "oom_kill": 0}
-    evidence = d["evidence"]
-    assert isinstance(evidence, list)
-    assert [e["kind"] for e in evidence] == ["ps", "memory.stat"]
-    assert evidence[0]["data"] == [{"pid": 4242, "comm": "leaky", "rss": 900 << 20}]
-    assert evidence[1]["data"] == "anon 943718400\nfile 1024\n"
-    changes = d["changes"]
-    assert isinstance(changes, list) and len(changes) == 1
-    assert changes[0]["kind"] == "max"
-    assert (changes[0]["before"], changes[0]["after"]) == ("1073741824", "1342177280")
-    assert changes[0]["restored_at"] is not None
+    [victim] = d.victims
+    assert victim == VictimRecord(pid=4242, comm="leaky", rss=900 << 20, signal="SIGKILL",
+                                  reaped_ms=12.5, at_ts=victim.at_ts)
+    assert victim.at_ts is not None and opened <= victim.at_ts <= closed
+    [event] = d.events
+    assert event.kind == "oom" and event.data == {"oom": 1, "oom_kill": 0}
+    assert [e.kind for e in d.evidence] == ["ps", "memory.stat"]
+    assert d.evidence[0].data == [{"pid": 4242, "comm": "leaky", "rss": 900 << 20}]
+    assert d.evidence[0].fields == {}  # a list, not an object
+    assert d.evidence[1].data == "anon 943718400\nfile 1024\n"
+    [change] = d.changes
+    assert change.kind == "max"
+    assert (change.before, change.after) == ("1073741824", "1342177280")
+    assert change.restored_at is not None
+
+
+def test_records_are_frozen_and_typed(j: Journal) -> None:
+    d = j.incident(_full_incident(j))
+    assert isinstance(d, IncidentRecord)
+    assert all(isinstance(s, StepRecord) for s in d.steps)
+    assert isinstance(d.victims[0], VictimRecord)
+    assert isinstance(d.events[0], EventRecord) and isinstance(d.evidence[0], EvidenceRecord)
+    assert isinstance(d.changes[0], ChangeRecord)
+    assert isinstance(d.steps, tuple)  # children cannot be appended to either
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        setattr(d, "outcome", "changed")  # noqa: B010 (mypy would refuse the plain form)
+    # What readers not yet moved to attributes still use; a typo is still a KeyError.
+    assert d["outcome"] == "killed" and d["closed_at"] == d.closed_at
+    assert d["victims"] == [d.victims[0].to_json()]  # children as the dicts they were
+    with pytest.raises(KeyError):
+        d["outcom"]
 
 
 def test_json_shape(j: Journal) -> None:
-    d = j.incident(_full_incident(j))
-    assert d is not None
-    assert d.keys() >= INCIDENT_KEYS
+    rec = j.incident(_full_incident(j))
+    assert rec is not None
+    d = rec.to_json()
+    assert list(d) == INCIDENT_KEYS  # the keys `--json` printed before records, in order
     for key, want in [
         ("steps", STEP_KEYS),
         ("victims", VICTIM_KEYS),
@@ -157,26 +161,42 @@ def test_json_shape(j: Journal) -> None:
         rows = d[key]
         assert isinstance(rows, list) and rows, key
         for row in rows:
-            assert want <= row.keys(), key
+            assert isinstance(row, dict) and list(row) == want, key
     assert json.loads(json.dumps(d)) == d
+    assert d["opened_at"] == rec.opened_at and d["opened_ts"] == rec.opened_ts
+
+
+def test_cli_json_is_the_records_json(j: Journal, jpath: Path,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    iid = _full_incident(j)
+    j.open_incident("/other", "r", dry_run=True)
+    args = argparse.Namespace(journal=str(jpath), json=True, since=None, cgroup=None, id=iid)
+    assert run_events(args) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert listed == [json.loads(json.dumps(r.to_json())) for r in j.incidents()]
+    assert run_show(args) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown == listed[0] and shown["victims"][0]["comm"] == "leaky"
+    args.json = False
+    assert run_show(args) == 0
+    rec = j.incident(iid)
+    assert rec is not None and capsys.readouterr().out == format_incident_detail(rec) + "\n"
 
 
 def test_open_incident_has_nulls_until_closed(j: Journal) -> None:
     iid = j.open_incident("/a", "r", dry_run=True)
     d = j.incident(iid)
     assert d is not None
-    assert d["dry_run"] is True
-    assert d["closed_at"] is None and d["closed_ts"] is None and d["outcome"] is None
-    assert d["steps"] == d["victims"] == d["events"] == d["evidence"] == d["changes"] == []
+    assert d.dry_run is True
+    assert d.closed_at is None and d.closed_ts is None and d.outcome is None
+    assert not (d.steps or d.victims or d.events or d.evidence or d.changes)
     assert j.incident(iid + 1) is None
 
 
-def _steps(j: Journal, iid: int) -> list[dict[str, object]]:
+def _steps(j: Journal, iid: int) -> tuple[StepRecord, ...]:
     d = j.incident(iid)
     assert d is not None
-    steps = d["steps"]
-    assert isinstance(steps, list)
-    return steps
+    return d.steps
 
 
 def test_step_seq_is_per_incident(j: Journal) -> None:
@@ -185,7 +205,7 @@ def test_step_seq_is_per_incident(j: Journal) -> None:
     j.begin_step(a, "hold")
     j.begin_step(b, "hold")
     j.begin_step(a, "snapshot")
-    seqs = {i: [s["seq"] for s in _steps(j, i)] for i in (a, b)}
+    seqs = {i: [s.seq for s in _steps(j, i)] for i in (a, b)}
     assert seqs == {a: [1, 2], b: [1]}
 
 
@@ -194,10 +214,8 @@ def test_duration_is_measured_from_begin(j: Journal) -> None:
     step = j.begin_step(iid, "stop")
     time.sleep(0.02)
     j.finish_step(step, "ok")
-    d = j.incident(iid)
-    assert d is not None
-    duration = d["steps"][0]["duration_ms"]  # type: ignore[index]
-    assert 15.0 <= duration < 5000.0
+    duration = _steps(j, iid)[0].duration_ms
+    assert duration is not None and 15.0 <= duration < 5000.0
 
 
 def test_unknown_ids_are_errors(j: Journal) -> None:
@@ -276,7 +294,7 @@ def test_concurrent_reader_while_writer_holds_connection(jpath: Path) -> None:
     reader = Journal(jpath)
     try:
         iid = writer.open_incident("/a", "r", False)
-        assert [d["id"] for d in reader.incidents()] == [iid]
+        assert [d.id for d in reader.incidents()] == [iid]
         # A reader in the middle of a read transaction holds a snapshot; in WAL mode the
         # writer still commits at once instead of waiting out the busy timeout.
         raw = sqlite3.connect(jpath, isolation_level=None)
@@ -289,8 +307,8 @@ def test_concurrent_reader_while_writer_holds_connection(jpath: Path) -> None:
         assert raw.execute("SELECT count(*) FROM incidents").fetchone() == (1,)  # snapshot
         raw.execute("COMMIT")
         raw.close()
-        assert [d["id"] for d in reader.incidents()] == [iid, iid2]
-        assert len(reader.incident(iid)["steps"]) == 1  # type: ignore[arg-type,index]
+        assert [d.id for d in reader.incidents()] == [iid, iid2]
+        assert len(_steps(reader, iid)) == 1
     finally:
         reader.close()
         writer.close()
@@ -376,8 +394,9 @@ def test_filters_since_cgroup_limit(j: Journal, monkeypatch: pytest.MonkeyPatch)
     root = j.open_incident("/", "r", False)
     monkeypatch.undo()
 
-    def ids(**kw: object) -> list[object]:
-        return [d["id"] for d in j.incidents(**kw)]  # type: ignore[arg-type]
+    def ids(since: float | None = None, cgroup: str | None = None,
+            limit: int | None = None) -> list[int]:
+        return [d.id for d in j.incidents(since=since, cgroup=cgroup, limit=limit)]
 
     assert ids() == [a, ab, other, root]  # newest last
     assert ids(since=2000.0) == [ab, other, root]
@@ -398,9 +417,9 @@ def test_many_incidents_load_children(j: Journal) -> None:
         j.add_victim(iid, n + 10, f"p{n}", n, "SIGKILL", None)
         made.append(iid)
     all_ = j.incidents()
-    assert [d["id"] for d in all_] == made
-    assert all(len(d["victims"]) == 1 for d in all_)  # type: ignore[arg-type]
-    assert all_[-1]["victims"][0]["comm"] == "p1099"  # type: ignore[index]
+    assert [d.id for d in all_] == made
+    assert all(len(d.victims) == 1 for d in all_)
+    assert all_[-1].victims[0].comm == "p1099"
 
 
 def test_hostile_strings_round_trip(j: Journal) -> None:
@@ -411,12 +430,12 @@ def test_hostile_strings_round_trip(j: Journal) -> None:
     cid = j.record_change(cg, "move", "pid:1234", cg, "/quarantine", incident_id=iid)
     d = j.incident(iid)
     assert d is not None
-    assert d["cgroup"] == cg
-    assert d["victims"][0]["comm"] == HOSTILE_COMM  # type: ignore[index]
-    assert d["evidence"][0]["data"] == [{"comm": HOSTILE_COMM}]  # type: ignore[index]
+    assert d.cgroup == cg
+    assert d.victims[0].comm == HOSTILE_COMM
+    assert d.evidence[0].data == [{"comm": HOSTILE_COMM}]
     assert [c.before for c in j.pending_changes() if c.id == cid] == [cg]
-    assert [x["id"] for x in j.incidents(cgroup=cg)] == [iid]
-    json.dumps(d)  # still serialisable (as \udcNN escapes)
+    assert [x.id for x in j.incidents(cgroup=cg)] == [iid]
+    json.dumps(d.to_json())  # still serialisable (as \udcNN escapes)
 
 
 def _assert_terminal_safe(text: str, *, allow_newline: bool) -> None:
@@ -503,5 +522,5 @@ def test_checkpoint_keeps_data_and_empties_wal(jpath: Path) -> None:
         j.add_event(iid, "/a", "after-checkpoint")
     with Journal(jpath) as j:
         d = j.incident(iid)
-        assert d is not None and len(d["events"]) == 2  # type: ignore[arg-type]
+        assert d is not None and len(d.events) == 2
         assert [c.id for c in j.pending_changes()] == [cid]

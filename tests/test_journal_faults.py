@@ -101,10 +101,10 @@ def test_disk_full_then_oom(memcg: MemoryCgroup, spawn: Spawn, daemon_at, tmpfs:
     filler.unlink()
     d.wait_for("is written again")  # the retry timer catches up
     assert d.log.count("is written again") == 1
-    wait_until(lambda: all(i["closed_at"] for i in incidents(journal)), what="closed")
+    wait_until(lambda: all(i.closed_at for i in incidents(journal)), what="closed")
     found = incidents(journal)
-    assert {i["outcome"] for i in found} == {"resolved"}
-    assert sum(len(i["victims"]) for i in found) == 2  # type: ignore[arg-type, misc]
+    assert {i.outcome for i in found} == {"resolved"}
+    assert sum(len(i.victims) for i in found) == 2
     assert d.stop() == 0
     assert not memcg.oom_state().kill_disabled
 
@@ -146,7 +146,7 @@ def test_damaged_journal_at_start(memcg: MemoryCgroup, spawn: Spawn, daemon_at,
         assert [name[-4:] for name in aside][1:] == ["-shm", "-wal"], aside
         assert Path(tmp_path / aside[2]).stat().st_size == 8192  # the WAL kept as it was
     assert "takes that hold over" in d2.log
-    assert any(i["victims"] for i in incidents(journal))  # the fresh journal records it
+    assert any(i.victims for i in incidents(journal))  # the fresh journal records it
     assert d2.stop() == 0
     assert not memcg.oom_state().kill_disabled  # the hold was handed back
 

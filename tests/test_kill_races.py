@@ -21,6 +21,7 @@ import pytest
 
 from oomguard.cgroup import MemoryCgroup
 from oomguard.cgroup.transient import destroy, new_group
+from oomguard.journal import IncidentRecord
 from oomguard.procs import Pidfd
 from oomguard.workloads import LEAK, QUITTER, STEADY, STUBBORN
 
@@ -40,15 +41,15 @@ def assert_alive(d: Daemon) -> None:
     assert "Traceback" not in d.log and "Errno" not in d.log, d.log
 
 
-def closed(journal: Path) -> list[dict[str, object]]:
-    return [i for i in incidents(journal) if i["closed_at"]]
+def closed(journal: Path) -> list[IncidentRecord]:
+    return [i for i in incidents(journal) if i.closed_at]
 
 
-def wait_closed(d: Daemon, n: int, timeout: float = 20.0) -> list[dict[str, object]]:
+def wait_closed(d: Daemon, n: int, timeout: float = 20.0) -> list[IncidentRecord]:
     """Until `n` incidents are closed; stops early (and fails) if the daemon died."""
     wait_until(lambda: len(closed(d.journal)) >= n or d.proc.poll() is not None, timeout,
                what=f"{n} closed incidents")
-    if any(i["outcome"] == "interrupted" for i in closed(d.journal)):
+    if any(i.outcome == "interrupted" for i in closed(d.journal)):
         d.proc.wait(timeout=10)  # closed by a daemon on its way out: show why it died
         d.stop()
     assert_alive(d)
@@ -105,10 +106,10 @@ def test_victim_obeys_sigterm_within_grace(memcg: MemoryCgroup, spawn: Spawn,
         assert victim.wait(timeout=30) == -signal.SIGTERM, d.log
         assert leaker.wait(timeout=30) == 0  # it got the victim's memory and finished
         inc = wait_closed(d, n)[-1]
-        assert inc["outcome"] == "resolved", d.log
+        assert inc.outcome == "resolved", d.log
         assert steps_of(inc) == [("hold", "held"), ("kill", "killed")]
-        [v] = inc["victims"]  # type: ignore[misc]
-        assert v["pid"] == victim.pid and v["signal"] == "SIGTERM"
+        [v] = inc.victims
+        assert v.pid == victim.pid and v.signal == "SIGTERM"
     time.sleep(0.5)  # well past every grace
     assert_alive(d)
     assert d.stop() == 0
@@ -131,7 +132,7 @@ def test_victim_exits_just_as_it_is_chosen(memcg: MemoryCgroup, spawn: Spawn,
         assert quitter.wait(timeout=30) == 0  # never killed: it left on its own
         status = leaker.wait(timeout=30)
         inc = wait_closed(d, n)[-1]
-        victims = {int(v["pid"]): v for v in inc["victims"]}  # type: ignore[union-attr]
+        victims = {v.pid: v for v in inc.victims}
         kills = [r for k, r in steps_of(inc) if k == "kill"]
         assert kills and set(kills) <= {"killed", "exited"}, steps_of(inc)
         if status == 0:
@@ -144,7 +145,7 @@ def test_victim_exits_just_as_it_is_chosen(memcg: MemoryCgroup, spawn: Spawn,
             # (SIGKILL asleep in the OOM wait; SIGTERM if it had woken and was running)
             assert status in (-signal.SIGKILL, -signal.SIGTERM), status
             assert leaker.pid in victims, inc
-            assert victims[leaker.pid]["signal"] == signal.Signals(-status).name
+            assert victims[leaker.pid].signal == signal.Signals(-status).name
         assert_alive(d)
     time.sleep(0.4)  # past the last grace
     assert_alive(d)
@@ -160,9 +161,8 @@ def test_victim_moved_out_during_grace_is_spared(memcg: MemoryCgroup, elsewhere:
     stubborn = spawn(STUBBORN, 40 * MiB)  # ignores SIGTERM: only SIGKILL would end it
     ready(stubborn)
     leaker = spawn(LEAK, MiB)  # never stops
-    wait_until(lambda: any(s["kind"] == "kill" and s["pid"] == stubborn.pid
-                           for i in incidents(d.journal)
-                           for s in i["steps"]),  # type: ignore[attr-defined]
+    wait_until(lambda: any(s.kind == "kill" and s.pid == stubborn.pid
+                           for i in incidents(d.journal) for s in i.steps),
                10, what="the kill step to choose the stubborn one")
     elsewhere.move(stubborn.pid)  # during its grace
     assert stubborn.pid not in memcg.procs()
@@ -171,9 +171,9 @@ def test_victim_moved_out_during_grace_is_spared(memcg: MemoryCgroup, elsewhere:
     inc = wait_closed(d, 1)[-1]
     assert stubborn.poll() is None and task_state(stubborn.pid) in ("S", "R")
     assert stubborn.pid in elsewhere.procs()
-    assert [int(v["pid"]) for v in inc["victims"]] == [leaker.pid]  # type: ignore[union-attr]
-    kills = [s for s in inc["steps"] if s["kind"] == "kill"]  # type: ignore[union-attr]
-    assert [(s["pid"], s["result"]) for s in kills] == [(stubborn.pid, "left-group"),
+    assert [v.pid for v in inc.victims] == [leaker.pid]
+    kills = inc.steps_named("kill")
+    assert [(s.pid, s.result) for s in kills] == [(stubborn.pid, "left-group"),
                                                         (leaker.pid, "killed")]
     time.sleep(0.3)
     assert stubborn.poll() is None

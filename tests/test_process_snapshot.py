@@ -103,7 +103,8 @@ def test_each_task_is_read_once_before_the_kill_and_the_rest_after(
     assert any(p.endswith("memory.stat") for p in after), "the costly rest is read after"
     with Journal(tmp_path / "j.db") as j:
         [inc] = j.incidents()
-    [snap] = [e["data"] for e in inc["evidence"] if e["kind"] == "snapshot"]  # type: ignore[union-attr,index]
+    [snap] = [e.fields for e in inc.evidence_named("snapshot")]
+    assert isinstance(snap["ps"], list)
     [row] = [r for r in snap["ps"] if r["pid"] == leaker.pid]
     # The RFC's listing is the one AT the OOM: the victim asleep in it, most of the limit.
     assert row["state"] == "D" or memcg.version == 2

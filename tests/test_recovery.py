@@ -18,7 +18,7 @@ from oomguard.cgroup import MemoryCgroup
 from oomguard.workloads import STUBBORN
 
 from conftest import Daemon, Spawn, wait_until
-from journal_helpers import incidents, rule, wait_for_step
+from journal_helpers import fields, incidents, rule, wait_for_step
 
 MiB = 1 << 20
 pytestmark = pytest.mark.v1(reason="v1 refuses a limit below usage (EBUSY)")
@@ -88,10 +88,10 @@ def test_restart_after_crash_restores_grown_limit(memcg: MemoryCgroup, spawn: Sp
     assert memcg.limit() == 64 * MiB and memcg.memsw_limit() == 64 * MiB
     assert f"recovery: killed pid {job.pid}" in d2.log
     [inc] = incidents(d2.journal)
-    assert inc["outcome"] == "crashed"
-    [event] = [e for e in inc["events"] if e["kind"] == "recovered"]  # type: ignore[union-attr]
-    assert f"limit {grown} -> {64 * MiB}" in event["data"]["undone"]
-    assert event["data"]["killed"] == [job.pid]
+    assert inc.outcome == "crashed"
+    [event] = inc.events_named("recovered")
+    assert f"limit {grown} -> {64 * MiB}" in fields(event.data)["undone"]
+    assert fields(event.data)["killed"] == [job.pid]
     assert "closed as crashed" in d2.log
     # The new daemon's baseline is the original limit: it holds there, and gives it back.
     assert memcg.oom_state().kill_disabled
@@ -120,8 +120,8 @@ def test_restart_closes_crashed_incident(memcg: MemoryCgroup, spawn: Spawn,
     d2 = run_daemon(policy.replace('grace = "30s"', 'grace = "0s"'))
     wait_until(lambda: not memcg.oom_state().under_oom, what="under_oom back to 0")
     [first, *_] = incidents(d2.journal)
-    assert first["outcome"] == "crashed" and first["closed_at"]
-    assert [e for e in first["events"] if e["kind"] == "recovered"]  # type: ignore[union-attr]
+    assert first.outcome == "crashed" and first.closed_at
+    assert first.events_named("recovered")
     assert "closed as crashed" in d2.log
     assert service.poll() is None
     assert memcg.oom_state().kill_disabled  # held again by the new daemon

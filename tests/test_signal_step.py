@@ -11,10 +11,11 @@ import signal
 import pytest
 
 from oomguard.cgroup import MemoryCgroup
+from oomguard.journal import IncidentRecord, StepRecord
 from oomguard.workloads import LEAK, STEADY
 
 from conftest import Spawn
-from journal_helpers import closed_incident, rule, steps_of
+from journal_helpers import closed_incident, fields, rule, step, steps_of
 
 MiB = 1 << 20
 pytestmark = pytest.mark.scenario
@@ -40,8 +41,8 @@ def ready(proc: object) -> None:
     assert out is not None and out.readline() == b"ready\n"
 
 
-def signal_step_of(inc: dict[str, object]) -> dict[str, object]:
-    return next(s for s in inc["steps"] if s["kind"] == "signal")  # type: ignore[union-attr]
+def signal_step_of(inc: IncidentRecord) -> StepRecord:
+    return step(inc, "signal")
 
 
 def test_signal_to_all_reaches_only_tasks_that_handle_it(memcg: MemoryCgroup, spawn: Spawn,
@@ -58,13 +59,12 @@ def test_signal_to_all_reaches_only_tasks_that_handle_it(memcg: MemoryCgroup, sp
     job = spawn(LEAK, MiB)  # no handler either; never stops
     assert job.wait(timeout=30) == -signal.SIGKILL, d.log  # the kill step's, not SIGUSR1
     inc = closed_incident(d.journal)
-    step = signal_step_of(inc)
-    before = step["before"]
-    assert isinstance(before, dict)
+    sig = signal_step_of(inc)
+    before = fields(sig.before)
     assert before["pids"] == [cache.pid], d.log
     assert {service.pid, job.pid} <= set(before["skipped"])
-    assert step["result"] == "signalled"
-    victims = {v["pid"]: v["signal"] for v in inc["victims"]}  # type: ignore[union-attr]
+    assert sig.result == "signalled"
+    victims = {v.pid: v.signal for v in inc.victims}
     assert victims == {job.pid: "SIGKILL"}, d.log
     assert service.poll() is None and cache.poll() is None  # both alive
     assert cache.stdout is not None and cache.stdout.readline() == b"dropped\n"
@@ -83,7 +83,7 @@ def test_even_if_fatal_sends_anyway_and_the_dead_are_victims(memcg: MemoryCgroup
     assert service.wait(timeout=30) == -signal.SIGUSR1
     assert job.wait(timeout=30) == -signal.SIGUSR1, d.log
     inc = closed_incident(d.journal)
-    victims = {v["pid"]: v["signal"] for v in inc["victims"]}  # type: ignore[union-attr]
+    victims = {v.pid: v.signal for v in inc.victims}
     assert victims == {service.pid: "SIGUSR1", job.pid: "SIGUSR1"}, d.log
     assert f"killed pid {service.pid}" in d.log and "exited after the signal step" in d.log
     assert ("kill", "killed") not in steps_of(inc)
@@ -104,8 +104,7 @@ def test_kill_step_marked_dry_run_signals_nobody(memcg: MemoryCgroup, spawn: Spa
     kinds = steps_of(inc)
     assert ("kill", "dry-run") in kinds and ("grow", "grew") in kinds
     assert kinds.index(("kill", "dry-run")) < kinds.index(("grow", "grew"))
-    kill = next(s for s in inc["steps"] if s["kind"] == "kill")  # type: ignore[union-attr]
-    assert kill["pid"] == job.pid  # whom it would have killed, recorded
-    assert inc["victims"] == [] and not inc["dry_run"]
+    assert step(inc, "kill").pid == job.pid  # whom it would have killed, recorded
+    assert not inc.victims and not inc.dry_run
     assert service.poll() is None
     assert f"dry-run: would kill pid {job.pid}" in d.log

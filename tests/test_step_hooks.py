@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import signal
 import time
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from oomguard.cgroup import MemoryCgroup
+from oomguard.journal import IncidentRecord
 from oomguard.workloads import LEAK
 
 from conftest import Spawn, wait_until
-from journal_helpers import closed_incident, incidents, rule, steps_of
+from journal_helpers import closed_incident, evidence_data, incidents, rule, step, steps_of
 
 MiB = 1 << 20
 
@@ -29,8 +32,8 @@ def hook_script(tmp_path: Path, body: str = "") -> tuple[Path, Path]:
     return script, log
 
 
-def hook_records(inc: dict[str, object]) -> list[dict[str, object]]:
-    return [e["data"] for e in inc["evidence"] if e["kind"] == "hook-output"]  # type: ignore[union-attr,index]
+def hook_records(inc: IncidentRecord) -> list[Mapping[str, Any]]:
+    return evidence_data(inc, "hook-output")
 
 
 def test_hooks_around_every_step(tmp_path: Path, memcg: MemoryCgroup, spawn: Spawn,
@@ -53,11 +56,11 @@ def test_hooks_around_every_step(tmp_path: Path, memcg: MemoryCgroup, spawn: Spa
     assert by[("before", "kill")][3] == "2" and by[("before", "kill")][4] == "-"
     assert by[("after", "hold")][4:6] == ["held", "done"]
     assert by[("after", "kill")][4:6] == ["killed", "relief"]
-    assert by[("after", "kill")][6] == str(inc["id"]) and by[("after", "kill")][7] == \
+    assert by[("after", "kill")][6] == str(inc.id) and by[("after", "kill")][7] == \
         memcg.relpath
     # The step waited for its before-hook: the kill began after that hook had run.
-    kill = next(s for s in inc["steps"] if s["kind"] == "kill")  # type: ignore[union-attr]
-    assert float(by[("before", "kill")][8]) <= float(str(kill["started_ts"]))
+    started = step(inc, "kill").started_ts
+    assert started is not None and float(by[("before", "kill")][8]) <= started
     records = hook_records(inc)
     assert {(r["hook"], r["step"]) for r in records} == set(by)
     for r in records:

@@ -20,7 +20,7 @@ from oomguard.cgroup import MemoryCgroup
 from oomguard.cgroup.transient import clean_stale, destroy, ensure_own_parent, new_group
 from oomguard.cgroup.v1 import V1MemoryCgroup
 from oomguard.cli.output import table
-from oomguard.journal import format_incident_detail
+from oomguard.journal import IncidentRecord, format_incident_detail
 from oomguard.policy import Rule, Step, StepKind, process_matcher
 from oomguard.procs import process_info, spawn_in
 from oomguard.session import Session
@@ -119,13 +119,12 @@ def _demo(session: Session, group: MemoryCgroup, procs: list[subprocess.Popen[by
     return 0 if ok else 1
 
 
-def _ps_table(incident: dict[str, object]) -> str:
-    evidence = incident.get("evidence")
+def _ps_table(incident: IncidentRecord) -> str:
     rows: list[list[object]] = []
-    for item in evidence if isinstance(evidence, list) else []:
-        data = item.get("data") if isinstance(item, dict) else None
-        if isinstance(item, dict) and item.get("kind") == "snapshot" and isinstance(data, dict):
-            for p in data.get("ps") or []:
+    for item in incident.evidence_named("snapshot"):
+        ps = item.fields.get("ps")
+        if isinstance(ps, list):
+            for p in ps:
                 args = " ".join(p.get("args") or []) or f"[{p.get('comm')}]"
                 rows.append([p["pid"], p["ppid"], p["uid"], p["state"], int(p["vsz"]) // 1024,
                              int(p["rss"]) // 1024, args[:100]])

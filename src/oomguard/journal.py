@@ -18,19 +18,33 @@ import sqlite3
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
-from datetime import UTC, datetime
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
 from oomguard.errors import OomguardError
 from oomguard.journal_format import format_incident_detail, format_incident_line
+from oomguard.journal_records import (
+    ChangeRecord,
+    EventRecord,
+    EvidenceRecord,
+    IncidentRecord,
+    StepRecord,
+    VictimRecord,
+    iso_utc,
+)
 
 __all__ = [
     "SCHEMA_VERSION",
     "Change",
+    "ChangeRecord",
+    "EventRecord",
+    "EvidenceRecord",
+    "IncidentRecord",
     "Journal",
     "JournalError",
+    "StepRecord",
+    "VictimRecord",
     "default_journal_path",
     "format_incident_detail",
     "format_incident_line",
@@ -182,14 +196,6 @@ def default_journal_path() -> Path:
     # The XDG spec says a relative value is invalid and must be ignored.
     base = Path(state) if state and os.path.isabs(state) else Path.home() / ".local" / "state"
     return base / "oomguard" / "journal.db"
-
-
-def iso_utc(ts: float | None) -> str | None:
-    """ISO 8601 UTC with milliseconds ("2024-05-01T12:00:03.123Z") for a wall-clock time."""
-    if ts is None:
-        return None
-    text = datetime.fromtimestamp(ts, tz=UTC).isoformat(timespec="milliseconds")
-    return text.replace("+00:00", "Z")
 
 
 # Strings from processes and cgroup names may carry bytes that are not UTF-8, decoded with
@@ -811,7 +817,7 @@ class Journal:
         since: float | None = None,
         cgroup: str | None = None,
         limit: int | None = None,
-    ) -> list[dict[str, object]]:
+    ) -> list[IncidentRecord]:
         """Incidents opened at or after `since` (wall clock), in `cgroup` or below it.
 
         With `limit`, the newest `limit` of them. Always oldest first, newest last.
@@ -837,7 +843,7 @@ class Journal:
         rows.reverse()
         return self._load(rows)
 
-    def incident(self, incident_id: int) -> dict[str, object] | None:
+    def incident(self, incident_id: int) -> IncidentRecord | None:
         rows = self._read(
             "SELECT id, cgroup, rule, dry_run, opened_at, closed_at, outcome, latency_ms"
             " FROM incidents WHERE id = ?",
@@ -846,44 +852,15 @@ class Journal:
         loaded = self._load(rows)
         return loaded[0] if loaded else None
 
-    def _load(self, rows: list[tuple[object, ...]]) -> list[dict[str, object]]:
-        out: list[dict[str, object]] = []
-        by_id: dict[int, dict[str, list[dict[str, object]]]] = {}
-        for r in rows:
-            iid = _int(r[0])
-            opened = _float(r[4])
-            closed = _float(r[5])
-            children: dict[str, list[dict[str, object]]] = {
-                "steps": [],
-                "victims": [],
-                "events": [],
-                "evidence": [],
-                "changes": [],
-            }
-            by_id[iid] = children
-            out.append(
-                {
-                    "id": iid,
-                    "cgroup": _py_text(r[1]),
-                    "rule": _py_text(r[2]),
-                    "dry_run": bool(r[3]),
-                    "opened_at": iso_utc(opened),
-                    "opened_ts": opened,
-                    "closed_at": iso_utc(closed),
-                    "closed_ts": closed,
-                    "outcome": None if r[6] is None else _py_text(r[6]),
-                    "latency_ms": _float(r[7]),
-                    **children,
-                }
-            )
-        ids = list(by_id)
+    def _load(self, rows: list[tuple[object, ...]]) -> list[IncidentRecord]:
+        heads: dict[int, tuple[object, ...]] = {_int(r[0]): r for r in rows}
+        kids: dict[int, _Children] = {iid: _Children() for iid in heads}
+        ids = list(heads)
         for chunk_start in range(0, len(ids), _CHUNK):
-            self._load_children(ids[chunk_start : chunk_start + _CHUNK], by_id)
-        return out
+            self._load_children(ids[chunk_start : chunk_start + _CHUNK], kids)
+        return [_incident(r, kids[iid]) for iid, r in heads.items()]
 
-    def _load_children(
-        self, ids: list[int], by_id: dict[int, dict[str, list[dict[str, object]]]]
-    ) -> None:
+    def _load_children(self, ids: list[int], kids: dict[int, _Children]) -> None:
         marks = ",".join("?" * len(ids))
         for r in self._rows_for(
             "SELECT incident_id, id, seq, kind, pid, result, before_json, after_json, detail,"
@@ -891,88 +868,116 @@ class Journal:
             marks,
             ids,
         ):
-            started = _float(r[10])
-            by_id[_int(r[0])]["steps"].append(
-                {
-                    "id": r[1],
-                    "seq": r[2],
-                    "kind": _py_text(r[3]),
-                    "pid": r[4],
-                    "result": None if r[5] is None else _py_text(r[5]),
-                    "before": _from_json(r[6]),
-                    "after": _from_json(r[7]),
-                    "detail": _py_text(r[8]),
-                    "duration_ms": _float(r[9]),
-                    "started_at": iso_utc(started),
-                    "started_ts": started,
-                }
-            )
+            kids[_int(r[0])].steps.append(StepRecord(
+                id=_int(r[1]),
+                seq=_int(r[2]),
+                kind=_py_text(r[3]),
+                pid=_opt_int(r[4]),
+                result=_opt_text(r[5]),
+                before=_json_object(r[6]),
+                after=_json_object(r[7]),
+                detail=_py_text(r[8]),
+                duration_ms=_float(r[9]),
+                started_ts=_float(r[10]),
+            ))
         for r in self._rows_for(
             "SELECT incident_id, pid, comm, rss, signal, reaped_ms, at FROM victims"
             " WHERE incident_id IN ({}) ORDER BY id",
             marks,
             ids,
         ):
-            by_id[_int(r[0])]["victims"].append(
-                {
-                    "pid": r[1],
-                    "comm": _py_text(r[2]),
-                    "rss": r[3],
-                    "signal": _py_text(r[4]),
-                    "reaped_ms": _float(r[5]),
-                    "at": iso_utc(_float(r[6])),
-                }
-            )
+            kids[_int(r[0])].victims.append(VictimRecord(
+                pid=_int(r[1]),
+                comm=_py_text(r[2]),
+                rss=_int(r[3]),
+                signal=_py_text(r[4]),
+                reaped_ms=_float(r[5]),
+                at_ts=_float(r[6]),
+            ))
         for r in self._rows_for(
             "SELECT incident_id, at, cgroup, kind, data_json FROM events"
             " WHERE incident_id IN ({}) ORDER BY id",
             marks,
             ids,
         ):
-            at = _float(r[1])
-            by_id[_int(r[0])]["events"].append(
-                {
-                    "at": iso_utc(at),
-                    "at_ts": at,
-                    "cgroup": _py_text(r[2]),
-                    "kind": _py_text(r[3]),
-                    "data": _from_json(r[4]),
-                }
-            )
+            kids[_int(r[0])].events.append(EventRecord(
+                at_ts=_float(r[1]),
+                cgroup=_py_text(r[2]),
+                kind=_py_text(r[3]),
+                data=_json_object(r[4]),
+            ))
         for r in self._rows_for(
             "SELECT incident_id, kind, at, data_json FROM evidence"
             " WHERE incident_id IN ({}) ORDER BY id",
             marks,
             ids,
         ):
-            by_id[_int(r[0])]["evidence"].append(
-                {"kind": _py_text(r[1]), "at": iso_utc(_float(r[2])), "data": _from_json(r[3])}
-            )
+            kids[_int(r[0])].evidence.append(EvidenceRecord(
+                kind=_py_text(r[1]), at_ts=_float(r[2]), data=_from_json(r[3])))
         for r in self._rows_for(
             "SELECT incident_id, id, cgroup, kind, target, before_value, after_value,"
             " recorded_at, restored_at FROM changes WHERE incident_id IN ({}) ORDER BY id",
             marks,
             ids,
         ):
-            recorded = _float(r[7])
-            restored = _float(r[8])
-            by_id[_int(r[0])]["changes"].append(
-                {
-                    "id": r[1],
-                    "cgroup": _py_text(r[2]),
-                    "kind": _py_text(r[3]),
-                    "target": _py_text(r[4]),
-                    "before": _py_text(r[5]),
-                    "after": _py_text(r[6]),
-                    "recorded_at": iso_utc(recorded),
-                    "recorded_ts": recorded,
-                    "restored_at": iso_utc(restored),
-                    "restored_ts": restored,
-                }
-            )
+            kids[_int(r[0])].changes.append(ChangeRecord(
+                id=_int(r[1]),
+                cgroup=_py_text(r[2]),
+                kind=_py_text(r[3]),
+                target=_py_text(r[4]),
+                before=_py_text(r[5]),
+                after=_py_text(r[6]),
+                recorded_ts=_float(r[7]),
+                restored_ts=_float(r[8]),
+            ))
 
     def _rows_for(self, sql: str, marks: str, ids: Iterable[int]) -> list[tuple[object, ...]]:
         return self._read(sql.format(marks), list(ids))
+
+
+@dataclass(slots=True)
+class _Children:
+    """An incident's rows while they are loaded, before its record is frozen."""
+
+    steps: list[StepRecord] = field(default_factory=list)
+    victims: list[VictimRecord] = field(default_factory=list)
+    events: list[EventRecord] = field(default_factory=list)
+    evidence: list[EvidenceRecord] = field(default_factory=list)
+    changes: list[ChangeRecord] = field(default_factory=list)
+
+
+def _incident(r: tuple[object, ...], kids: _Children) -> IncidentRecord:
+    return IncidentRecord(
+        id=_int(r[0]),
+        cgroup=_py_text(r[1]),
+        rule=_py_text(r[2]),
+        dry_run=bool(r[3]),
+        opened_ts=_float(r[4]),
+        closed_ts=_float(r[5]),
+        outcome=_opt_text(r[6]),
+        latency_ms=_float(r[7]),
+        steps=tuple(kids.steps),
+        victims=tuple(kids.victims),
+        events=tuple(kids.events),
+        evidence=tuple(kids.evidence),
+        changes=tuple(kids.changes),
+    )
+
+
+def _json_object(text: object) -> Mapping[str, object] | None:
+    """A JSON column the writer only fills with an object (or NULL)."""
+    data = _from_json(text)
+    if data is None or isinstance(data, dict):
+        return data
+    return {"value": data}  # not written by oomguard: keep it, typed
+
+
+def _opt_text(v: object) -> str | None:
+    return None if v is None else _py_text(v)
+
+
+def _opt_int(v: object) -> int | None:
+    return None if v is None else _int(v)
 
 
 def _float(v: object) -> float | None:

@@ -1,8 +1,8 @@
 """Journal incidents as text for a terminal: one line for `oomguard events`, a page for `show`.
 
-Input is the dict `Journal.incident()` returns. Every string in it may come from a process
-(comm, cmdline, hook output) or a cgroup name, so every string goes through `printable`
-exactly once before it reaches the terminal.
+Input is the `IncidentRecord` `Journal.incident()` returns. Every string in it may come
+from a process (comm, cmdline, hook output) or a cgroup name, so every string goes through
+`printable` exactly once before it reaches the terminal.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from oomguard.escape import printable
+from oomguard.journal_records import IncidentRecord, VictimRecord
 from oomguard.units import format_size
 
 _MAX_LINE_VICTIMS = 3
@@ -29,13 +30,6 @@ def _ms(v: object) -> str:
     return "-"
 
 
-def _items(d: Mapping[str, object], key: str) -> list[Mapping[str, object]]:
-    v = d.get(key)
-    if not isinstance(v, list):
-        return []
-    return [x for x in v if isinstance(x, Mapping)]
-
-
 def _when(v: object) -> str:
     """An ISO time such as 2024-05-01T12:00:03.123Z as "2024-05-01 12:00:03Z"."""
     if not isinstance(v, str):
@@ -50,8 +44,8 @@ def _size(v: object) -> str:
     return "-"
 
 
-def _victim(v: Mapping[str, object]) -> str:
-    return f"{_text(v.get('pid'))} {_text(v.get('comm'))} {_size(v.get('rss'))}"
+def _victim(v: VictimRecord) -> str:
+    return f"{v.pid} {_text(v.comm)} {_size(v.rss)}"
 
 
 def render(obj: object) -> str:
@@ -65,22 +59,20 @@ def render(obj: object) -> str:
     return _text(obj)
 
 
-def format_incident_line(d: Mapping[str, object]) -> str:
+def format_incident_line(d: IncidentRecord) -> str:
     """`#12  2024-05-01 12:00:03Z  /app  killed  83.2ms  victims: 1234 chrome 1.2G`."""
-    outcome = d.get("outcome")
-    state = _text(outcome) if outcome is not None else "open"
-    if d.get("dry_run"):
+    state = _text(d.outcome) if d.outcome is not None else "open"
+    if d.dry_run:
         state += " (dry-run)"
-    victims = _items(d, "victims")
-    if victims:
-        shown = ", ".join(_victim(v) for v in victims[:_MAX_LINE_VICTIMS])
-        more = len(victims) - _MAX_LINE_VICTIMS
+    if d.victims:
+        shown = ", ".join(_victim(v) for v in d.victims[:_MAX_LINE_VICTIMS])
+        more = len(d.victims) - _MAX_LINE_VICTIMS
         who = f"victims: {shown}" + (f" +{more} more" if more > 0 else "")
     else:
         who = "no victims"
     return (
-        f"#{_text(d.get('id'))}  {_when(d.get('opened_at'))}  {_text(d.get('cgroup'))}  "
-        f"{state}  {_ms(d.get('latency_ms'))}  {who}"
+        f"#{d.id}  {_when(d.opened_at)}  {_text(d.cgroup)}  "
+        f"{state}  {_ms(d.latency_ms)}  {who}"
     )
 
 
@@ -96,68 +88,56 @@ def _block(data: object, indent: str) -> list[str]:
     return [indent + render(data)]
 
 
-def format_incident_detail(d: Mapping[str, object]) -> str:
+def format_incident_detail(d: IncidentRecord) -> str:
     """Everything about one incident, for `oomguard show ID`."""
-    dry = "  (dry-run)" if d.get("dry_run") else ""
-    outcome = d.get("outcome")
+    dry = "  (dry-run)" if d.dry_run else ""
     lines = [
-        f"incident {_text(d.get('id'))}  cgroup {_text(d.get('cgroup'))}  "
-        f"rule {_text(d.get('rule'))}{dry}",
-        f"  opened   {_text(d.get('opened_at'))}",
-        f"  closed   {_text(d.get('closed_at'))}",
-        f"  outcome  {_text(outcome) if outcome is not None else 'open'}",
-        f"  latency  {_ms(d.get('latency_ms'))}",
+        f"incident {d.id}  cgroup {_text(d.cgroup)}  rule {_text(d.rule)}{dry}",
+        f"  opened   {_text(d.opened_at)}",
+        f"  closed   {_text(d.closed_at)}",
+        f"  outcome  {_text(d.outcome) if d.outcome is not None else 'open'}",
+        f"  latency  {_ms(d.latency_ms)}",
     ]
-    steps = _items(d, "steps")
-    if steps:
+    if d.steps:
         lines.append("steps:")
-        for s in steps:
-            pid = s.get("pid")
-            line = (
-                f"  {_text(s.get('seq'))}. {_text(s.get('kind'))}"
-                + (f" pid {_text(pid)}" if pid is not None else "")
-                + f"  {_text(s.get('result') or 'unfinished')}  {_ms(s.get('duration_ms'))}"
-                + f"  at {_text(s.get('started_at'))}"
+        for s in d.steps:
+            lines.append(
+                f"  {s.seq}. {_text(s.kind)}"
+                + (f" pid {s.pid}" if s.pid is not None else "")
+                + f"  {_text(s.result or 'unfinished')}  {_ms(s.duration_ms)}"
+                + f"  at {_text(s.started_at)}"
             )
-            lines.append(line)
-            if s.get("detail"):
-                lines.append(f"       {_text(s.get('detail'))}")
-            for key in ("before", "after"):
-                if s.get(key) is not None:
-                    lines.append(f"       {key}: {render(s.get(key))}")
-    victims = _items(d, "victims")
-    if victims:
+            if s.detail:
+                lines.append(f"       {_text(s.detail)}")
+            for key, data in (("before", s.before), ("after", s.after)):
+                if data is not None:
+                    lines.append(f"       {key}: {render(data)}")
+    if d.victims:
         lines.append("victims:")
-        for v in victims:
-            reaped = v.get("reaped_ms")
+        for v in d.victims:
             lines.append(
-                f"  pid {_text(v.get('pid'))}  {_text(v.get('comm'))}  rss {_size(v.get('rss'))}"
-                f"  {_text(v.get('signal'))}"
-                + (f"  reaped in {_ms(reaped)}" if reaped is not None else "  not seen to exit")
+                f"  pid {v.pid}  {_text(v.comm)}  rss {_size(v.rss)}  {_text(v.signal)}"
+                + (f"  reaped in {_ms(v.reaped_ms)}" if v.reaped_ms is not None
+                   else "  not seen to exit")
             )
-    events = _items(d, "events")
-    if events:
+    if d.events:
         lines.append("events:")
-        for e in events:
-            data = e.get("data")
+        for e in d.events:
             lines.append(
-                f"  {_text(e.get('at'))}  {_text(e.get('kind'))}  {_text(e.get('cgroup'))}"
-                + (f"  {render(data)}" if data is not None else "")
+                f"  {_text(e.at)}  {_text(e.kind)}  {_text(e.cgroup)}"
+                + (f"  {render(e.data)}" if e.data is not None else "")
             )
-    changes = _items(d, "changes")
-    if changes:
+    if d.changes:
         lines.append("changes:")
-        for c in changes:
-            restored = c.get("restored_at")
+        for c in d.changes:
             lines.append(
-                f"  {_text(c.get('kind'))} {_text(c.get('target'))}: "
-                f"{_text(c.get('before'))} -> {_text(c.get('after'))}  "
-                + (f"restored {_text(restored)}" if restored is not None else "NOT RESTORED")
+                f"  {_text(c.kind)} {_text(c.target)}: {_text(c.before)} -> {_text(c.after)}  "
+                + (f"restored {_text(c.restored_at)}" if c.restored_at is not None
+                   else "NOT RESTORED")
             )
-    evidence = _items(d, "evidence")
-    if evidence:
+    if d.evidence:
         lines.append("evidence:")
-        for ev in evidence:
-            lines.append(f"  {_text(ev.get('kind'))} ({_text(ev.get('at'))}):")
-            lines.extend(_block(ev.get("data"), "    "))
+        for ev in d.evidence:
+            lines.append(f"  {_text(ev.kind)} ({_text(ev.at)}):")
+            lines.extend(_block(ev.data, "    "))
     return "\n".join(lines)

@@ -57,7 +57,7 @@ def run_events(args: argparse.Namespace) -> int:
     with _open(args.journal) as journal:
         rows = journal.incidents(since=since, cgroup=args.cgroup)
     if args.json:
-        emit_json(rows)
+        emit_json([row.to_json() for row in rows])
     else:
         for row in rows:
             print(format_incident_line(row))
@@ -70,7 +70,7 @@ def run_show(args: argparse.Namespace) -> int:
     if row is None:
         raise OomguardError(f"incident {args.id}: not in the journal")
     if args.json:
-        emit_json(row)
+        emit_json(row.to_json())
     else:
         print(format_incident_detail(row))
     return 0
