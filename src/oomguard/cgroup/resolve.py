@@ -8,6 +8,7 @@ relative to the memory hierarchy's root (`/jobs/a` or `jobs/a`), or `pid:1234`
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 from oomguard.cgroup.base import MemoryCgroup
@@ -57,19 +58,37 @@ def _process_relpath(hier: Hierarchies, pid_text: str, spec: str) -> str:
     if pid <= 0:
         raise UsageError(f"{spec}: expected a positive pid")
     try:
-        with open(f"/proc/{pid}/cgroup") as f:
-            text = f.read()
-    except FileNotFoundError:
+        with open(f"/proc/{pid}/cgroup", "rb") as f:
+            data = f.read()
+    except (FileNotFoundError, ProcessLookupError):
         raise NoSuchProcess(pid) from None
     except PermissionError:
         raise CgroupPermissionDenied(spec, f"cannot read /proc/{pid}/cgroup") from None
     mount = memory_mount(hier)
     v1 = mount.fstype == "cgroup"
-    for line in text.splitlines():
-        _, controllers, path = line.split(":", 2)
+    # A group's name is any bytes but "/" and NUL: not UTF-8, or with a newline (which the
+    # kernel prints as it is). Decoded as the file system's names are, so the path maps back.
+    for controllers, path in _cgroup_lines(os.fsdecode(data)):
         if (v1 and "memory" in controllers.split(",")) or (not v1 and controllers == ""):
             return _below_mount_root(path, mount, spec)
     raise NotAMemoryCgroup(spec, f"pid {pid} is in no memory cgroup")
+
+
+_CGROUP_LINE = re.compile(r"^\d+:([^:\n]*):(/.*)$")
+
+
+def _cgroup_lines(text: str) -> list[tuple[str, str]]:
+    """(controllers, path) per hierarchy; a line that does not start "ID:CONTROLLERS:/" is
+    the rest of the previous path, cut by a newline in a group's name."""
+    entries: list[tuple[str, str]] = []
+    for line in text.removesuffix("\n").split("\n"):
+        m = _CGROUP_LINE.match(line)
+        if m:
+            entries.append((m.group(1), m.group(2)))
+        elif entries:
+            controllers, path = entries[-1]
+            entries[-1] = (controllers, f"{path}\n{line}")
+    return entries
 
 
 def process_cgroup(hier: Hierarchies, pid: int) -> MemoryCgroup:

@@ -6,6 +6,8 @@ import argparse
 from typing import Any
 
 from oomguard.daemon import run_daemon
+from oomguard.errors import OomguardError, UsageError
+from oomguard.obs.metrics import check_metrics_addr
 
 
 def add_parser(sub: Any) -> None:
@@ -21,4 +23,17 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.metrics is not None:
+        _check_metrics(args.metrics)  # before any group is adopted: nothing to put back
     return run_daemon(args.config, args.journal, args.log_format, args.metrics, args.dry_run)
+
+
+def _check_metrics(addr: str) -> None:
+    try:
+        check_metrics_addr(addr)
+    except ValueError as exc:
+        raise UsageError(f"daemon: --metrics: {exc}") from None
+    except OSError as exc:  # socket.gaierror too: a host name that does not resolve
+        reason = exc.strerror or str(exc)
+        raise OomguardError(f"daemon: --metrics {addr!r}: cannot listen there: {reason}") \
+            from None

@@ -15,7 +15,7 @@ from typing import Any
 
 from oomguard.cgroup import MemoryCgroup, resolve
 from oomguard.cgroup.v2 import V2MemoryCgroup
-from oomguard.cli.common import duration_arg
+from oomguard.cli.common import wait_timeout_arg
 from oomguard.cli.output import emit_json
 from oomguard.errors import EXIT_OK, EXIT_REMOVED, EXIT_TIMEOUT, OomguardError
 from oomguard.escape import printable
@@ -30,8 +30,8 @@ def add_parser(sub: Any) -> None:
                        description=__doc__)
     p.add_argument("cgroup", metavar="CGROUP",
                    help="cgroupfs path, path in the memory hierarchy (/jobs/a), or pid:N")
-    p.add_argument("--timeout", type=duration_arg, metavar="SECONDS",
-                   help="give up after this long (exit 4)")
+    p.add_argument("--timeout", type=wait_timeout_arg, metavar="SECONDS",
+                   help="give up after this long (exit 4); at most 720h (30 days)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run)
 

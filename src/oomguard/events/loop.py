@@ -99,7 +99,7 @@ class EventLoop:
             heapq.heappop(self._timers)
         if not self._timers:
             return -1.0
-        return max(0.0, self._timers[0].when - time.monotonic())
+        return _clamp(self._timers[0].when - time.monotonic())
 
     def _run_due_timers(self) -> None:
         now = time.monotonic()
@@ -111,7 +111,7 @@ class EventLoop:
     def run_once(self, timeout: float | None = None) -> None:
         wait = self._next_timeout()
         if timeout is not None:
-            wait = timeout if wait < 0 else min(wait, timeout)
+            wait = _clamp(timeout) if wait < 0 else min(wait, _clamp(timeout))
         for fd, revents in self._epoll.poll(wait):
             callback = self._readers.get(fd)
             if callback is not None:
@@ -143,6 +143,18 @@ class EventLoop:
         self._epoll.close()
         os.close(self._wake_r)
         os.close(self._wake_w)
+
+
+# epoll takes its timeout as an int of milliseconds (OverflowError beyond ~24.8 days). A wait
+# is cut at one hour: the loop wakes, finds nothing due, and sleeps again, so a timer or a
+# deadline however far away (even infinite) never raises in the loop.
+MAX_EPOLL_WAIT = 3600.0
+
+
+def _clamp(seconds: float) -> float:
+    if seconds != seconds:  # NaN: sleep the longest wait rather than spin
+        return MAX_EPOLL_WAIT
+    return min(max(seconds, 0.0), MAX_EPOLL_WAIT)
 
 
 def _note_signal(signum: int, frame: object) -> None:

@@ -276,7 +276,7 @@ def parse_metrics_addr(text: str) -> tuple[str, int]:
         host = host or DEFAULT_HOST
     else:
         host, port_text = DEFAULT_HOST, raw
-    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+    if not (port_text.isascii() and port_text.isdigit()) or not 0 <= int(port_text) <= 65535:
         raise ValueError(f"expected a port number 0-65535, got {port_text!r} in {text!r}")
     return host, int(port_text)
 
@@ -287,6 +287,18 @@ def metrics_addr_arg(text: str) -> tuple[str, int]:
         return parse_metrics_addr(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def check_metrics_addr(text: str) -> tuple[str, int]:
+    """Parse ADDR and make sure it can be listened on, before the daemon changes anything.
+
+    ValueError: ADDR is malformed (bad usage). OSError: it names a host that does not
+    resolve or an address that cannot be bound now (in use, not on this machine). The
+    trial socket is closed at once; the server binds its own later.
+    """
+    host, port = parse_metrics_addr(text)
+    _listen(host, port, backlog=1).close()
+    return host, port
 
 
 def _listen(host: str, port: int, backlog: int) -> socket.socket:
