@@ -289,8 +289,7 @@ def test_restart_after_crash_records_it(stage: str, memcg: MemoryCgroup, spawn: 
     leaker = spawn(LEAK, MiB)
     assert leaker.wait(timeout=30) == -signal.SIGKILL
     def killed_by_it() -> bool:
-        return any(v["pid"] == leaker.pid for i in incidents(d2.journal)
-                   for v in i["victims"])  # type: ignore[attr-defined]
+        return any(v.pid == leaker.pid for i in incidents(d2.journal) for v in i.victims)
 
     wait_until(killed_by_it, 20, what=f"the restarted daemon to kill pid {leaker.pid}: "
                                       f"{incidents(d2.journal)}")
@@ -378,13 +377,15 @@ def test_stopped_mid_incident_is_handed_over_after_deadline(memcg: MemoryCgroup,
     d = run_daemon(rule(memcg, f'steps = ["hold", {step}, "kill"]\ndeadline = "2s"'))
     before = before_of(memcg)
     leaker = spawn(LEAK, MiB)
-    wait_until(lambda: task_state(d.proc.pid) == "T", 20, what="the handler to be stopped")
-    stopped = time.monotonic()
-    ms = wait_released([memcg], [before], stopped, timeout=5)
-    assert 1800 <= ms <= 3000, ms  # the deadline (2 s), plus at most 1 s
-    assert leaker.wait(timeout=30) == -signal.SIGKILL  # the kernel's killer had it
-    assert task_state(d.proc.pid) == "T"
-    os.kill(d.proc.pid, signal.SIGCONT)
+    try:
+        wait_until(lambda: task_state(d.proc.pid) == "T", 20, what="the handler to be stopped")
+        stopped = time.monotonic()
+        ms = wait_released([memcg], [before], stopped, timeout=5)
+        assert 1800 <= ms <= 3000, ms  # the deadline (2 s), plus at most 1 s
+        assert leaker.wait(timeout=30) == -signal.SIGKILL  # the kernel's killer had it
+        assert task_state(d.proc.pid) == "T"
+    finally:
+        d.proc.send_signal(signal.SIGCONT)  # never leave it stopped, even on failure
     d.wait_for("the guardian released the hold", 10)
     wait_until(lambda: any(i["outcome"] == "guardian" for i in incidents(d.journal)), 10,
                what="the incident closed by the guardian")
@@ -407,7 +408,7 @@ def test_stopped_while_idle_then_oom(memcg: MemoryCgroup, spawn: Spawn, run_daem
         assert 1500 <= ms <= 3000, ms
         assert leaker.wait(timeout=30) == -signal.SIGKILL
     finally:
-        os.kill(d.proc.pid, signal.SIGCONT)
+        d.proc.send_signal(signal.SIGCONT)
     wait_until(lambda: holding(memcg), 10, what="the handler to hold the group again")
     assert d.proc.poll() is None
 
