@@ -218,9 +218,9 @@ def crash_and_measure(group: MemoryCgroup, spawn: Spawn, start_daemon: Callable[
     starts a Daemon that has adopted the group."""
     body, _kinds = STAGES[stage]
     env = {} if stage == "exec-running" else {"OOMGUARD_CRASH_AT": stage}
-    d = start_daemon(rule(group, body), env=env)
+    # Read before adoption: on v2 the hold itself raises memory.max by the headroom.
     before = before_of(group)
-    # The rule set the limit at adoption (none here), so "before" is the fixture's 64M.
+    d = start_daemon(rule(group, body), env=env)
     dfd = os.pidfd_open(d.proc.pid)
     gpid = guardian_pid(d.proc.pid)
     gfd = os.pidfd_open(gpid)
@@ -276,9 +276,9 @@ def test_restart_after_crash_records_it(stage: str, memcg: MemoryCgroup, spawn: 
     out = crash_and_measure(memcg, spawn, run_daemon, stage)
     assert out.release_ms <= BOUND_S * 1000
     d2 = run_daemon(rule(memcg, STAGES[stage][0]))
-    crashed = [i for i in incidents(d2.journal) if i["outcome"] == "crashed"]
-    assert len(crashed) == 1 and crashed[0]["closed_at"], incidents(d2.journal)
-    assert not [i for i in incidents(d2.journal) if not i["closed_at"]]
+    crashed = [i for i in incidents(d2.journal) if i.outcome == "crashed"]
+    assert len(crashed) == 1 and crashed[0].closed_at, incidents(d2.journal)
+    assert not [i for i in incidents(d2.journal) if not i.closed_at]
     # The restart consumed the guardian's report: journaled as events, logged, removed.
     assert not guardian_report_path(d2.journal).exists()
     assert "while no handler was there" in d2.log, d2.log
@@ -335,8 +335,8 @@ def test_run_killed_command_not_left_asleep(when: str, tmp_path: Path, hier) -> 
         group = run_group_of(child, hier)
         wait_until(lambda: holding(group), 20, what="run to hold its group")
         gfd = os.pidfd_open(guardian_pid(run.pid))
-        before = before_of(group)  # run's own limits, set before the hold
-        assert before.limit == 64 * MiB
+        # run's own limits, set before the hold (v2's hold raised memory.max above 64M)
+        before = Before(64 * MiB, group.memsw_limit() if group.version == 1 else None)
         if when == "before-oom":
             assert not group.oom_state().under_oom
             kill_by_pidfd(rfd)
@@ -374,8 +374,8 @@ def test_stopped_mid_incident_is_handed_over_after_deadline(memcg: MemoryCgroup,
     script = f"[ -e {flag} ] || {{ touch {flag}; kill -STOP $PPID; }}; exec /bin/sleep 3"
     step = (f'{{ kind = "exec", argv = ["/bin/sh", "-c", "{script}"], timeout = "2s", '
             'on_exit = { default = "next" } }')
+    before = before_of(memcg)  # before adoption (v2's hold raises memory.max)
     d = run_daemon(rule(memcg, f'steps = ["hold", {step}, "kill"]\ndeadline = "2s"'))
-    before = before_of(memcg)
     leaker = spawn(LEAK, MiB)
     try:
         wait_until(lambda: task_state(d.proc.pid) == "T", 20, what="the handler to be stopped")
@@ -387,7 +387,7 @@ def test_stopped_mid_incident_is_handed_over_after_deadline(memcg: MemoryCgroup,
     finally:
         d.proc.send_signal(signal.SIGCONT)  # never leave it stopped, even on failure
     d.wait_for("the guardian released the hold", 10)
-    wait_until(lambda: any(i["outcome"] == "guardian" for i in incidents(d.journal)), 10,
+    wait_until(lambda: any(i.outcome == "guardian" for i in incidents(d.journal)), 10,
                what="the incident closed by the guardian")
     wait_until(lambda: holding(memcg), 10, what="the handler to hold the group again")
     assert d.proc.poll() is None
@@ -396,8 +396,8 @@ def test_stopped_mid_incident_is_handed_over_after_deadline(memcg: MemoryCgroup,
 
 @pytest.mark.v1(reason="the guardian's own OOM eventfd sees an OOM no incident opened")
 def test_stopped_while_idle_then_oom(memcg: MemoryCgroup, spawn: Spawn, run_daemon) -> None:
-    d = run_daemon(rule(memcg, 'steps = ["hold", "kill"]\ndeadline = "2s"'))
     before = before_of(memcg)
+    d = run_daemon(rule(memcg, 'steps = ["hold", "kill"]\ndeadline = "2s"'))
     os.kill(d.proc.pid, signal.SIGSTOP)
     try:
         wait_until(lambda: task_state(d.proc.pid) == "T", 5)
@@ -417,6 +417,7 @@ def test_stopped_while_idle_then_oom(memcg: MemoryCgroup, spawn: Spawn, run_daem
 @pytest.mark.scenario
 def test_guardian_killed_is_replaced_and_covers(memcg: MemoryCgroup, spawn: Spawn,
                                                 run_daemon) -> None:
+    before = before_of(memcg)
     d = run_daemon(rule(memcg, STAGES["step:hold"][0]), env={"OOMGUARD_CRASH_AT": "step:hold"})
     first = guardian_pid(d.proc.pid)
     ffd = os.pidfd_open(first)
@@ -427,7 +428,6 @@ def test_guardian_killed_is_replaced_and_covers(memcg: MemoryCgroup, spawn: Spaw
     second = guardian_pid(d.proc.pid, not_this=first)
     sfd = os.pidfd_open(second)
     dfd = os.pidfd_open(d.proc.pid)
-    before = before_of(memcg)
     assert holding(memcg)
     try:
         leaker = spawn(LEAK, MiB)
