@@ -154,7 +154,9 @@ class Daemon:
         s = self.session
         self.check_not_inside()
         if s.guardian is not None:  # what a guardian undid after the last handler died
-            consume_report(s.journal, s.guardian.report, s.log.warning)
+            memory = s.hier.memory
+            consume_report(s.journal, s.guardian.report, s.log.warning,
+                           memory.mount_point if memory is not None else None)
         recover(s.journal, s.hier, s.log.info, self._last_resort, _skip)
         self.discovery = Discovery(s.hier, self.policy, s.loop, self.adopt, skip=_skip)
         self.discovery.scan()

@@ -250,10 +250,10 @@ class Keeper:
             g.since = None
 
     # -- releasing ------------------------------------------------------------------------
-    def release(self, ids: list[int], why: str) -> None:
+    def release(self, ids: list[int], why: str, incidents: list[str] | None = None) -> None:
         holds = sorted((self.holds[i] for i in ids if i in self.holds),
                        key=lambda h: (h.rank, h.id), reverse=True)
-        if not holds:
+        if not holds and not incidents:
             return
         done = []
         for hold in holds:
@@ -264,15 +264,18 @@ class Keeper:
             hold.close()
             if hold.oomdir:
                 self._unwatch_oom(hold.oomdir)
-        self.say(why, done)
+        self.say(why, done, incidents or [])
         if self.alive:
             with contextlib.suppress(OSError):
                 self.sock.send(encode("released", *(d["id"] for d in done)),
                                socket.MSG_DONTWAIT)
 
-    def say(self, why: str, done: list[dict[str, object]]) -> None:
+    def say(self, why: str, done: list[dict[str, object]], incidents: list[str]) -> None:
+        # `incidents`: groups whose incident the dead handler had open. Its journal may
+        # not hold them (rows are committed just before the first change), so the next
+        # start records them from here.
         line = {"time": time.time(), "handler_pid": self.handler_pid, "why": why,
-                "undone": done}
+                "undone": done, "handler_gone": not self.alive, "incidents": incidents}
         text = "; ".join(f"{d['kind']} {d['file']} -> {d['value']}: {d['result']}"
                          for d in done)
         with contextlib.suppress(OSError):
@@ -304,8 +307,9 @@ class Keeper:
                     self.on_oom(fd)
             if self.alive:
                 self.check_stalls()
-        if self.holds:
-            self.release(list(self.holds), f"handler pid {self.handler_pid} is gone")
+        incidents = sorted(d for d, g in self.groups.items() if g.incident)
+        if self.holds or incidents:
+            self.release(list(self.holds), f"handler pid {self.handler_pid} is gone", incidents)
         return 0
 
 

@@ -19,8 +19,13 @@ from oomguard.journal import Journal
 MAX_REPORT = 4 << 20  # a report is a few lines; never read an unbounded file
 
 
-def consume(journal: Journal, report: Path, log: Callable[[str], None]) -> int:
-    """Journal and log the guardian's releases; returns how many were found."""
+def consume(journal: Journal, report: Path, log: Callable[[str], None],
+            memory_root: Path | None = None) -> int:
+    """Journal and log the guardian's releases; returns how many were found.
+
+    An incident the dead handler had open but never committed (its rows go to disk just
+    before its first change) is recorded here, closed "crashed", so that no episode goes
+    unrecorded; one the journal has is left to recovery, which closes it the same way."""
     try:
         with open(report, "rb") as f:
             raw = f.read(MAX_REPORT)
@@ -44,7 +49,30 @@ def consume(journal: Journal, report: Path, log: Callable[[str], None]) -> int:
             journal.add_event(None, group, "guardian", entry)
         log(f"the guardian released {len(undone)} held changes while no handler was there "
             f"({printable(why)}): {', '.join(printable(f) for f in files)}")
+        if entry.get("handler_gone"):
+            _record_lost_incidents(journal, entry, memory_root)
     journal.commit()
     with contextlib.suppress(OSError):
         os.unlink(report)
     return found
+
+
+def _record_lost_incidents(journal: Journal, entry: dict[str, object],
+                           memory_root: Path | None) -> None:
+    open_now = {cgroup for _id, cgroup in journal.open_incidents()}
+    incidents = entry.get("incidents")
+    for directory in incidents if isinstance(incidents, list) else []:
+        relpath = _relpath(str(directory), memory_root)
+        if relpath in open_now:
+            continue  # recovery closes it
+        inc = journal.open_incident(relpath, "?", False)
+        journal.add_event(inc, relpath, "guardian", entry)
+        journal.close_incident(inc, "crashed", None)
+
+
+def _relpath(directory: str, memory_root: Path | None) -> str:
+    if memory_root is not None:
+        with contextlib.suppress(ValueError):
+            rel = str(Path(directory).relative_to(memory_root))
+            return "/" if rel == "." else "/" + rel
+    return directory
