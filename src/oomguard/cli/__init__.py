@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from types import ModuleType
 
 from oomguard import __version__
-from oomguard.errors import EXIT_FAILURE, EXIT_USAGE, OomguardError
+from oomguard.errors import EXIT_FAILURE, EXIT_USAGE, ConfigError, OomguardError
 from oomguard.escape import printable
 
 
@@ -78,8 +78,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except OomguardError as exc:
-        # A policy file's problems are one line each; every line is escaped on its own.
-        _error("\n".join(one_line(line) for line in str(exc).split("\n")))
+        # A policy file's problems are one line each; any other error is one line, whatever
+        # the user typed into it (a newline in a path is shown as \n).
+        lines = str(exc).split("\n") if isinstance(exc, ConfigError) else [str(exc)]
+        _error("\n".join(one_line(line) for line in lines))
         return exc.exit_code
     except KeyboardInterrupt:
         return 130

@@ -30,3 +30,10 @@ def _duration_up_to(maximum: float) -> Callable[[str], float]:
 duration_arg = _duration_up_to(MAX_DURATION)
 # `wait --timeout`: at most 30 days (epoll counts its timeout in int milliseconds).
 wait_timeout_arg = _duration_up_to(MAX_WAIT)
+
+
+def incident_id_arg(text: str) -> int:
+    """An incident id: a positive integer SQLite can hold (it refuses ints past 2^63)."""
+    if not (text.isascii() and text.isdigit()) or not 0 < int(text) < 1 << 63:
+        raise argparse.ArgumentTypeError(f"expected an incident number like 12, got {text!r}")
+    return int(text)

@@ -7,6 +7,7 @@ import time
 from datetime import datetime
 from typing import Any
 
+from oomguard.cli.common import incident_id_arg
 from oomguard.cli.output import emit_json
 from oomguard.errors import OomguardError, UsageError
 from oomguard.journal import (
@@ -27,7 +28,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--journal", metavar="PATH", help="incident journal (SQLite)")
     p.set_defaults(func=run_events)
     s = sub.add_parser("show", help="one incident in full")
-    s.add_argument("id", type=int, metavar="ID")
+    s.add_argument("id", type=incident_id_arg, metavar="ID")
     s.add_argument("--json", action="store_true")
     s.add_argument("--journal", metavar="PATH")
     s.set_defaults(func=run_show)

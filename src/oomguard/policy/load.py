@@ -783,6 +783,8 @@ def load_policy(path: str | os.PathLike[str]) -> Policy:
             data = file.read()
     except OSError as error:
         raise ConfigError(f"{source}: cannot read the policy file: {error.strerror}") from None
+    except ValueError:  # a NUL byte in the name
+        raise ConfigError(f"{source!r}: cannot read the policy file: not a valid path") from None
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as error:
