@@ -461,9 +461,11 @@ def protect() -> None:
 
 
 def main(argv: list[str]) -> int:
-    # Keyboard and terminal signals are for the handler (it forwards them or shuts down
-    # cleanly, telling us); we outlive it by design.
-    for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGTSTP, signal.SIGPIPE):
+    # Keyboard, terminal and stop signals are for the handler (it forwards them, or shuts
+    # down cleanly and then closes our socket); we outlive it by design. A service
+    # manager that signals the whole group must not take the guardian down first.
+    for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGTSTP, signal.SIGPIPE,
+                signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
         signal.signal(sig, signal.SIG_IGN)
     with contextlib.suppress(OSError):
         os.setsid()
