@@ -15,10 +15,10 @@ from collections.abc import Iterator
 
 import pytest
 
-from oomguard.cgroup import MemoryCgroup, V1MemoryCgroup
+from oomguard.cgroup import Hierarchies, MemoryCgroup, V1MemoryCgroup
 from oomguard.cgroup.files import ValueRejected
 from oomguard.cgroup.transient import destroy, new_group
-from oomguard.errors import CgroupRemoved, Unsupported
+from oomguard.errors import CgroupError, CgroupRemoved, Unsupported
 from oomguard.workloads import LEAK, STEADY
 
 from conftest import Spawn, task_state, wait_until
@@ -287,3 +287,24 @@ def test_children_and_walk(memcg: MemoryCgroup) -> None:
     assert a.parent() == memcg and memcg.child("a").child("x").parent() == a
     with pytest.raises(Exception, match="bad child name"):
         memcg.child("..")
+
+
+def test_destroy_refuses_a_group_oomguard_did_not_make(hier: Hierarchies) -> None:
+    """A caller holding the wrong group (a child read between fork and its join is still
+    in its parent's group) must never kill everything beside it. The group here is empty
+    and top-level, so a missing rail would only remove it, not kill anything."""
+    from oomguard.cgroup import cgroup_at
+    from oomguard.cgroup.transient import is_own_group
+
+    assert is_own_group(cgroup_at(hier, "/oomguard.run/run-1-2"))
+    assert is_own_group(cgroup_at(hier, "/user.slice/u/oomguard.run/run-1-2"))
+    assert not is_own_group(cgroup_at(hier, "/"))
+    assert not is_own_group(cgroup_at(hier, "/system.slice/x"))
+    stray = cgroup_at(hier, f"/oomguard-rail-{os.getpid()}")
+    stray.create()
+    try:
+        with pytest.raises(CgroupError, match="did not make"):
+            destroy(stray)
+        assert stray.exists()
+    finally:
+        stray.remove()

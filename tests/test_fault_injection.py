@@ -334,6 +334,10 @@ def test_run_killed_command_not_left_asleep(when: str, tmp_path: Path, hier) -> 
         wait_until(lambda: bool(command()), 20, what="run's command")
         child = command()[0]
         cfd = os.pidfd_open(child)
+        # Between fork and exec the child is still in run's (the test's own) group: wait
+        # until it has joined its own, or the teardown would destroy the wrong group.
+        wait_until(lambda: "/oomguard" in run_group_of(child, hier).relpath, 20,
+                   what=f"pid {child} to join run's group")
         group = run_group_of(child, hier)
         wait_until(lambda: holding(group), 20, what="run to hold its group")
         gfd = os.pidfd_open(guardian_pid(run.pid))

@@ -95,8 +95,21 @@ def release(group: MemoryCgroup) -> None:
             group.set_oom_kill_disable(False)
 
 
+def is_own_group(group: MemoryCgroup) -> bool:
+    """Is `group` below one of oomguard's own parents (/oomguard.run, /oomguard-test, ...)?"""
+    parents = [p for p in group.relpath.split("/") if p][:-1]
+    return any(p.startswith("oomguard") for p in parents)
+
+
 def destroy(group: MemoryCgroup, timeout: float = 10.0) -> None:
-    """Kill every task of `group` and its descendants by pidfd, then rmdir them all."""
+    """Kill every task of `group` and its descendants by pidfd, then rmdir them all.
+
+    Only ever inside a parent of oomguard's own (a path component above the group named
+    oomguard*): a caller that got the wrong group (a child read before it joined its
+    group is still in its parent's) must never kill everything beside it."""
+    if not is_own_group(group):
+        raise CgroupError(str(group.path), "refusing to destroy a cgroup oomguard did not make "
+                                           "(not under a parent named oomguard*)")
     if not group.exists():
         return
     for g in reversed(list(group.walk())):
