@@ -26,6 +26,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from oomguard.cgroup.files import parse_kv
 from oomguard.cli.output import table
 from oomguard.errors import OomguardError
 from oomguard.escape import printable
@@ -268,7 +269,7 @@ def enrich(group: MemoryCgroup, data: dict[str, object]) -> dict[str, bytes]:
         data["events"] = group.events()
         text = group.read("memory.stat")
         raw["memory.stat"] = text.encode()
-        data["memory_stat"] = _kv(text)
+        data["memory_stat"] = parse_kv(text)
     except (OomguardError, OSError) as exc:
         data.setdefault("error", str(exc))
     rows = data.get("ps")
@@ -289,17 +290,6 @@ def enrich(group: MemoryCgroup, data: dict[str, object]) -> dict[str, bytes]:
             raw[f"{pid}.smaps_rollup"] = rollup
         row["smaps_rollup"] = parse_smaps_rollup(rollup) if rollup else None
     return raw
-
-
-def _kv(text: str) -> dict[str, int]:
-    out = {}
-    for line in text.splitlines():
-        key, _, value = line.partition(" ")
-        try:
-            out[key] = int(value)
-        except ValueError:
-            continue
-    return out
 
 
 def format_ps(rows: list[object]) -> str:
