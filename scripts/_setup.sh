@@ -54,3 +54,30 @@ require_root() {
     exit 2
   fi
 }
+
+ensure_on_path() {
+  # Leave a usable `oomguard` command. As root, link /usr/local/bin/oomguard to this
+  # checkout's venv when that name is free or already one of this checkout's links (never
+  # over someone else's install); otherwise say the one line that makes it usable.
+  local bindir=${OOMGUARD_BIN_DIR:-/usr/local/bin}
+  local target="$VENV/bin/oomguard" link="$bindir/oomguard" current bindir_hint
+  ON_PATH_HINT=""
+  if [ "$(command -v oomguard 2>/dev/null || true)" = "$target" ]; then return 0; fi
+  if [ "$(id -u)" -eq 0 ] && [ -d "$bindir" ]; then
+    if [ ! -e "$link" ] && [ ! -L "$link" ]; then
+      ln -s "$target" "$link" && say "linked $link -> $target" && _bindir_on_path "$bindir" && return 0
+    elif [ -L "$link" ]; then
+      current=$(readlink "$link")
+      case "$current" in
+        "$REPO"/*/bin/oomguard|"$target")
+          [ "$current" = "$target" ] || { ln -sfn "$target" "$link" && say "linked $link -> $target"; }
+          _bindir_on_path "$bindir" && return 0 ;;
+      esac
+    fi
+  fi
+  [ -L "$link" ] && [ "$(readlink "$link")" = "$target" ] && bindir_hint=$bindir || bindir_hint="$VENV/bin"
+  ON_PATH_HINT="export PATH=\"$bindir_hint:\$PATH\"  # oomguard is in $bindir_hint"
+  say "oomguard is not on PATH: $ON_PATH_HINT"
+}
+
+_bindir_on_path() { case ":$PATH:" in *":$1:"*) return 0 ;; *) return 1 ;; esac; }

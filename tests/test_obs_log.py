@@ -141,7 +141,7 @@ def test_bad_format_rejected() -> None:
 
 def test_default_stream_is_current_stderr(capsys: pytest.CaptureFixture[str]) -> None:
     DecisionLog().watching(1)
-    assert capsys.readouterr().err == "oomguard: watching 1 cgroups\n"
+    assert capsys.readouterr().err == "oomguard: watching 1 cgroup\n"
 
 
 def test_closed_stream_does_not_raise() -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import dataclasses
+import errno
 import fcntl
 import os
 import resource
@@ -24,7 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from oomguard.cgroup import MemoryCgroup, resolve
-from oomguard.discovery import Discovery
+from oomguard.discovery import Discovery, plan_adoption
 from oomguard.engine import kill_until_restored, settled
 from oomguard.errors import OomguardError, UsageError
 from oomguard.events.loop import Timer
@@ -75,7 +76,9 @@ def protect_self() -> list[str]:
         except OSError as exc:
             last = exc
     else:
-        notes.append(f"oom_score_adj: {last.strerror}")
+        why = f" ({last.strerror})" if last.errno != errno.EACCES else ""
+        notes.append("could not lower oom_score_adj below 0 (needs CAP_SYS_RESOURCE)"
+                     f"{why}: the kernel may pick oomguard in a system-wide OOM")
     return notes
 
 
@@ -120,9 +123,20 @@ class Daemon:
                                  f"{rule.name!r} watches {path}")
 
     def adopt(self, group: MemoryCgroup, rule: Rule) -> None:
-        watch = self.session.engine.watch(group, rule)
-        if watch.relpath in self.session.engine.watches:
+        engine, log = self.session.engine, self.session.log
+        known = group.relpath in engine.watches
+        plan = None if known else plan_adoption(group, rule)  # read before anything changes
+        watch = engine.watch(group, rule)
+        if watch.relpath in engine.watches:
             self._take_over_hold(group, rule)
+            if plan is not None:
+                # Say what was set on someone's group: nothing changes silently.
+                if rule.dry_run:
+                    log.info(f"watching {plan.relpath} by rule {rule.name} (dry-run)")
+                    for line in plan.would_lines():
+                        log.info(line)
+                else:
+                    log.info(f"adopted {plan.relpath} by rule {rule.name}: {plan.summary()}")
 
     def _take_over_hold(self, group: MemoryCgroup, rule: Rule) -> None:
         """v1: a group oomguard holds, found with oom_kill_disable=1 and no record of it
@@ -172,7 +186,7 @@ class Daemon:
         n = len(s.engine.watches)
         s.log.watching(n)
         sdnotify.ready()
-        sdnotify.status(f"watching {n} cgroups")
+        sdnotify.status(f"watching {n} cgroup{'' if n == 1 else 's'}")
         interval = sdnotify.watchdog_interval()
         if interval:
             self._pet(interval)

@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import time
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 from oomguard.cli.common import incident_id_arg
 from oomguard.cli.output import emit_json
 from oomguard.errors import OomguardError, UsageError
+from oomguard.escape import printable
 from oomguard.journal import (
     Journal,
     default_journal_path,
@@ -47,9 +49,15 @@ def parse_since(text: str) -> float:
 
 
 def _open(path: str | None) -> Journal:
-    journal_path = path or default_journal_path()
-    if path is None and not default_journal_path().exists():
-        raise OomguardError(f"{journal_path}: no journal yet (nothing has been handled)")
+    # Reading never creates: a mistyped --journal must not leave a directory and an empty
+    # database behind and answer "no incidents" as if all were well.
+    journal_path = Path(path) if path else default_journal_path()
+    if not journal_path.exists():
+        if path is None:
+            raise OomguardError(f"{journal_path}: no journal yet (nothing has been handled)")
+        raise OomguardError(f"{printable(path)}: no such journal")
+    if not journal_path.is_file():
+        raise OomguardError(f"{printable(path or str(journal_path))}: not a journal file")
     return Journal(journal_path)
 
 

@@ -23,6 +23,7 @@ from oomguard.events.inotify import DirectoryWatcher
 from oomguard.events.loop import EventLoop
 from oomguard.events.v1 import OomNotifier
 from oomguard.events.v2 import memory_events
+from oomguard.units import format_duration
 
 
 def add_parser(sub: Any) -> None:
@@ -114,4 +115,8 @@ def run(args: argparse.Namespace) -> int:
     elif event != "timeout":
         print(f"{event} {printable(group.relpath)}")
         sys.stdout.flush()
+    else:
+        # On stderr: a script's `$(oomguard wait G)` stays empty, a person still sees why.
+        print(f"oomguard: wait: no OOM in {printable(group.relpath)} within "
+              f"{format_duration(args.timeout)} (exit {EXIT_TIMEOUT})", file=sys.stderr)
     return {"oom": EXIT_OK, "removed": EXIT_REMOVED, "timeout": EXIT_TIMEOUT}[event]

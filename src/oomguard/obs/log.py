@@ -123,7 +123,8 @@ def _fmt_kernel(f: Mapping[str, object]) -> str:
 
 
 def _fmt_watching(f: Mapping[str, object]) -> str:
-    return f"watching {_s(f.get('n'))} cgroups"
+    n = f.get("n")
+    return f"watching {_s(n)} cgroup{'' if n == 1 else 's'}"
 
 
 def _fmt_opened(f: Mapping[str, object]) -> str:
@@ -218,6 +219,10 @@ class DecisionLog:
         self.fmt = fmt
         self._clock = clock
         self.dropped = 0  # lines that could not be written (a closed or full stream)
+        # The open incident of each group, from the opened/closed lines: a kill line whose
+        # caller did not pass the incident still carries it (`--log-format json` readers
+        # join on it).
+        self._open: dict[str, int] = {}
 
     @property
     def stream(self) -> TextIO:
@@ -262,6 +267,8 @@ class DecisionLog:
         """`killed pid 123 (leak) in /jobs/a: grew 47M in 2.1 s, rss 250M, 3.1 ms after the
         OOM`; `why` is the ranking's reason (or what else ended it), `ms` counts from the
         incident's first event to the victim's exit."""
+        if incident is None:
+            incident = self._open.get(cgroup)
         self.decision("killed", pid=pid, comm=comm, cgroup=cgroup, rss=rss, ms=ms,
                       signal=signal, incident=incident, why=why)
 
@@ -298,12 +305,14 @@ class DecisionLog:
         self.decision("kernel", cgroup=cgroup, reason=reason)
 
     def watching(self, n: int) -> None:
-        """Exactly `oomguard: watching N cgroups`."""
+        """Exactly `oomguard: watching N cgroups` (`1 cgroup`)."""
         self.decision("watching", n=n)
 
     def incident_opened(
         self, cgroup: str, incident: int | None = None, reason: str = "oom"
     ) -> None:
+        if incident is not None:
+            self._open[cgroup] = incident
         self.decision("incident_opened", incident=incident, cgroup=cgroup, reason=reason)
 
     def incident_closed(
@@ -314,6 +323,8 @@ class DecisionLog:
         incident: int | None = None,
         cgroup: str | None = None,
     ) -> None:
+        if cgroup is not None and self._open.get(cgroup) == incident:
+            del self._open[cgroup]
         self.decision("incident_closed", outcome=outcome, ms=ms, incident=incident, cgroup=cgroup)
 
     def restored(self, cgroup: str, what: str) -> None:

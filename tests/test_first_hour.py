@@ -1,0 +1,146 @@
+"""Issue 11, "the first hour of a new user": each thing that got in a newcomer's way, as a
+test that would have caught it. Real kernel where it is about the kernel (who died, what the
+cgroup files say afterwards); the CLI runs as a subprocess, as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from oomguard.cgroup import MemoryCgroup
+from oomguard.workloads import LEAK
+
+from cli_helpers import oomguard
+from conftest import Spawn, wait_until
+from journal_helpers import closed_incident, rule
+
+REPO = Path(__file__).resolve().parent.parent
+MiB = 1 << 20
+
+
+# -- 1. set-up leaves a usable command ------------------------------------------------------
+def _ensure_on_path(bindir: Path, path: str) -> subprocess.CompletedProcess[str]:
+    script = f'. "{REPO}/scripts/_setup.sh"; ensure_on_path; echo "hint=$ON_PATH_HINT"'
+    env = {**os.environ, "OOMGUARD_BIN_DIR": str(bindir), "PATH": path}
+    return subprocess.run(["bash", "-c", script], capture_output=True, text=True, env=env,
+                          timeout=30)
+
+
+def test_setup_links_oomguard_onto_path(tmp_path: Path) -> None:
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    r = _ensure_on_path(bindir, f"{bindir}:/usr/bin:/bin")
+    assert r.returncode == 0, r.stderr
+    link = bindir / "oomguard"
+    assert link.is_symlink() and Path(os.readlink(link)) == REPO / ".venv/bin/oomguard"
+    assert f"linked {link}" in r.stderr and r.stdout.strip() == "hint="
+    # The command now works by its bare name, as the Quick start types it.
+    out = subprocess.run(["oomguard", "--help"], capture_output=True, text=True, timeout=30,
+                         env={**os.environ, "PATH": f"{bindir}:/usr/bin:/bin"})
+    assert out.returncode == 0 and "check" in out.stdout
+
+
+def test_setup_never_replaces_another_install_and_says_how(tmp_path: Path) -> None:
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    other = bindir / "oomguard"
+    other.symlink_to("/usr/bin/true")  # someone else's oomguard
+    r = _ensure_on_path(bindir, f"{bindir}:/usr/bin:/bin")
+    assert os.readlink(other) == "/usr/bin/true"
+    assert f'hint=export PATH="{REPO}/.venv/bin:$PATH"' in r.stdout
+    assert "not on PATH" in r.stderr
+
+
+def test_demo_last_line_says_what_to_type_next(tmp_path: Path) -> None:
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    env = {**os.environ, "OOMGUARD_BIN_DIR": str(bindir),
+           "PATH": f"{bindir}:{os.environ.get('PATH', '/usr/bin:/bin')}"}
+    r = subprocess.run([str(REPO / "scripts/demo")], capture_output=True, text=True,
+                       env=env, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    last = r.stdout.rstrip("\n").splitlines()[-1]
+    assert last.startswith("next: oomguard run --memory "), last
+    assert (bindir / "oomguard").is_symlink()
+
+
+# -- 8. wait --timeout says so; a missing journal is refused, not created -------------------
+def test_wait_timeout_says_so_on_stderr(memcg: MemoryCgroup) -> None:
+    r = oomguard("wait", "--timeout", "0.2", memcg.relpath)
+    assert r.returncode == 4 and r.stdout == ""
+    assert r.stderr.startswith("oomguard: wait: no OOM in ") and "200ms" in r.stderr
+    assert len(r.stderr.splitlines()) == 1
+
+
+@pytest.mark.parametrize("cmd", [["events"], ["show", "1"]])
+def test_missing_journal_refused_and_not_created(tmp_path: Path, cmd: list[str]) -> None:
+    missing = tmp_path / "no" / "such" / "x.db"
+    r = oomguard(*cmd, "--journal", str(missing))
+    assert r.returncode == 1 and r.stdout == ""
+    assert r.stderr == f"oomguard: {missing}: no such journal\n"
+    assert not (tmp_path / "no").exists()
+
+
+# -- 3. log lines ---------------------------------------------------------------------------
+def test_daemon_logs_adoption_plural_and_self_protection(memcg: MemoryCgroup, run_daemon,
+                                                         ) -> None:
+    d = run_daemon(rule(memcg, 'memory = "48M"\nsteps = ["hold", "kill"]'))
+    d.wait_for("watching 1 cgroup\n")
+    assert "watching 1 cgroups" not in d.log
+    assert (f"oomguard: adopted {memcg.relpath} by rule t: limit 48M (was 64M), "
+            "OOM held (kernel killer off)\n") in d.log if memcg.version == 1 else \
+        f"oomguard: adopted {memcg.relpath} by rule t: limit 48M (was 64M), OOM held (" in d.log
+    assert memcg.limit() == 48 * MiB and memcg.is_held()  # what the line said, the kernel has
+    if "oom_score_adj" in d.log:  # refused here (no CAP_SYS_RESOURCE): explained, not errno
+        assert ("self-protection: could not lower oom_score_adj below 0 (needs "
+                "CAP_SYS_RESOURCE): the kernel may pick oomguard in a system-wide OOM") in d.log
+        assert "oom_score_adj: Permission denied" not in d.log
+
+
+def test_dry_run_logs_every_change_it_would_make(memcg: MemoryCgroup, run_daemon) -> None:
+    d = run_daemon(rule(memcg, 'memory = "48M"\nsteps = ["hold", "kill"]'), "--dry-run")
+    d.wait_for("watching 1 cgroup")
+    assert (f"dry-run: would set limit of {memcg.relpath} to 48M (was 64M)") in d.log
+    assert f"dry-run: would hold OOMs of {memcg.relpath} (" in d.log
+    assert memcg.limit() == 64 * MiB and not memcg.is_held()  # and it changed nothing
+
+
+def test_json_kill_event_carries_the_incident(memcg: MemoryCgroup, spawn: Spawn,
+                                              run_daemon) -> None:
+    d = run_daemon(rule(memcg, 'steps = ["hold", "kill"]\ngrace = "0s"'),
+                   "--log-format", "json")
+    leaker = spawn(LEAK, MiB)
+    assert leaker.wait(timeout=30) == -signal.SIGKILL
+    inc = closed_incident(d.journal)
+    wait_until(lambda: '"event": "killed"' in d.log, 10, what="the kill line")
+    killed = [json.loads(x) for x in d.lines if '"event": "killed"' in x]
+    assert killed[0]["pid"] == leaker.pid and killed[0]["incident"] == inc.id
+
+
+# -- 6. check lists what each rule would adopt here, and changes nothing --------------------
+def test_check_lists_groups_it_would_adopt_and_what_it_would_change(
+        memcg: MemoryCgroup, tmp_path: Path) -> None:
+    policy = tmp_path / "p.toml"
+    policy.write_text(rule(memcg, 'memory = "48M"\nsteps = ["hold", "kill"]')
+                      + '\n[[rule]]\nname = "none"\nmatch = "/no-such-group-here/*"\n'
+                        'steps = ["hold", "kill"]\n')
+    held_before = memcg.is_held()
+    for args in (["check", str(policy)], ["check", "--config", str(policy)]):
+        r = oomguard(*args)
+        assert r.returncode == 0, r.stderr
+        assert "  rule t: would adopt 1 cgroup\n" in r.stdout
+        hold = "OOM held (kernel killer off)" if memcg.version == 1 else "OOM held ("
+        assert f"    {memcg.relpath}: limit 48M (was 64M), {hold}" in r.stdout
+        assert "  rule none: no cgroup now (adopted when one appears)" in r.stdout
+    assert memcg.limit() == 64 * MiB and memcg.is_held() == held_before  # nothing changed
+
+
+def test_check_without_a_file_is_one_line() -> None:
+    r = oomguard("check")
+    assert r.returncode == 2 and len(r.stderr.splitlines()) == 1 and "check FILE" in r.stderr
+
