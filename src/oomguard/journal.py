@@ -12,6 +12,7 @@ value it replaces; `mark_restored` closes the row once the old value is back. Wh
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sqlite3
@@ -151,6 +152,7 @@ _INSERT_CHANGE = (
 # memory, in order, and are written when it can be again. The backlog is capped: an
 # endless OOM storm on a dead disk must not grow the handler without bound.
 BACKLOG_MAX = 10_000
+_TABLES = ("incidents", "steps", "victims", "events", "evidence", "changes")
 # sqlite3 errors that are about our own SQL, not the file: never a reason to degrade.
 _BUG_ERRORS = (sqlite3.IntegrityError, sqlite3.ProgrammingError, sqlite3.InterfaceError)
 
@@ -348,6 +350,11 @@ class Journal:
         self._tx: list[_Op] = []
         self._remap: dict[tuple[str, int], int] = {}
         self._next_temp = -1
+        # A deferred batch (defer() .. commit()): rows kept in memory, in order, not yet
+        # executed, each insert with its id reserved from _next_id (the next free id per
+        # table, as this process last saw it), so callers can name them meanwhile.
+        self._held: list[_Op] | None = None
+        self._next_id: dict[str, int] = {}
         self.dropped = 0  # rows lost because the backlog was full
         self.failing: str | None = None  # why writes fail, while they do
         # Told once when writes start failing and once when they are caught up.
@@ -401,30 +408,80 @@ class Journal:
         return self._db
 
     def defer(self) -> None:
-        """Group the writes that follow into one transaction until `commit()`.
+        """Keep the writes that follow in memory, in order, until `commit()` writes them
+        in one transaction (no-op inside a batch already).
 
-        An OOM event writes several rows (incident, event, steps) before its first
-        change to the system; one commit instead of five takes ~0.1-0.3 ms off the
-        path to the kill. Whoever changes the system calls `commit()` first, so every
-        change is still on disk (in the WAL) before it is made (unless the journal is
-        failing: then the rows wait in memory and the change is made all the same, since
-        the in-memory ledger can undo it)."""
-        db = self._conn()
-        if not db.in_transaction and not self._backlog:
-            try:
-                db.execute("BEGIN")
-            except sqlite3.Error as e:
-                self._fault(e)
+        An OOM event writes several rows (incident, event, steps) before its decisive
+        action. Executing them, even inside one transaction, cost ~0.5 ms on the way to
+        the kill; held, they cost only building their parameters. Inserts get their ids
+        at once (reserved: see `_reserve`). Whoever changes the system through the intent
+        log calls `commit()` first, so every ledger change is still on disk before it is
+        made; a kill, which no restart can undo, commits right after its signal (a crash
+        in between is recorded at the next start from the guardian's report). While the
+        journal is failing, rows go to the backlog as before."""
+        self._conn()
+        if self._held is None:
+            self._held = []
 
     def commit(self) -> None:
-        """End a `defer()` group (no-op outside one). Never raises for a failing disk."""
+        """Write the deferred batch (no-op outside one). Never raises for a failing disk."""
         db = self._conn()
-        if db.in_transaction:
+        held, self._held = self._held, None
+        if db.in_transaction:  # a caller's own BEGIN (none today): end it as before
             try:
                 db.execute("COMMIT")
             except sqlite3.Error as e:
                 self._fault(e)
         self._tx.clear()
+        if held:
+            self._write_held(db, held)
+
+    def _write_held(self, db: sqlite3.Connection, held: list[_Op]) -> None:
+        if self._backlog:  # keep the order: behind what already waits
+            for op in held:
+                self._queue(op)
+            return
+        remap = dict(self._remap)
+        try:
+            db.execute("BEGIN")
+            for op in held:
+                if not self._replay(db, op, remap):
+                    self.dropped += 1  # names a row that is not there (ours were lost)
+            db.execute("COMMIT")
+        except sqlite3.Error as e:
+            if isinstance(e, _BUG_ERRORS):
+                with contextlib.suppress(sqlite3.Error):
+                    db.execute("ROLLBACK")
+                raise JournalError(f"{self.path}: write failed: {e}") from e
+            self._tx = list(held)  # _fault rolls back and queues them, in order
+            self._fault(e)
+            return
+        self._remap = remap
+        self._refresh_ids(db)
+
+    def _reserve(self, table: str) -> int:
+        """The id the next row of `table` will get. This process is the only writer of
+        its journal in practice (the daemon's lock; a `run` has its own rows); should
+        another writer take the id meanwhile, the replay gives the row a new one and
+        remaps every later reference to it (see _replay), so rows are never mixed up."""
+        nxt = self._next_id.get(table)
+        if nxt is None:
+            nxt = self._max_id(self._conn(), table) + 1
+        self._next_id[table] = nxt + 1
+        return nxt
+
+    @staticmethod
+    def _max_id(db: sqlite3.Connection, table: str) -> int:
+        try:
+            row = db.execute(f"SELECT MAX(id) FROM {table}").fetchone()
+        except sqlite3.Error:
+            return 0
+        return int(row[0]) if row and row[0] is not None else 0
+
+    def _refresh_ids(self, db: sqlite3.Connection) -> None:
+        """After a batch (off the hot path): the next free ids, others' rows included."""
+        for table in _TABLES:
+            self._next_id[table] = max(self._next_id.get(table, 1), self._max_id(db, table) + 1)
 
     def warm(self) -> None:
         """Run the statements an OOM writes once, in a transaction rolled back, so that
@@ -453,11 +510,12 @@ class Journal:
             self._open_steps = steps
             self._writes = writes
             self.step_listener = listener
+        self._refresh_ids(db)  # so the first deferred batch reads nothing
 
     @property
     def durable(self) -> bool:
         """Is everything recorded so far on disk (nothing waiting in memory)?"""
-        return not self._backlog
+        return not self._backlog and not self._held
 
     def _run(self, op: _Op) -> sqlite3.Cursor | None:
         """Execute one write; None if it was queued (the journal is failing)."""
@@ -465,6 +523,11 @@ class Journal:
         self._writes += 1
         if self._backlog:  # keep the order: behind what already waits
             self._queue(op)
+            return None
+        if self._held is not None:  # a deferred batch: written at commit()
+            if op.table is not None and op.params[0] is None:
+                op.params[0] = self._reserve(op.table)
+            self._held.append(op)
             return None
         if self._remap:
             params = _resolve(op, self._remap)
@@ -577,6 +640,8 @@ class Journal:
             return own
         rowid = cur.lastrowid
         assert rowid is not None
+        if rowid >= self._next_id.get(table, 0):
+            self._next_id[table] = rowid + 1
         op.params[0] = rowid  # replayed with the same id if its group is rolled back
         return rowid
 
@@ -594,6 +659,8 @@ class Journal:
 
     def close(self) -> None:
         if self._db is not None:
+            if self._held:
+                self.commit()
             if self._backlog and not self.flush():
                 self.on_fault(f"journal {self.path}: {len(self._backlog) + self.dropped} "
                               f"records could not be written and are lost")

@@ -1,0 +1,127 @@
+"""The order on the hot path: a kill's signal goes out before the incident's rows are
+written (a kill is no intent-log change: nothing to undo), and the rows are all there
+afterwards, in the order things happened. Ledger changes keep their rows first."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from oomguard.cgroup import MemoryCgroup, V2MemoryCgroup
+from oomguard.journal import Journal
+from oomguard.policy import Rule, Step, StepKind
+from oomguard.procs import Pidfd
+from oomguard.session import Session
+from oomguard.workloads import LEAK
+
+from conftest import Spawn
+
+pytestmark = pytest.mark.scenario
+
+
+def _held(group: MemoryCgroup) -> bool:
+    if isinstance(group, V2MemoryCgroup):
+        return group.at_hold()
+    return group.oom_state().under_oom
+
+
+def _rows(path: Path, sql: str) -> list[tuple[Any, ...]]:
+    """What another process reading the journal sees now."""
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        return db.execute(sql).fetchall()
+    finally:
+        db.close()
+
+
+def test_kill_is_sent_before_the_incident_rows_are_written(
+        memcg: MemoryCgroup, spawn: Spawn, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "j.db"
+    session = Session.open(path, log_stream=open(os.devnull, "w"))  # noqa: SIM115
+    rule = Rule(name="t", match=memcg.relpath, grace=0.0, settle=0.05,
+                steps=(Step(StepKind.HOLD), Step(StepKind.SNAPSHOT), Step(StepKind.KILL)))
+    session.engine.watch(memcg, rule)
+    closed: list[object] = []
+    session.engine.on_incident_closed = lambda inc: (closed.append(inc), session.loop.stop())
+    seen_at_signal: list[tuple[int, int]] = []
+    real_send = Pidfd.send
+
+    def send(self: Pidfd, sig: int) -> bool:
+        if sig == signal.SIGKILL and not seen_at_signal:
+            seen_at_signal.append((
+                len(_rows(path, "SELECT id FROM incidents")),
+                len(_rows(path, "SELECT id FROM steps")),
+            ))
+        return real_send(self, sig)
+
+    monkeypatch.setattr(Pidfd, "send", send)
+    leaker = spawn(LEAK, 1 << 20)
+    deadline = time.monotonic() + 20
+    while not _held(memcg):
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    try:
+        session.loop.run(deadline=time.monotonic() + 30)
+    finally:
+        monkeypatch.undo()
+        session.close()
+    assert closed, "no incident closed"
+    assert leaker.wait(timeout=10) == -signal.SIGKILL
+    # At the signal, nothing of the incident was on disk yet.
+    assert seen_at_signal == [(0, 0)]
+    # Afterwards, everything, in order: ids and seq follow the order of the events.
+    incidents = _rows(path, "SELECT id, outcome FROM incidents")
+    assert len(incidents) == 1 and incidents[0][1] == "resolved"
+    iid = incidents[0][0]
+    steps = _rows(path, f"SELECT id, seq, kind, result, started_mono FROM steps "
+                        f"WHERE incident_id = {iid} ORDER BY id")
+    assert [(s[1], s[2], s[3]) for s in steps] == [
+        (1, "hold", "held"), (2, "snapshot", "done"), (3, "kill", "killed")]
+    assert [s[4] for s in steps] == sorted(s[4] for s in steps)
+    events = _rows(path, f"SELECT kind FROM events WHERE incident_id = {iid}")
+    assert events[:1] == [("oom",)]
+    victims = _rows(path, f"SELECT pid, signal FROM victims WHERE incident_id = {iid}")
+    assert victims == [(leaker.pid, "SIGKILL")]
+
+
+def test_deferred_rows_keep_their_ids_and_order(tmp_path: Path) -> None:
+    path = tmp_path / "j.db"
+    with Journal(path) as j:
+        j.warm()
+        j.defer()
+        iid = j.open_incident("/g", "r", False)
+        eid = j.add_event(iid, "/g", "oom", {"count": 1})
+        s1 = j.begin_step(iid, "hold")
+        j.finish_step(s1, "held")
+        s2 = j.begin_step(iid, "kill", 42)
+        assert _rows(path, "SELECT id FROM incidents") == []  # held in memory
+        j.commit()
+        assert _rows(path, "SELECT id FROM incidents") == [(iid,)]
+        assert _rows(path, "SELECT id, incident_id FROM events") == [(eid, iid)]
+        assert _rows(path, "SELECT id, seq, kind, result FROM steps ORDER BY id") == [
+            (s1, 1, "hold", "held"), (s2, 2, "kill", None)]
+        # after the batch, writes go straight to disk again, with the next ids
+        j.finish_step(s2, "killed")
+        s3 = j.begin_step(iid, "snapshot")
+        assert s3 == s2 + 1
+        assert _rows(path, "SELECT result FROM steps WHERE id = %d" % s2) == [("killed",)]
+
+
+def test_a_ledger_change_writes_the_held_rows_before_it(tmp_path: Path) -> None:
+    """The intent log's rule holds inside a deferred batch: commit() (the ledger's,
+    before every change) puts everything held so far on disk."""
+    path = tmp_path / "j.db"
+    with Journal(path) as j:
+        j.defer()
+        iid = j.open_incident("/g", "r", False)
+        cid = j.record_change("/g", "limit", "/g", "1", "2", iid)
+        j.commit()
+        assert _rows(path, "SELECT id, incident_id FROM changes") == [(cid, iid)]
+        assert [c.id for c in j.pending_changes()] == [cid]
