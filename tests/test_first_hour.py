@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 from pathlib import Path
@@ -13,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from oomguard.cgroup import MemoryCgroup
-from oomguard.workloads import LEAK
+from oomguard.journal import IncidentRecord, Journal
+from oomguard.workloads import LEAK, STEADY
 
 from cli_helpers import oomguard
 from conftest import Spawn, wait_until
@@ -144,3 +146,48 @@ def test_check_without_a_file_is_one_line() -> None:
     r = oomguard("check")
     assert r.returncode == 2 and len(r.stderr.splitlines()) == 1 and "check FILE" in r.stderr
 
+
+
+# -- 2. show, readable at 100 columns -------------------------------------------------------
+def test_show_is_readable_at_100_columns_and_json_keeps_raw_numbers(
+        memcg: MemoryCgroup, spawn: Spawn, run_daemon) -> None:
+    d = run_daemon(rule(memcg, 'steps = ["hold", "snapshot", "kill"]\ngrace = "0s"'))
+    tag = "--name=a-service-whose-arguments-run-well-past-the-usual-cut-" + "x" * 40
+    service = spawn(STEADY, 8 * MiB, tag)
+    assert service.stdout is not None and service.stdout.readline() == b"ready\n"
+    leaker = spawn(LEAK, MiB)
+    assert leaker.wait(timeout=30) == -signal.SIGKILL
+    inc = closed_incident(d.journal)
+    wait_until(lambda: bool(_journal(d.journal, inc.id).evidence_named("evidence-dir")), 10,
+               what="the evidence directory")
+    r = oomguard("show", str(inc.id), "--journal", str(d.journal),
+                 env={**os.environ, "COLUMNS": "100"})
+    assert r.returncode == 0, r.stderr
+    text = r.stdout
+    assert max(len(line) for line in text.splitlines()) <= 100, text
+    [victim] = inc.victims
+    assert victim.pid == leaker.pid
+    # Human units, one name per size: no raw byte counts, no float milliseconds.
+    assert str(victim.rss) not in text and "reaped_ms" not in text and "rss_anon" not in text
+    assert re.search(rf"  pid {leaker.pid}  \S+  rss \d+(\.\d)?M, anon \d+(\.\d)?M  SIGKILL  "
+                     r"reaped in \d+(\.\d)? ms", text), text
+    # The latency named for what it is, beside the open -> closed span.
+    assert "(the OOM event -> resolved" in text and "open -> closed: " in text
+    # memory.stat and ps as short tables pointing at the full dumps.
+    where = _journal(d.journal, inc.id).evidence_named("evidence-dir")[0].fields["path"]
+    assert f"{where}/memory.stat)" in text and f"{where}/ps.txt):" in text
+    assert "PID  PPID UID S VSZ" in text.replace("   ", " ").replace("  ", " ") or \
+        re.search(r"PID +PPID +UID S +VSZ +RSS +ANON ARGS", text), text
+    joined = "".join(line.strip() for line in text.splitlines())
+    assert tag in joined  # ARGS in full, folded, never cut
+    # --json: the stored keys and raw numbers, as before.
+    j = json.loads(oomguard("show", str(inc.id), "--journal", str(d.journal), "--json").stdout)
+    assert j["victims"][0]["rss"] == victim.rss and isinstance(j["victims"][0]["reaped_ms"],
+                                                                float)
+
+
+def _journal(path: Path, iid: int) -> IncidentRecord:
+    with Journal(path) as j:
+        rec = j.incident(iid)
+    assert rec is not None
+    return rec

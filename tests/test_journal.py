@@ -456,7 +456,7 @@ def test_format_line_escapes_hostile_comm(j: Journal) -> None:
     line = format_incident_line(d)
     _assert_terminal_safe(line, allow_newline=False)
     assert "\\n" in line and "\\x1b" in line and "\\xff" in line
-    assert f"#{iid}" in line and "killed" in line and "42.0ms" in line
+    assert f"#{iid}" in line and "killed" in line and "42.0 ms" in line
     assert "1234 evil" in line and "dry-run" in line
 
 
@@ -489,7 +489,7 @@ def test_format_detail_escapes_everything(j: Journal) -> None:
     _assert_terminal_safe(text, allow_newline=True)
     for section in ("steps:", "victims:", "events:", "changes:", "evidence:"):
         assert section in text
-    assert "NOT RESTORED" in text and "reaped in 7.5ms" in text
+    assert "NOT RESTORED" in text and "reaped in 7.5 ms" in text
     assert "line two\\x7f" in text  # evidence text line by line, each escaped
     assert text.count("evil\\n\\x1b[2Jx\\xff") == 3  # victim, step before, ps evidence
 

@@ -19,9 +19,8 @@ from typing import TextIO
 from oomguard.cgroup import MemoryCgroup
 from oomguard.cgroup.transient import clean_stale, destroy, ensure_own_parent, new_group
 from oomguard.cgroup.v1 import V1MemoryCgroup
-from oomguard.cli.output import table
-from oomguard.journal import IncidentRecord, format_incident_detail
-from oomguard.policy import Rule, Step, StepKind, process_matcher
+from oomguard.journal import format_incident_detail
+from oomguard.policy import DEFAULT_STEPS, Rule, process_matcher
 from oomguard.procs import process_info, spawn_in
 from oomguard.session import Session
 from oomguard.units import format_size
@@ -69,7 +68,7 @@ def _demo(session: Session, group: MemoryCgroup, procs: list[subprocess.Popen[by
     v = f"cgroup v{group.version}"
     _say(out, f"made memory cgroup {group.relpath} ({v}) with a {format_size(LIMIT)} limit")
     rule = Rule(name="demo", match=group.relpath, memory=LIMIT, grace=0.0, settle=0.3,
-                steps=(Step(StepKind.HOLD), Step(StepKind.SNAPSHOT), Step(StepKind.KILL)),
+                steps=DEFAULT_STEPS,
                 protect=(process_matcher(comm="^service$", label="service"),))
     engine.watch(group, rule)
     _say(out, "policy: hold the OOM, snapshot the group, kill the largest; "
@@ -101,9 +100,9 @@ def _demo(session: Session, group: MemoryCgroup, procs: list[subprocess.Popen[by
         return 1
     incident = session.journal.incident(closed[0])
     assert incident is not None
-    out.write("\n" + _short(format_incident_detail(incident)) + "\n\n")
-    _say(out, "what was running when the OOM hit (the RFC's ps listing, from the snapshot):")
-    out.write(_ps_table(incident) + "\n\n")
+    _say(out, f"the incident as `oomguard show {incident.id}` prints it (\"processes at the "
+              "OOM\" is the RFC's ps listing, from the snapshot):")
+    out.write("\n" + format_incident_detail(incident) + "\n\n")
     job_status = job.wait(timeout=5)
     alive = service.poll() is None
     after = process_info(service.pid) if alive else None
@@ -117,29 +116,4 @@ def _demo(session: Session, group: MemoryCgroup, procs: list[subprocess.Popen[by
     ok = job_status < 0 and alive
     _say(out, "OK: the leaker was killed and the service survived" if ok else "FAILED")
     return 0 if ok else 1
-
-
-def _ps_table(incident: IncidentRecord) -> str:
-    rows: list[list[object]] = []
-    for item in incident.evidence_named("snapshot"):
-        ps = item.fields.get("ps")
-        if isinstance(ps, list):
-            for p in ps:
-                args = " ".join(p.get("args") or []) or f"[{p.get('comm')}]"
-                rows.append([p["pid"], p["ppid"], p["uid"], p["state"], int(p["vsz"]) // 1024,
-                             int(p["rss"]) // 1024, args[:100]])
-    return table(["PID", "PPID", "UID", "S", "VSZ", "RSS", "ARGS"], rows)
-
-
-def _short(text: str) -> str:
-    """The incident without the bulky memory.stat and smaps tables."""
-    keep = []
-    for line in text.splitlines():
-        stripped = line.strip()
-        if stripped.startswith(("memory_stat:", "ps:")):
-            keep.append(line.split(":")[0] + ": ... (in the journal)")
-            continue
-        keep.append(line)
-    return "\n".join(keep)
-
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shutil
 import time
 from datetime import datetime
 from pathlib import Path
@@ -81,5 +82,6 @@ def run_show(args: argparse.Namespace) -> int:
     if args.json:
         emit_json(row.to_json())
     else:
-        print(format_incident_detail(row))
+        # Folded at the terminal's width (100 when not a terminal and $COLUMNS is unset).
+        print(format_incident_detail(row, shutil.get_terminal_size((100, 24)).columns))
     return 0
