@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from oomguard.cgroup import Hierarchies, MemoryCgroup
 from oomguard.errors import CgroupError, OomguardError
+from oomguard.events.background import Background
 from oomguard.events.loop import EventLoop
 from oomguard.events.v1 import ThresholdNotifier
 from oomguard.faults import crash_point
@@ -23,7 +24,7 @@ from oomguard.journal import Journal
 from oomguard.ledger import Ledger
 from oomguard.obs.evidence import EvidenceStore, default_evidence_root, default_total_max
 from oomguard.obs.log import DecisionLog
-from oomguard.policy import Rule, StepKind, Strategy, rank_for_rule
+from oomguard.policy import AskStep, Rule, StepKind, Strategy, rank_for_rule
 from oomguard.procs import Pidfd, read_stat
 from oomguard.steps import hooks
 from oomguard.steps.grow import try_shrink
@@ -36,7 +37,7 @@ from oomguard.steps.victims import (
     sample_group,
     take_snapshot,
 )
-from oomguard.watch import RemovalWatcher, Watch
+from oomguard.watch import RemovalWatcher, Watch, close_all, open_thresholds
 
 if TYPE_CHECKING:
     from oomguard.guardian.link import GuardianLink
@@ -76,6 +77,7 @@ class Engine:
         self.on_unwatched: Callable[[Watch], None] | None = None
         self.incidents_closed = 0
         self.removals = RemovalWatcher(loop, self._on_removed)  # v2: rmdir of watched groups
+        self.background = Background(loop)  # slow kernel registrations, off the loop
         # Evidence files (obs/evidence.py): made on first use, beside the journal.
         self.evidence: EvidenceStore | None = None
         # Desktop notifications for `ask` steps (obs/desktop.py): set up at start-up, if any.
@@ -91,7 +93,7 @@ class Engine:
 
     def setup_desktop(self, rules: Iterable[Rule]) -> None:
         """At start-up, if a rule asks: import the D-Bus client and connect to the buses."""
-        steps = [s for r in rules for s in r.steps if s.kind is StepKind.ASK]
+        steps = [s for r in rules for s in r.steps if isinstance(s, AskStep)]
         if not steps or self.desktop is not None:
             return
         try:
@@ -142,10 +144,7 @@ class Engine:
         if group.rmdir_needs_parent_watch:
             self.removals.add(watch)
         if ranks_by_growth(rule) and not rule.dry_run:
-            try:
-                watch.start_growth_sampling(self.loop, self._sample_growth)
-            except OomguardError as exc:
-                self.log.warning(f"{group.relpath}: no growth sampling: {exc}")
+            self._arm_growth(watch)
         if rule.psi is not None:
             try:
                 watch.start_pressure(self.loop, self._on_pressure)
@@ -176,6 +175,24 @@ class Engine:
         if holds and not rule.dry_run:
             establish_hold(self.ledger, group, baseline)
         watch.start(self.loop, self._on_oom, self._on_removed)
+
+    def _arm_growth(self, watch: Watch) -> None:
+        """Growth sampling's usage thresholds, registered off the loop (each waits for an
+        RCU grace period in the kernel: events/background.py) and attached when ready."""
+        marks = watch.growth_marks()
+        if not marks:
+            return
+        group = watch.group
+
+        def armed(result: object) -> None:
+            if isinstance(result, BaseException):
+                self.log.warning(f"{group.relpath}: no growth sampling: {result}")
+            elif self.watches.get(group.relpath) is not watch:
+                close_all(result)  # let go of meanwhile
+            elif isinstance(result, list):
+                watch.attach_growth(self.loop, result, self._sample_growth)
+
+        self.background.submit(lambda: open_thresholds(group, marks), armed, close_all)
 
     def _sample_growth(self, watch: Watch) -> None:
         """Usage crossed a mark: record each process's size for the growth ranking."""
@@ -477,6 +494,7 @@ class Engine:
         for watch in list(self.watches.values()):
             self.unwatch(watch)
         self.removals.close()
+        self.background.close()
         hooks.cancel_all()
         if self.desktop is not None:
             self.desktop.close()

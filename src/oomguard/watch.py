@@ -132,21 +132,23 @@ class Watch:
 
         self._add(loop, trigger.fileno(), fired, trigger.poll_events, trigger.close)
 
-    def start_growth_sampling(self, loop: EventLoop, on_fill: Callable[[Watch], None]) -> None:
-        """For the `growth` strategy: learn who grows while the group fills, without polling.
-
-        v1 usage thresholds at GROWTH_MARKS of the limit fire as usage crosses them; each
-        crossing samples the group's processes into the growth tracker, so that at the
-        OOM the fastest-growing process is known from the group's own history. (Each
-        registration costs the kernel an RCU grace period, ~6-10 ms, so only rules that
-        rank by growth pay it, once, at adoption.) On v2 the samples come from the rule's
-        PSI trigger, when it has one, and from each incident."""
+    def growth_marks(self) -> list[int]:
+        """For the `growth`/`auto` strategies: the usage (bytes) at which to sample the group
+        as it fills, or [] where this group has no usage thresholds (v2: the rule's PSI
+        trigger and each incident give the samples)."""
         limit = self.baseline_limit
         if not self.group.has_usage_thresholds or not limit:
-            return
-        for mark in GROWTH_MARKS:
-            notifier = ThresholdNotifier(self.group, int(limit * mark))
+            return []
+        return [int(limit * mark) for mark in GROWTH_MARKS]
 
+    def attach_growth(self, loop: EventLoop, notifiers: list[ThresholdNotifier],
+                      on_fill: Callable[[Watch], None]) -> None:
+        """Learn who grows while the group fills, without polling: each crossing of a
+        mark samples the group's processes into the growth tracker, so that at the OOM
+        the fastest-growing process is known from the group's own history. The
+        notifiers are registered off the loop (open_thresholds, events/background.py:
+        each costs the kernel an RCU grace period)."""
+        for notifier in notifiers:
             def crossed(_revents: int, notifier: ThresholdNotifier = notifier) -> None:
                 if notifier.read().count:
                     on_fill(self)
@@ -242,3 +244,20 @@ class RemovalWatcher:
             self._inotify = None
         self._watches.clear()
         self._refs.clear()
+
+
+def open_thresholds(group: MemoryCgroup, marks: list[int]) -> list[ThresholdNotifier]:
+    """Register v1 usage thresholds at `marks` (slow: run off the loop); all or none."""
+    made: list[ThresholdNotifier] = []
+    try:
+        for mark in marks:
+            made.append(ThresholdNotifier(group, mark, keep_control_fd=False))
+    except BaseException:
+        close_all(made)
+        raise
+    return made
+
+
+def close_all(notifiers: object) -> None:
+    for notifier in notifiers if isinstance(notifiers, list) else []:
+        notifier.close()

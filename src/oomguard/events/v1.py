@@ -96,9 +96,10 @@ class OomNotifier(EventfdRegistration):
 class ThresholdNotifier(EventfdRegistration):
     """Fires when usage (or memory+swap usage) crosses `threshold` bytes either way."""
 
-    def __init__(self, cgroup: MemoryCgroup, threshold: int, memsw: bool = False) -> None:
+    def __init__(self, cgroup: MemoryCgroup, threshold: int, memsw: bool = False,
+                 keep_control_fd: bool = True) -> None:
         name = "memory.memsw.usage_in_bytes" if memsw else "memory.usage_in_bytes"
-        super().__init__(cgroup, name, str(threshold))
+        super().__init__(cgroup, name, str(threshold), keep_control_fd=keep_control_fd)
         self.threshold = threshold
 
 

@@ -41,7 +41,8 @@ import time
 
 SEP = "\0"
 MAX_MSG = 65536
-BEAT_EVERY = 0.5  # the handler sends a beat this often while an incident is open
+BEAT_EVERY = 0.5
+SHOW = 5  # releases named on the stderr line  # the handler sends a beat this often while an incident is open
 MCL_CURRENT, MCL_FUTURE = 1, 2
 
 
@@ -276,8 +277,12 @@ class Keeper:
         # start records them from here.
         line = {"time": time.time(), "handler_pid": self.handler_pid, "why": why,
                 "undone": done, "handler_gone": not self.alive, "incidents": incidents}
+        # One line on stderr, bounded (a storm releases thousands); the report has all.
         text = "; ".join(f"{d['kind']} {d['file']} -> {d['value']}: {d['result']}"
-                         for d in done)
+                         for d in done[:SHOW])
+        if len(done) > SHOW:
+            failed = sum(1 for d in done if str(d["result"]).startswith("failed"))
+            text += f"; and {len(done) - SHOW} more ({failed} failed in all; see {self.report})"
         with contextlib.suppress(OSError):
             os.write(2, f"oomguard guardian: {why}: {text}\n".encode(errors="replace"))
         try:

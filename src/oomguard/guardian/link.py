@@ -11,9 +11,11 @@ itself dies, a new one is started and told every hold again.
 from __future__ import annotations
 
 import os
+import select
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -26,6 +28,8 @@ if TYPE_CHECKING:
     from oomguard.ledger import ActiveChange
 
 KEEPER = Path(keeper.__file__).resolve()
+# How long a send may wait for the guardian to catch up before the link is called broken.
+SEND_WAIT = 2.0
 
 # Restore order in the guardian: let tasks run, then give the OOM back to the kernel,
 # then bring raised limits down (a v1 limit that cannot come down kills the largest).
@@ -145,11 +149,25 @@ class GuardianLink:
     def _send(self, *fields: object, fds: list[int] | None = None) -> None:
         if self._sock is None:
             return
+        data = keeper.encode(*fields)
+        deadline = time.monotonic() + SEND_WAIT
         try:
-            if fds:
-                socket.send_fds(self._sock, [keeper.encode(*fields)], fds)
-            else:
-                self._sock.send(keeper.encode(*fields))
+            while True:
+                try:
+                    if fds:
+                        socket.send_fds(self._sock, [data], fds)
+                    else:
+                        self._sock.send(data)
+                    return
+                except BlockingIOError:
+                    # The guardian is behind (thousands of groups adopted at start-up):
+                    # wait for room rather than leave a hold it does not know of.
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise
+                    poller = select.poll()
+                    poller.register(self._sock.fileno(), select.POLLOUT)
+                    poller.poll(int(left * 1000) + 1)
         except OSError as exc:
             if not self._broken:
                 self._broken = True
