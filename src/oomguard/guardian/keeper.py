@@ -41,8 +41,8 @@ import time
 
 SEP = "\0"
 MAX_MSG = 65536
-BEAT_EVERY = 0.5
-SHOW = 5  # releases named on the stderr line  # the handler sends a beat this often while an incident is open
+BEAT_EVERY = 0.5  # the handler sends a beat this often while an incident is open
+SHOW = 5  # releases named on the stderr line
 MCL_CURRENT, MCL_FUTURE = 1, 2
 
 
