@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from oomguard.cgroup import MemoryCgroup, V2MemoryCgroup
-from oomguard.policy import Rule, Step, StepKind
+from oomguard.policy import DEFAULT_STEPS, Rule
 from oomguard.session import Session
 from oomguard.workloads import LEAK
 
@@ -35,7 +35,7 @@ def test_event_to_kill_imports_nothing_and_spawns_nothing(
         memcg: MemoryCgroup, spawn: Spawn, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     session = Session.open(tmp_path / "j.db", log_stream=open(os.devnull, "w"))  # noqa: SIM115
     rule = Rule(name="t", match=memcg.relpath, grace=0.0, settle=0.05,
-                steps=(Step(StepKind.HOLD), Step(StepKind.SNAPSHOT), Step(StepKind.KILL)))
+                steps=DEFAULT_STEPS)
     session.engine.watch(memcg, rule)
     closed: list[object] = []
     session.engine.on_incident_closed = lambda inc: (closed.append(inc), session.loop.stop())

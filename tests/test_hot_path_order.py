@@ -15,7 +15,7 @@ import pytest
 
 from oomguard.cgroup import MemoryCgroup, V2MemoryCgroup
 from oomguard.journal import Journal
-from oomguard.policy import Rule, Step, StepKind
+from oomguard.policy import DEFAULT_STEPS, Rule
 from oomguard.procs import Pidfd
 from oomguard.session import Session
 from oomguard.workloads import LEAK
@@ -46,7 +46,7 @@ def test_kill_is_sent_before_the_incident_rows_are_written(
     path = tmp_path / "j.db"
     session = Session.open(path, log_stream=open(os.devnull, "w"))  # noqa: SIM115
     rule = Rule(name="t", match=memcg.relpath, grace=0.0, settle=0.05,
-                steps=(Step(StepKind.HOLD), Step(StepKind.SNAPSHOT), Step(StepKind.KILL)))
+                steps=DEFAULT_STEPS)
     session.engine.watch(memcg, rule)
     closed: list[object] = []
     session.engine.on_incident_closed = lambda inc: (closed.append(inc), session.loop.stop())

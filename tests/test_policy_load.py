@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import signal
 from pathlib import Path
 
@@ -10,10 +11,15 @@ import pytest
 from oomguard.errors import ConfigError
 from oomguard.policy import (
     DEFAULT_STEPS,
+    PLAIN_KINDS,
+    STEP_TYPES,
+    ExecStep,
+    KillStep,
     OnExit,
+    PlainStep,
     Policy,
     Rule,
-    Step,
+    SignalStep,
     StepKind,
     Strategy,
     Target,
@@ -161,6 +167,73 @@ def test_step_dry_run_overrides_an_acting_rule() -> None:
     assert rule.steps[1].describe() == "kill [dry-run]"
 
 
+# One frozen type per kind with options; the loader builds it and accepts exactly its fields.
+_STEP_KEY_FIELDS = {"by": ("grow_by",), "on_exit": ("on_exit", "on_other_exit", "on_timeout")}
+
+
+@pytest.mark.parametrize("kind", list(StepKind), ids=lambda k: k.value)
+def test_each_kind_loads_as_its_own_type_with_exactly_its_options(kind: StepKind) -> None:
+    from oomguard.policy.load import _KIND_OPTIONS
+
+    step_type = STEP_TYPES[kind]
+    assert (step_type is PlainStep) == (kind in PLAIN_KINDS)
+    own = {f.name for f in dataclasses.fields(step_type) if f.init} - {"kind", "dry_run"}
+    accepted = {name for key in _KIND_OPTIONS[kind] for name in _STEP_KEY_FIELDS.get(key, (key,))}
+    assert accepted == own, f"{kind.value}: the loader accepts {accepted}, the type has {own}"
+    required = {"signal": 'signal="USR1"', "move": 'target="/q"', "exec": 'argv=["/x"]'}
+    extra = f", {required[kind.value]}" if kind.value in required else ""
+    step = only_rule(rule_text(f'steps = [{{kind="{kind.value}", dry_run=true{extra}}}]')).steps[0]
+    assert type(step) is step_type and step.kind is kind and step.dry_run is True
+    hash(step)
+
+
+def test_plain_step_refuses_a_kind_with_options() -> None:
+    with pytest.raises(ValueError, match="kill step has options"):
+        PlainStep(StepKind.KILL)
+    assert KillStep().kind is StepKind.KILL and KillStep(grace=1.0) == KillStep(grace=1.0)
+
+
+def test_describe_and_rule_fallbacks_for_every_kind() -> None:
+    """describe() and the Rule helpers, as they read before the per-kind step types."""
+    rule = only_rule(rule_text(
+        'steps = ["hold", "snapshot", "stop", "freeze", "continue",\n'
+        '  {kind="signal", signal="SIGUSR1", wait="2s", to="all", strategy="newest",'
+        ' even_if_fatal=true, dry_run=true},\n'
+        '  {kind="signal", signal="RTMIN+3"},\n'
+        '  {kind="exec", argv=["/usr/bin/logger", "oom x"], timeout="3s"},\n'
+        '  {kind="grow", by="256M"}, "grow",\n'
+        '  {kind="move", target="/quarantine", to="all", strategy="largest"},\n'
+        '  {kind="move", target="/q2"},\n'
+        '  {kind="core", strategy="oom_score", timeout="5s", max_size="512M"}, "core",\n'
+        '  {kind="ask", actions=["kill"], bus="unix:path=/x", timeout="4s"}, "ask",\n'
+        '  {kind="kill", strategy="growth", grace="1s", dry_run=false},\n'
+        '  {kind="kill", dry_run=true}, "kernel"]'))
+    got = [(s.describe(), rule.strategy_for(s).value, rule.grace_for(s), rule.wait_for(s),
+            rule.grow_by(s) >> 20, rule.timeout_for(s), rule.dry_run_for(s)) for s in rule.steps]
+    plain = ("auto", 2.0, 1.0, 64, 10.0, False)
+    assert got == [
+        ("hold", *plain), ("snapshot", *plain), ("stop", *plain), ("freeze", *plain),
+        ("continue", *plain),
+        ("signal SIGUSR1 to all even if fatal (newest) [dry-run]",
+         "newest", 2.0, 2.0, 64, 10.0, True),
+        ("signal SIGRTMIN+3", *plain),
+        ("exec /usr/bin/logger oom x", "auto", 2.0, 1.0, 64, 3.0, False),
+        ("grow by 256M", "auto", 2.0, 1.0, 256, 10.0, False),
+        ("grow", *plain),
+        ("move to all -> /quarantine (largest)", "largest", 2.0, 1.0, 64, 10.0, False),
+        ("move -> /q2", *plain),
+        ("core (oom_score)", "oom_score", 2.0, 1.0, 64, 5.0, False),
+        ("core", *plain),
+        ("ask", "auto", 2.0, 1.0, 64, 4.0, False),
+        ("ask", "auto", 2.0, 1.0, 64, 5.0, False),
+        ("kill (growth)", "growth", 1.0, 1.0, 64, 10.0, False),
+        ("kill [dry-run]", "auto", 2.0, 1.0, 64, 10.0, True),
+        ("kernel", *plain),
+    ]  # fmt: skip
+    assert rule.ranks_by_growth()
+    assert isinstance(rule.steps[5], SignalStep) and isinstance(rule.steps[7], ExecStep)
+
+
 def test_signal_even_if_fatal() -> None:
     rule = only_rule(rule_text(
         'steps = [{kind="signal", signal="SIGUSR1", to="all"}, '
@@ -188,7 +261,7 @@ def test_step_fallbacks_to_the_rule() -> None:
 
 
 def test_exec_exit_convention_without_on_exit() -> None:
-    step = Step(StepKind.EXEC, argv=("/bin/true",))
+    step = ExecStep(argv=("/bin/true",))
     assert step.exit_action(0) is OnExit.RESOLVED
     assert step.exit_action(1) is OnExit.NEXT
     assert step.exit_action(None) is OnExit.NEXT

@@ -15,7 +15,7 @@ import pytest
 
 from oomguard.cgroup import MemoryCgroup, V2MemoryCgroup
 from oomguard.journal import Journal
-from oomguard.policy import Rule, Step, StepKind, Strategy
+from oomguard.policy import DEFAULT_STEPS, GrowStep, KillStep, PlainStep, Rule, StepKind, Strategy
 from oomguard.procs.reader import CLK_TCK, ProcessSnapshot, dying, read_task
 from oomguard.session import Session
 from oomguard.steps.victims import open_verified, take_snapshot, to_sample
@@ -86,7 +86,7 @@ def test_each_task_is_read_once_before_the_kill_and_the_rest_after(
     session = Session.open(tmp_path / "j.db", log_stream=open(os.devnull, "w"))  # noqa: SIM115
     rule = Rule(name="t", match=memcg.relpath, grace=0.0, settle=0.05,
                 strategy=Strategy.LARGEST,
-                steps=(Step(StepKind.HOLD), Step(StepKind.SNAPSHOT), Step(StepKind.KILL)))
+                steps=DEFAULT_STEPS)
     try:
         opens, leaker = _incident(session, memcg, rule, spawn, monkeypatch)
     finally:
@@ -119,8 +119,8 @@ def test_grow_is_written_before_any_costly_read(
     assert limit is not None
     rule = Rule(name="t", match=memcg.relpath, grace=0.0, settle=0.05, grow_step=64 * MiB,
                 grow_max=limit + 128 * MiB,
-                steps=(Step(StepKind.HOLD), Step(StepKind.SNAPSHOT), Step(StepKind.GROW),
-                       Step(StepKind.KILL)))
+                steps=(PlainStep(StepKind.HOLD), PlainStep(StepKind.SNAPSHOT), GrowStep(),
+                       KillStep()))
     try:
         opens, leaker = _incident(session, memcg, rule, spawn, monkeypatch)
     finally:

@@ -95,13 +95,13 @@ _SUPERVISE = """
 import sys
 from oomguard.cgroup.transient import destroy, ensure_own_parent, new_group
 from oomguard.cli.run import RUN_PARENT, _supervise
-from oomguard.policy import Rule, Step, StepKind
+from oomguard.policy import KillStep, PlainStep, Rule, StepKind
 from oomguard.session import Session
 
 session = Session.open(sys.argv[1])
 group = new_group(ensure_own_parent(session.hier, RUN_PARENT), "run")
 rule = Rule(name="run", match=group.relpath, memory=int(sys.argv[2]),
-            steps=(Step(StepKind.HOLD), Step(StepKind.KILL)))
+            steps=(PlainStep(StepKind.HOLD), KillStep()))
 try:
     print(_supervise(session, group, rule, ["/bin/true"]))
 finally:

@@ -24,6 +24,10 @@ from oomguard.cgroup.v1 import V1MemoryCgroup
 from oomguard.cli.common import duration_arg, size_arg
 from oomguard.errors import OomguardError, UsageError
 from oomguard.policy import (
+    CoreStep,
+    GrowStep,
+    KillStep,
+    PlainStep,
     Policy,
     Rule,
     Step,
@@ -78,16 +82,16 @@ def build_rule(args: argparse.Namespace, relpath: str) -> Rule:
         policy: Policy = load_policy(args.policy)
         base = policy.rule_for(relpath) or policy.rules[0]
     if base is None:
-        steps = [Step(StepKind.HOLD), Step(StepKind.SNAPSHOT)]
+        steps: list[Step] = [PlainStep(StepKind.HOLD), PlainStep(StepKind.SNAPSHOT)]
         if args.grow:
-            steps.append(Step(StepKind.GROW))
-        steps.append(Step(StepKind.KILL))
+            steps.append(GrowStep())
+        steps.append(KillStep())
         base = Rule(name="run", match=relpath, steps=tuple(steps))
     changes: dict[str, Any] = {"match": relpath}
     if getattr(args, "core", False) and not any(s.kind is StepKind.CORE for s in base.steps):
         steps_ = list(base.steps)
         at = next((i for i, s in enumerate(steps_) if s.kind is StepKind.KILL), len(steps_))
-        steps_.insert(at, Step(StepKind.CORE))
+        steps_.insert(at, CoreStep())
         changes["steps"] = tuple(steps_)
     if args.memory is not None:
         changes["memory"] = args.memory

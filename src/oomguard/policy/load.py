@@ -23,14 +23,20 @@ from oomguard.policy.match import ProcessMatcher, compile_glob, normalize_path, 
 from oomguard.policy.model import (
     ASK_ACTIONS,
     DEFAULT_STEPS,
+    AskStep,
+    CoreStep,
+    ExecStep,
+    KillStep,
     OnExit,
     Policy,
     Pressure,
     Rule,
+    SignalStep,
     Step,
     StepKind,
     Strategy,
     Target,
+    make_step,
 )
 from oomguard.units import (
     MAX_DURATION,
@@ -405,7 +411,8 @@ def _on_exit(value: object) -> dict[str, Any]:
     return parsed
 
 
-# Option key -> (Step field, parser). Which kinds accept which options is below.
+# Option key -> (the field of the kind's step type, parser). Which kinds accept which options
+# is below (tests/test_policy_load.py checks it against the step types' fields).
 _STEP_OPTIONS: dict[str, tuple[str, Callable[[object], Any]]] = {
     "strategy": ("strategy", _strategy),
     "grace": ("grace", _duration(positive=False)),
@@ -466,7 +473,7 @@ def _step(value: object) -> Step:
             raise _Invalid(
                 f"a {kind.value} step needs options; write it as a table: {_EXAMPLES[kind]}"
             )
-        return Step(kind)
+        return make_step(kind)
     if not isinstance(value, dict):
         raise _Invalid(
             f'expected a step name like "kill" or a table with kind=..., got {_show(value)}'
@@ -509,7 +516,7 @@ def _step(value: object) -> Step:
             )
     if problems:
         raise _Invalid.many(problems)
-    return Step(kind, **fields)
+    return make_step(kind, **fields)
 
 
 def _steps(value: object) -> tuple[Step, ...]:
@@ -623,7 +630,7 @@ def _check_rule(rule: Rule, where: str, origin: Mapping[str, str], report: _Repo
     grows = StepKind.GROW in kinds or any(
         OnExit.GROW in (*step.on_exit.values(), step.on_other_exit, step.on_timeout)
         for step in rule.steps
-        if step.kind is StepKind.EXEC
+        if isinstance(step, ExecStep)
     )
     if rule.grow_max is not None and rule.memory is not None:
         if rule.grow_max < rule.memory:
@@ -650,11 +657,7 @@ def _check_rule(rule: Rule, where: str, origin: Mapping[str, str], report: _Repo
     if rule.settle > rule.deadline:
         add("settle", f"{_fmt_duration(rule.settle)} is longer than the deadline {deadline}")
     for index, step in enumerate(rule.steps, 1):
-        for option, value in (
-            ("grace", step.grace),
-            ("wait", step.wait),
-            ("timeout", step.timeout),
-        ):
+        for option, value in _own_durations(step):
             if value is not None and value > rule.deadline:
                 add(
                     f"steps[{index}].{option}",
@@ -669,6 +672,18 @@ def _check_rule(rule: Rule, where: str, origin: Mapping[str, str], report: _Repo
                 f"is never reached: step {first} (kernel) hands the OOM "
                 "to the kernel; put kernel last",
             )
+
+
+def _own_durations(step: Step) -> list[tuple[str, float | None]]:
+    """The durations a step's own options set (each must fit in the rule's deadline)."""
+    match step:
+        case KillStep():
+            return [("grace", step.grace)]
+        case SignalStep():
+            return [("wait", step.wait)]
+        case ExecStep() | CoreStep() | AskStep():
+            return [("timeout", step.timeout)]
+    return []
 
 
 def _build_rule(

@@ -11,6 +11,7 @@ import signal
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import Any, TypeAlias
 
 from oomguard.policy.match import PathGlob, ProcessMatcher, compile_glob
 from oomguard.units import format_size
@@ -83,35 +84,105 @@ DEFAULT_HOOK_TIMEOUT = 5.0
 
 
 @dataclass(frozen=True)
-class Step:
-    """One step of a rule. Options that do not apply to `kind` stay at their defaults.
-
-    None means "use the rule's value" (strategy, grace, wait -> rule.settle, grow_by ->
-    rule.grow_step, dry_run -> rule.dry_run, timeout -> see Rule.timeout_for).
-    """
+class StepBase:
+    """What every step has: its kind, and its own dry_run (None: the rule's, see
+    Rule.dry_run_for). Options live on the kind's own type below; an option a step leaves
+    at None falls back to its rule's value (the Rule.*_for helpers)."""
 
     kind: StepKind
-    strategy: Strategy | None = None  # kill, signal, move, core
-    grace: float | None = None  # kill: SIGTERM -> SIGKILL
-    signal: int | None = None  # signal: the signal number
-    wait: float | None = None  # signal: how long to wait for usage to fall
-    to: Target = Target.VICTIM  # signal, move
-    target: str | None = None  # move: destination cgroup path
-    argv: tuple[str, ...] = ()  # exec
-    timeout: float | None = None  # exec, core, ask
-    on_exit: Mapping[int, OnExit] = field(default_factory=lambda: _NO_EXITS, hash=False)  # exec
-    on_other_exit: OnExit = OnExit.NEXT  # exec: any status not in on_exit
-    on_timeout: OnExit = OnExit.NEXT  # exec: timed out (then killed) or died of a signal
-    grow_by: int | None = None  # grow
-    dry_run: bool | None = None
-    max_size: int | None = None  # core: the largest core to write (None: DEFAULT_CORE_MAX)
-    actions: tuple[str, ...] = ()  # ask: the buttons offered (() = ASK_ACTIONS)
-    bus: str | None = None  # ask: a D-Bus session bus address to notify besides those found
-    # signal: also send to tasks the signal would kill or stop (no handler, not ignored)
+    dry_run: bool | None = field(default=None, kw_only=True)
+
+    def details(self) -> list[str]:
+        """The options worth showing in describe(), in order."""
+        return []
+
+    def describe(self) -> str:
+        """A short one-line description for logs and the journal."""
+        parts = [self.kind.value, *self.details()]
+        if self.dry_run:
+            parts.append("[dry-run]")
+        return " ".join(parts)
+
+
+#: The kinds that take no option but dry_run.
+PLAIN_KINDS = frozenset({StepKind.HOLD, StepKind.SNAPSHOT, StepKind.STOP, StepKind.FREEZE,
+                         StepKind.CONTINUE, StepKind.KERNEL})
+
+
+@dataclass(frozen=True)
+class PlainStep(StepBase):
+    """hold, snapshot, stop, freeze, continue, kernel: `PlainStep(StepKind.HOLD)`."""
+
+    def __post_init__(self) -> None:
+        if self.kind not in PLAIN_KINDS:
+            raise ValueError(f"a {self.kind.value} step has options: use its own step type")
+
+
+def _strategy_detail(strategy: Strategy | None) -> list[str]:
+    return [] if strategy is None else [f"({strategy.value})"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class GrowStep(StepBase):
+    kind: StepKind = field(default=StepKind.GROW, init=False)
+    grow_by: int | None = None  # None: rule.grow_step
+
+    def details(self) -> list[str]:
+        return [] if self.grow_by is None else [f"by {format_size(self.grow_by)}"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class KillStep(StepBase):
+    kind: StepKind = field(default=StepKind.KILL, init=False)
+    strategy: Strategy | None = None  # None: the rule's
+    grace: float | None = None  # SIGTERM -> SIGKILL; None: the rule's
+
+    def details(self) -> list[str]:
+        return _strategy_detail(self.strategy)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SignalStep(StepBase):
+    kind: StepKind = field(default=StepKind.SIGNAL, init=False)
+    signal: int  # the signal number
+    wait: float | None = None  # how long to wait for usage to fall; None: rule.settle
+    to: Target = Target.VICTIM
+    # also send to tasks the signal would kill or stop (no handler, not ignored)
     even_if_fatal: bool = False
+    strategy: Strategy | None = None
+
+    def details(self) -> list[str]:
+        parts = [signal_name(self.signal)]
+        if self.to is Target.ALL:
+            parts.append("to all")
+        if self.even_if_fatal:
+            parts.append("even if fatal")
+        return parts + _strategy_detail(self.strategy)
+
+
+@dataclass(frozen=True, kw_only=True)
+class MoveStep(StepBase):
+    kind: StepKind = field(default=StepKind.MOVE, init=False)
+    target: str  # the destination cgroup's path
+    to: Target = Target.VICTIM
+    strategy: Strategy | None = None
+
+    def details(self) -> list[str]:
+        parts = ["to all"] if self.to is Target.ALL else []
+        return [*parts, f"-> {self.target}", *_strategy_detail(self.strategy)]
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExecStep(StepBase):
+    kind: StepKind = field(default=StepKind.EXEC, init=False)
+    argv: tuple[str, ...]
+    timeout: float | None = None  # None: see Rule.timeout_for
+    on_exit: Mapping[int, OnExit] = field(default_factory=lambda: _NO_EXITS, hash=False)
+    on_other_exit: OnExit = OnExit.NEXT  # any status not in on_exit
+    on_timeout: OnExit = OnExit.NEXT  # timed out (then killed) or died of a signal
 
     def exit_action(self, status: int | None) -> OnExit:
-        """What an exec step's outcome means; `status` None = timed out or killed by a signal.
+        """What the command's outcome means; `status` None = timed out or killed by a signal.
 
         The convention when on_exit does not list the status: 0 -> resolved, anything else ->
         on_other_exit (default next).
@@ -124,26 +195,55 @@ class Step:
             return OnExit.RESOLVED
         return self.on_other_exit
 
-    def describe(self) -> str:
-        """A short one-line description for logs and the journal."""
-        parts = [self.kind.value]
-        if self.kind is StepKind.SIGNAL and self.signal is not None:
-            parts.append(signal_name(self.signal))
-        if self.kind in (StepKind.SIGNAL, StepKind.MOVE) and self.to is Target.ALL:
-            parts.append("to all")
-        if self.kind is StepKind.SIGNAL and self.even_if_fatal:
-            parts.append("even if fatal")
-        if self.kind is StepKind.MOVE and self.target is not None:
-            parts.append(f"-> {self.target}")
-        if self.kind is StepKind.EXEC:
-            parts.append(" ".join(self.argv))
-        if self.kind is StepKind.GROW and self.grow_by is not None:
-            parts.append(f"by {format_size(self.grow_by)}")
-        if self.strategy is not None:
-            parts.append(f"({self.strategy.value})")
-        if self.dry_run:
-            parts.append("[dry-run]")
-        return " ".join(parts)
+    def details(self) -> list[str]:
+        return [" ".join(self.argv)]
+
+
+@dataclass(frozen=True, kw_only=True)
+class CoreStep(StepBase):
+    kind: StepKind = field(default=StepKind.CORE, init=False)
+    strategy: Strategy | None = None
+    timeout: float | None = None  # None: the rule's deadline
+    max_size: int | None = None  # the largest core to write; None: DEFAULT_CORE_MAX
+
+    def details(self) -> list[str]:
+        return _strategy_detail(self.strategy)
+
+
+@dataclass(frozen=True, kw_only=True)
+class AskStep(StepBase):
+    kind: StepKind = field(default=StepKind.ASK, init=False)
+    actions: tuple[str, ...] = ()  # the buttons offered; (): ASK_ACTIONS
+    bus: str | None = None  # a D-Bus session bus address to notify besides those found
+    timeout: float | None = None  # None: see Rule.timeout_for
+
+
+#: A step of a rule: read its kind, then narrow it (isinstance, match) to read its options.
+Step: TypeAlias = (PlainStep | GrowStep | KillStep | SignalStep | MoveStep | ExecStep | CoreStep
+                   | AskStep)
+#: The steps that choose victims, and so may have their own strategy.
+RankingStep: TypeAlias = KillStep | SignalStep | MoveStep | CoreStep
+#: The steps that may have their own timeout.
+TimedStep: TypeAlias = ExecStep | CoreStep | AskStep
+
+#: The type of each kind's steps (PlainStep for the kinds without options).
+STEP_TYPES: Mapping[StepKind, type[Step]] = MappingProxyType({
+    **{kind: PlainStep for kind in PLAIN_KINDS},
+    StepKind.GROW: GrowStep,
+    StepKind.KILL: KillStep,
+    StepKind.SIGNAL: SignalStep,
+    StepKind.MOVE: MoveStep,
+    StepKind.EXEC: ExecStep,
+    StepKind.CORE: CoreStep,
+    StepKind.ASK: AskStep,
+})
+
+
+def make_step(kind: StepKind, **options: Any) -> Step:
+    """A step of `kind` with these options (the loader checked them), the rest defaults."""
+    if kind in PLAIN_KINDS:
+        return PlainStep(kind, **options)
+    return STEP_TYPES[kind](**options)
 
 
 def signal_name(signum: int) -> str:
@@ -208,33 +308,38 @@ class Rule:
     def matches(self, cgroup_relpath: str) -> bool:
         return self.glob.matches(cgroup_relpath)
 
-    # Per-step resolution of the options a step may leave to its rule.
+    # Per-step resolution of the options a step may leave to its rule. Each takes any step:
+    # a step whose type has no such option gets the rule's value.
     def strategy_for(self, step: Step) -> Strategy:
-        return step.strategy if step.strategy is not None else self.strategy
+        own = step.strategy if isinstance(step, RankingStep) else None
+        return own if own is not None else self.strategy
 
     def grace_for(self, step: Step) -> float:
-        return step.grace if step.grace is not None else self.grace
+        own = step.grace if isinstance(step, KillStep) else None
+        return own if own is not None else self.grace
 
     def wait_for(self, step: Step) -> float:
-        return step.wait if step.wait is not None else self.settle
+        own = step.wait if isinstance(step, SignalStep) else None
+        return own if own is not None else self.settle
 
     def grow_by(self, step: Step) -> int:
-        return step.grow_by if step.grow_by is not None else self.grow_step
+        own = step.grow_by if isinstance(step, GrowStep) else None
+        return own if own is not None else self.grow_step
 
     def dry_run_for(self, step: Step) -> bool:
         """The step's own dry_run if it has one, else the rule's (the step runner applies it:
-        actions/registry.run_step)."""
+        steps/runner.run_step)."""
         return self.dry_run if step.dry_run is None else step.dry_run
 
     def ranks_by_growth(self) -> bool:
         """Does any step rank by growth (then the group is sampled as it fills)?"""
         return self.strategy in GROWTH_STRATEGIES or any(
-            s.strategy in GROWTH_STRATEGIES for s in self.steps)
+            isinstance(s, RankingStep) and s.strategy in GROWTH_STRATEGIES for s in self.steps)
 
     def timeout_for(self, step: Step) -> float:
         """exec: step.timeout or min(5s, deadline); ask: or min(20s, deadline/2); core and
         others: step.timeout or deadline."""
-        if step.timeout is not None:
+        if isinstance(step, TimedStep) and step.timeout is not None:
             return step.timeout
         if step.kind is StepKind.EXEC:
             return min(DEFAULT_EXEC_TIMEOUT, self.deadline)
@@ -256,7 +361,8 @@ class Policy:
         return None
 
 
-DEFAULT_STEPS = (Step(StepKind.HOLD), Step(StepKind.SNAPSHOT), Step(StepKind.KILL))
+DEFAULT_STEPS: tuple[Step, ...] = (
+    PlainStep(StepKind.HOLD), PlainStep(StepKind.SNAPSHOT), KillStep())
 
 
 def default_rule(match: str = "/**", name: str = "default", memory: int | None = None) -> Rule:

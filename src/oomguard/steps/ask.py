@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 
 from oomguard.errors import OomguardError
-from oomguard.policy import Step, StepKind
+from oomguard.policy import AskStep, KillStep
 from oomguard.policy.model import ASK_ACTIONS
 from oomguard.steps.context import Outcome, StepContext
 from oomguard.steps.victims import choose
@@ -23,7 +23,7 @@ from oomguard.units import format_size
 def _labels(ctx: StepContext, keys: tuple[str, ...]) -> list[tuple[str, str]]:
     top = None
     try:
-        ranked = choose(ctx, Step(StepKind.KILL))
+        ranked = choose(ctx, KillStep())
         top = ranked[0].sample if ranked else None
     except OomguardError:
         pass
@@ -49,7 +49,7 @@ def _body(ctx: StepContext, timeout: float) -> str:
 
 
 def ask(ctx: StepContext) -> None:
-    step, group, inc = ctx.step, ctx.group, ctx.episode
+    step, group, inc = ctx.options(AskStep), ctx.group, ctx.episode
     keys = step.actions or ASK_ACTIONS
     timeout = ctx.rule.timeout_for(step)
     ctx.begin(before={"actions": list(keys), "timeout": timeout})

@@ -16,14 +16,14 @@ import enum
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from oomguard.cgroup import MemoryCgroup
 from oomguard.events.loop import EventLoop
 from oomguard.journal import Journal
 from oomguard.ledger import ActiveChange, Ledger
 from oomguard.obs.log import DecisionLog
-from oomguard.policy import GrowthTracker, Rule, Step
+from oomguard.policy import GrowthTracker, Rule, Step, StepBase
 from oomguard.steps.victims import NOTHING_EXTRA, Needs
 
 if TYPE_CHECKING:
@@ -42,6 +42,7 @@ class Outcome(enum.Enum):
 
 
 Done = Callable[[Outcome], None]
+S = TypeVar("S", bound=StepBase)
 
 
 class Episode(Protocol):
@@ -119,6 +120,13 @@ class StepContext:
     @property
     def incident_id(self) -> int:
         return self.episode.id
+
+    def options(self, kind: type[S]) -> S:
+        """This step as its kind's own type (`ctx.options(KillStep).grace`): a step module
+        reads only its own kind's options. The runner gives each module its kind's steps."""
+        if not isinstance(self.step, kind):
+            raise TypeError(f"a {self.kind} step is not a {kind.__name__}")
+        return self.step
 
     # -- this step's journal row ---------------------------------------------------------
     def begin(self, pid: int | None = None, before: Mapping[str, object] | None = None) -> int:

@@ -28,7 +28,7 @@ from pathlib import Path
 from oomguard.errors import OomguardError
 from oomguard.fsutil import which
 from oomguard.ledger import ActiveChange, pid_target
-from oomguard.policy import Candidate
+from oomguard.policy import Candidate, CoreStep
 from oomguard.policy.model import DEFAULT_CORE_MAX
 from oomguard.procs import read_stat
 from oomguard.steps import hooks
@@ -55,7 +55,7 @@ def core_estimate(rss: int) -> int:
 
 
 def core(ctx: StepContext) -> None:
-    step = ctx.step
+    step = ctx.options(CoreStep)
     cand, pfd = None, None
     for c in choose(ctx):
         if ctx.dry_run:

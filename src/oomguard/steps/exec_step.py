@@ -14,14 +14,14 @@ import time
 
 from oomguard.errors import OomguardError
 from oomguard.fsutil import memory_file
-from oomguard.policy import OnExit
+from oomguard.policy import ExecStep, OnExit
 from oomguard.procs import Pidfd
 from oomguard.steps.context import Outcome, StepContext
 from oomguard.steps.hooks import OUTPUT_LIMIT, hook_environment
 
 
 def exec_step(ctx: StepContext) -> None:
-    step, journal = ctx.step, ctx.journal
+    step, journal = ctx.options(ExecStep), ctx.journal
     timeout = ctx.rule.timeout_for(step)
     ctx.begin(before={"argv": list(step.argv), "timeout": timeout})
     if ctx.would("would run the hook"):

@@ -10,6 +10,7 @@ from __future__ import annotations
 from oomguard.cgroup import MemoryCgroup
 from oomguard.errors import OomguardError
 from oomguard.ledger import Ledger
+from oomguard.policy import GrowStep
 from oomguard.steps.context import Outcome, StepContext
 from oomguard.units import format_size
 
@@ -17,7 +18,7 @@ from oomguard.units import format_size
 def grow(ctx: StepContext) -> None:
     rule, group, inc = ctx.rule, ctx.group, ctx.episode
     current = group.hold_level()
-    by = rule.grow_by(ctx.step)
+    by = rule.grow_by(ctx.options(GrowStep))
     ceiling = rule.grow_max
     ctx.begin(before={"limit": current, "grows": inc.grows})
     if current is None:

@@ -17,7 +17,7 @@ from oomguard.cgroup.resolve import process_cgroup
 from oomguard.errors import CgroupNotFound, NotAMemoryCgroup, OomguardError, Unsupported
 from oomguard.events.loop import Timer
 from oomguard.faults import crash_point
-from oomguard.policy import Candidate, ProcSample
+from oomguard.policy import Candidate, KillStep, ProcSample
 from oomguard.procs import Pidfd, read_stat
 from oomguard.steps.context import Outcome, StepContext
 from oomguard.steps.pause import thaw_for_kill
@@ -302,7 +302,7 @@ class _Victim:
 
 def _kill_one(ctx: StepContext, cand: Candidate, pfd: Pidfd | None) -> None:
     s = cand.sample
-    grace = ctx.rule.grace_for(ctx.step)
+    grace = ctx.rule.grace_for(ctx.options(KillStep))
     first = signal.SIGTERM if grace > 0 and not _asleep_in_oom_wait(ctx, s) else signal.SIGKILL
     ctx.begin(s.pid, {"comm": s.comm, "rss": s.rss, "rss_anon": s.rss_anon,
                       "reason": cand.reason, "signal": first.name})

@@ -11,6 +11,7 @@ from __future__ import annotations
 from oomguard.cgroup import cgroup_at
 from oomguard.errors import OomguardError
 from oomguard.ledger import pid_target
+from oomguard.policy import MoveStep
 from oomguard.procs import read_stat
 from oomguard.steps.context import Outcome, StepContext
 from oomguard.steps.victims import targets_for
@@ -18,8 +19,9 @@ from oomguard.steps.victims import targets_for
 
 def move(ctx: StepContext) -> None:
     ledger, group, inc_id = ctx.ledger, ctx.group, ctx.incident_id
-    dest = cgroup_at(group.hierarchies, ctx.step.target or "/")
-    targets = targets_for(ctx)
+    step = ctx.options(MoveStep)
+    dest = cgroup_at(group.hierarchies, step.target)
+    targets = targets_for(ctx, step.to)
     pids = [c.sample.pid for c in targets]
     ctx.begin(pids[0] if len(pids) == 1 else None, {"to": dest.relpath, "pids": pids})
     if not dest.exists():

@@ -17,7 +17,7 @@ from typing import Protocol
 from oomguard.errors import OomguardError
 from oomguard.journal import Journal
 from oomguard.obs.log import DecisionLog
-from oomguard.policy import Rule, Step, StepKind
+from oomguard.policy import Rule, Step, StepKind, make_step
 from oomguard.steps import (
     ask,
     core_dump,
@@ -120,5 +120,5 @@ def run_step(host: Host, step: Step, done: Done, journal: Journal, log: Decision
 
 def run_kind(host: Host, kind: str, done: Done) -> None:
     """Run a step of `kind` with the rule's settings, no hooks (an exec's or ask's choice)."""
-    step = Step(StepKind(kind))
+    step = make_step(StepKind(kind))
     STEPS[step.kind](host.context(step, host.rule.dry_run_for(step), done))

@@ -20,7 +20,7 @@ import signal
 import time
 
 from oomguard.errors import OomguardError
-from oomguard.policy import Candidate, Target, signal_name
+from oomguard.policy import Candidate, SignalStep, Target, signal_name
 from oomguard.procs import Pidfd
 from oomguard.procs.reader import read_status
 from oomguard.steps.context import Outcome, StepContext
@@ -54,7 +54,7 @@ def safe_to_signal(pid: int, signum: int) -> bool:
 def split_targets(ctx: StepContext, signum: int) -> tuple[list[Candidate], list[int]]:
     """(whom to signal, pids left out because the signal would kill or stop them).
     `to = "victim"`: the best-ranked candidate that handles the signal."""
-    step = ctx.step
+    step = ctx.options(SignalStep)
     chosen: list[Candidate] = []
     skipped: list[int] = []
     for cand in choose(ctx):
@@ -68,8 +68,8 @@ def split_targets(ctx: StepContext, signum: int) -> tuple[list[Candidate], list[
 
 
 def signal_step(ctx: StepContext) -> None:
-    step, group, inc = ctx.step, ctx.group, ctx.episode
-    signum = step.signal or signal.SIGUSR1
+    step, group, inc = ctx.options(SignalStep), ctx.group, ctx.episode
+    signum = step.signal
     name = signal_name(signum)
     targets, skipped = split_targets(ctx, signum)
     pids = [c.sample.pid for c in targets]

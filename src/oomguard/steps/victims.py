@@ -118,7 +118,7 @@ def choose(ctx: StepContext, step: Step | None = None) -> list[Candidate]:
     return rank_for_rule(samples, ctx.rule, ctx.never_pids, strategy)
 
 
-def targets_for(ctx: StepContext) -> list[Candidate]:
-    """Whom a signal or move step acts on: the best candidate, or all of them."""
+def targets_for(ctx: StepContext, to: Target) -> list[Candidate]:
+    """Whom a step with a `to` option (move) acts on: the best candidate, or all of them."""
     candidates = choose(ctx)
-    return candidates if ctx.step.to is Target.ALL else candidates[:1]
+    return candidates if to is Target.ALL else candidates[:1]
