@@ -9,15 +9,16 @@ import os
 import re
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 
 from oomguard.cgroup import MemoryCgroup
 from oomguard.journal import IncidentRecord, Journal
-from oomguard.workloads import LEAK, STEADY
+from oomguard.workloads import LEAK, STEADY, argv
 
-from cli_helpers import oomguard
+from cli_helpers import oomguard, oomguard_bg
 from conftest import Spawn, wait_until
 from journal_helpers import closed_incident, rule
 
@@ -191,3 +192,42 @@ def _journal(path: Path, iid: int) -> IncidentRecord:
         rec = j.incident(iid)
     assert rec is not None
     return rec
+
+
+# -- 4. run says how the command ended, and exits as soon as it can -------------------------
+def _run_leak(tmp_path: Path, *flags: str) -> tuple[int, list[str], float | None, float]:
+    p = oomguard_bg("run", *flags, "--memory", "64M", "--journal", str(tmp_path / "j.db"),
+                    "--", *argv(LEAK, MiB))
+    assert p.stderr is not None
+    killed_at, lines = None, []
+    for line in p.stderr:
+        lines.append(line)
+        if killed_at is None and "oomguard: killed pid " in line:
+            killed_at = time.monotonic()
+    rc = p.wait(timeout=60)
+    return rc, lines, killed_at, time.monotonic()
+
+
+def test_run_says_oomguard_killed_the_command_and_exits_at_once(tmp_path: Path,
+                                                                backend: int) -> None:
+    rc, lines, killed_at, ended = _run_leak(tmp_path)
+    assert rc == 137, lines
+    [inc] = json.loads(oomguard("events", "--json", "--journal", str(tmp_path / "j.db")).stdout)
+    assert lines[-1] == (f"oomguard: your command was killed (exit 137) by oomguard: see "
+                         f"`oomguard show {inc['id']} --journal {tmp_path / 'j.db'}`\n")
+    # It used to wait out the settle time (~1.2 s here) after the kill; now the command's
+    # exit with nothing left in the group ends the episode (~0.15 s here, teardown included).
+    assert killed_at is not None and ended - killed_at < 0.6, ended - killed_at
+    assert inc["outcome"] == "resolved"
+
+
+def test_run_says_the_kernel_killed_the_command(tmp_path: Path, backend: int) -> None:
+    rc, lines, _, _ = _run_leak(tmp_path, "--dry-run")
+    assert rc == 137, lines
+    assert lines[-1].startswith("oomguard: your command was killed (exit 137) by the kernel's "
+                                "OOM killer: see `oomguard show "), lines[-1]
+
+
+def test_run_without_an_oom_adds_no_line(tmp_path: Path, backend: int) -> None:
+    r = oomguard("run", "--memory", "64M", "--journal", str(tmp_path / "j.db"), "--", "true")
+    assert (r.returncode, r.stderr) == (0, "")

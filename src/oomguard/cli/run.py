@@ -13,8 +13,10 @@ import argparse
 import dataclasses
 import errno
 import re
+import signal
 import subprocess
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,8 @@ from oomguard.cgroup.transient import clean_stale, destroy, ensure_own_parent, n
 from oomguard.cgroup.v1 import V1MemoryCgroup
 from oomguard.cli.common import duration_arg, size_arg
 from oomguard.errors import OomguardError, UsageError
+from oomguard.incident import Incident
+from oomguard.journal import default_journal_path
 from oomguard.policy import (
     CoreStep,
     GrowStep,
@@ -225,13 +229,72 @@ def _supervise(session: Session, group: MemoryCgroup, rule: Rule, command: list[
         main_done = True
         maybe_stop()
         loop.call_later(rule.settle + 1.0, loop.stop)  # never wait long on a settling episode
+        _end_when_empty(session, group, maybe_stop)
 
     engine.on_incident_closed = lambda _inc: maybe_stop()
     loop.add_reader(pidfd.fileno(), child_exited)
     loop.run()
     pidfd.close()
     status = child.wait()
+    _say_how_it_ended(session, group, child.pid, status)
     return exit_status(status)
+
+
+def _end_when_empty(session: Session, group: MemoryCgroup, maybe_stop: Callable[[], None],
+                    delay: float = 0.001) -> None:
+    """The command exited and left no task behind: nothing can refill the group, so a
+    settling episode is over now, not `settle` seconds later (run used to wait ~1 s after
+    the kill). An episode still acting (its relief checks, ~255 ms at most) is looked at
+    again shortly; the `settle + 1 s` timer stays the bound."""
+    try:
+        if group.procs():
+            return
+    except OomguardError:
+        return
+    for watch in list(session.engine.watches.values()):
+        inc = watch.incident
+        if isinstance(inc, Incident) and inc.state == "settling":
+            inc.close(inc.outcome or "resolved")
+    maybe_stop()
+    if any(w.incident is not None for w in session.engine.watches.values()) and delay < 0.3:
+        session.loop.call_later(
+            delay, lambda: _end_when_empty(session, group, maybe_stop, delay * 2))
+
+
+def _say_how_it_ended(session: Session, group: MemoryCgroup, pid: int, status: int) -> None:
+    """After an OOM in the command's group, one last line: who ended the command, or that
+    it survived, and the command that shows the incident."""
+    try:
+        incidents = session.journal.incidents(cgroup=group.relpath)
+        kernel_kills = group.oom_state().oom_kill
+    except OomguardError:
+        return
+    if not incidents and not (status == -9 and kernel_kills):
+        return
+    code = exit_status(status)
+    journal = "" if session.journal.path == str(default_journal_path()) else \
+        f" --journal {session.journal.path}"
+    mine = next((i for i in incidents if any(v.pid == pid for v in i.victims)), None)
+    last = mine or (incidents[-1] if incidents else None)
+    see = f": see `oomguard show {last.id}{journal}`" if last is not None else ""
+    if mine is not None:
+        text = f"your command was killed (exit {code}) by oomguard{see}"
+    elif status == -9 and kernel_kills:
+        text = f"your command was killed (exit {code}) by the kernel's OOM killer{see}"
+    elif status < 0:
+        text = f"your command ended by {_signal_name(-status)} (exit {code}){see}"
+    else:
+        n = len(incidents)
+        text = (f"your command exited {code} after {n} OOM incident{'s' if n != 1 else ''} "
+                f"in its group{see}")
+    session.log.info(text)
+
+
+def _signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
 
 
 __all__ = ["RUN_PARENT", "build_rule", "exit_status", "run"]
