@@ -17,6 +17,7 @@ import pytest
 from oomguard.cgroup import MemoryCgroup
 from oomguard.journal import IncidentRecord, Journal
 from oomguard.workloads import LEAK, STEADY, argv
+from test_core_dump import LEAKER_C, needs_gdb
 
 from cli_helpers import oomguard, oomguard_bg
 from conftest import Spawn, wait_until
@@ -231,3 +232,27 @@ def test_run_says_the_kernel_killed_the_command(tmp_path: Path, backend: int) ->
 def test_run_without_an_oom_adds_no_line(tmp_path: Path, backend: int) -> None:
     r = oomguard("run", "--memory", "64M", "--journal", str(tmp_path / "j.db"), "--", "true")
     assert (r.returncode, r.stderr) == (0, "")
+
+
+# -- 9. --core says the grow it later takes back ---------------------------------------------
+@pytest.fixture(scope="module")
+def core_leaker(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """test_core_dump's C leaker (a core of a python process would be much larger)."""
+    d = tmp_path_factory.mktemp("leaker")
+    (d / "leaker.c").write_text(LEAKER_C)
+    subprocess.run(["gcc", "-O0", "-o", str(d / "leaker"), str(d / "leaker.c")], check=True)
+    return d / "leaker"
+
+
+@needs_gdb
+def test_run_core_logs_the_grow_before_the_shrink(tmp_path: Path, backend: int,
+                                                  core_leaker: Path) -> None:
+    r = oomguard("run", "--memory", "16M", "--core", "--journal", str(tmp_path / "j.db"),
+                 "--", str(core_leaker))
+    assert r.returncode == 137, r.stderr
+    lines = r.stderr.splitlines()
+    grew = [i for i, x in enumerate(lines) if " limit 16M -> 24M: briefly, to wake pid " in x
+            and x.startswith("oomguard: grew ") and x.endswith(" for its core dump")]
+    assert grew, r.stderr
+    shrank = [i for i, x in enumerate(lines) if x.startswith("oomguard: shrank ")]
+    assert all(i > grew[0] for i in shrank), r.stderr

@@ -92,7 +92,9 @@ def _fmt_signalled(f: Mapping[str, object]) -> str:
 
 def _fmt_grew(f: Mapping[str, object]) -> str:
     what = _s(f.get("what", "limit"))
-    return f"grew {_s(f.get('cgroup'))} {what} {_size(f.get('old'))} -> {_size(f.get('new'))}"
+    why = f": {_s(f['why'])}" if f.get("why") else ""
+    return (f"grew {_s(f.get('cgroup'))} {what} {_size(f.get('old'))} -> "
+            f"{_size(f.get('new'))}{why}")
 
 
 def _fmt_shrank(f: Mapping[str, object]) -> str:
@@ -275,9 +277,14 @@ class DecisionLog:
     def signalled(self, pid: int, comm: str | bytes, cgroup: str, signal: str) -> None:
         self.decision("signalled", pid=pid, comm=comm, cgroup=cgroup, signal=signal)
 
-    def grew(self, cgroup: str, old: int | None, new: int | None, *, what: str = "limit") -> None:
-        """`grew /jobs/a limit 100M -> 150M` (`what="memsw limit"` for the v1 memsw limit)."""
-        self.decision("grew", cgroup=cgroup, old=old, new=new, what=what)
+    def grew(self, cgroup: str, old: int | None, new: int | None, *, what: str = "limit",
+             why: str = "") -> None:
+        """`grew /jobs/a limit 100M -> 150M` (`what="memsw limit"` for the v1 memsw limit;
+        `why` when it is not the grow step's: `...: to wake pid 42 for its core dump`)."""
+        if why:
+            self.decision("grew", cgroup=cgroup, old=old, new=new, what=what, why=why)
+        else:
+            self.decision("grew", cgroup=cgroup, old=old, new=new, what=what)
 
     def shrank(self, cgroup: str, old: int | None, new: int | None, *, what: str = "limit") -> None:
         self.decision("shrank", cgroup=cgroup, old=old, new=new, what=what)

@@ -131,6 +131,9 @@ def _stop_and_dump(ctx: StepContext, cand: Candidate, gcore: str, directory: Pat
             if current is not None:
                 raise_limit(ledger, group, current, current + WAKE_GROW, ctx.incident_id)
                 woke_by = WAKE_GROW
+                # Said, so that the "shrank" line later has the grow it takes back.
+                ctx.log.grew(group.relpath, current, current + WAKE_GROW,
+                             why=f"briefly, to wake pid {s.pid} for its core dump")
         except OomguardError as exc:
             ctx.log.warning(f"{group.relpath}: could not wake pid {s.pid} for its core: {exc}")
 
