@@ -97,7 +97,7 @@ _oomguard_ltrim_colon()
 _oomguard_main()
 {
 
-    local commands="wait ps status run daemon events show demo"
+    local commands="wait ps status run daemon check events show demo"
     local cmd i
     for (( i = 1; i < cword; i++ )); do
         if [[ " $commands " == *" ${words[i]} "* ]]; then
@@ -158,6 +158,7 @@ _oomguard_main()
         run)    flags="--memory --memsw --grow --grow-max --kill --protect --prefer --grace
                        --deadline --core --dry-run --policy --journal --log-format --" ;;
         daemon) flags="--config --journal --metrics --log-format --dry-run" ;;
+        check)  flags="--config --all" ;;
         events) flags="--json --since --cgroup --journal" ;;
         show)   flags="--json --journal" ;;
         demo)   flags="--journal" ;;
@@ -170,6 +171,9 @@ _oomguard_main()
     fi
     case $cmd in
         wait|ps|status) _oomguard_cgroups "$cur" ;;
+        check)
+            compopt -o filenames 2>/dev/null
+            COMPREPLY=( $(compgen -f -- "$cur") ) ;;
     esac
 }
 
