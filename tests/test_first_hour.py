@@ -256,3 +256,18 @@ def test_run_core_logs_the_grow_before_the_shrink(tmp_path: Path, backend: int,
     assert grew, r.stderr
     shrank = [i for i, x in enumerate(lines) if x.startswith("oomguard: shrank ")]
     assert all(i > grew[0] for i in shrank), r.stderr
+
+
+# -- 1, 5, 6, 9: what the README and the man page tell a newcomer ----------------------------
+def test_readme_and_man_page_tell_the_first_hour() -> None:
+    readme = (REPO / "README.md").read_text()
+    setup = readme.split("## Quick start")[0]
+    assert "PATH" in setup and ".venv/bin" in setup  # where the command is, or how
+    quick = readme.split("## Quick start")[1].split("## ")[0]
+    assert "oomguard check " in quick and "`auto`" in quick and "largest" in quick
+    assert "only while something\n*holds*" in quick or "*holds* the OOM" in quick
+    man = (REPO / "packaging/man/oomguard.8").read_text()
+    synopsis = man.split(".SH DESCRIPTION")[0]
+    assert ".B check" in synopsis
+    r = oomguard("check", "--help")
+    assert r.returncode == 0 and "--config" in r.stdout

@@ -71,8 +71,8 @@ def _demo(session: Session, group: MemoryCgroup, procs: list[subprocess.Popen[by
                 steps=DEFAULT_STEPS,
                 protect=(process_matcher(comm="^service$", label="service"),))
     engine.watch(group, rule)
-    _say(out, "policy: hold the OOM, snapshot the group, kill the largest; "
-              "protect the service")
+    _say(out, "policy: hold the OOM, snapshot the group, kill the process that grew as "
+              "the group filled (the default, auto: else the largest); protect the service")
     dirs = [group.path]
     if isinstance(group, V1MemoryCgroup) and group.hierarchies.freezer_v1 is not None:
         dirs.append(group.ensure_freezer())
