@@ -38,6 +38,7 @@ STEP = 64 << 10
 F_SETPIPE_SZ = 1031
 PIPE_SIZE = 1 << 20  # every stamp of a run fits: nobody reads while the hog runs
 MODES = ("kernel", "kernel_fresh", "run", "daemon", "run_grow")
+ALT_MODES = ("run_alt", "daemon_alt", "run_grow_alt")  # with --alt-src: another version
 RUN_GROW_TOTAL = 96 * MiB
 
 # Writes its pid, then a stamp before each STEP it touches; stops at TOTAL (0: never).
@@ -142,6 +143,11 @@ def grow_gap(journal: Path, stamps: list[int]) -> int | None:
     return None
 
 
+def alt_env(ctx: Any) -> dict[str, str]:
+    """The environment of the *_alt modes: oomguard imported from --alt-src first."""
+    return {**os.environ, "PYTHONPATH": str(Path(ctx.args.alt_src).resolve())}
+
+
 def _tail(path: Path, n: int = 3) -> str:
     try:
         return " | ".join(path.read_text(errors="replace").splitlines()[-n:])
@@ -169,9 +175,12 @@ def once(h: Any, ctx: Any, mode: str, group: MemoryCgroup | None, i: int,
          daemon: Any) -> dict[str, Any]:
     """One hog, one mode: {"latency_ms"} (kill modes) or {"stall_ms"} (run_grow)."""
     fifo = Fifo(ctx.tmp / f"defaults-{mode}-{i}.fifo")
+    alt = mode.endswith("_alt")
+    env = alt_env(ctx) if alt else None
+    full_mode, mode = mode, mode.removesuffix("_alt")
     total = RUN_GROW_TOTAL if mode == "run_grow" else 0
     hog_argv = [h.PY, "-c", HOG, str(fifo.path), str(STEP), str(total)]
-    out: dict[str, Any] = {"mode": mode, "iter": i}
+    out: dict[str, Any] = {"mode": full_mode, "iter": i}
     runner = None
     try:
         if mode in ("kernel", "kernel_fresh", "daemon"):
@@ -181,16 +190,16 @@ def once(h: Any, ctx: Any, mode: str, group: MemoryCgroup | None, i: int,
         else:
             grow = ["--grow", "64M", "--grow-max", "256M"] if mode == "run_grow" else []
             cmd = [h.OOMGUARD, "run", "--memory", "64M", *grow,
-                   "--journal", str(ctx.tmp / f"defaults-{mode}.db"), "--", *hog_argv]
+                   "--journal", str(ctx.tmp / f"defaults-{full_mode}.db"), "--", *hog_argv]
             runner = ctx.procs.add(subprocess.Popen(
-                cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                stderr=open(ctx.tmp / f"defaults-{mode}.log", "ab")))  # noqa: SIM115
+                cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, env=env,
+                stderr=open(ctx.tmp / f"defaults-{full_mode}.log", "ab")))  # noqa: SIM115
             proc = None
         pid = fifo.pid(60, runner)
         if pid is None:
             out["error"] = "hog did not start" + (
                 f" (oomguard run exited {runner.returncode}: "
-                f"{_tail(ctx.tmp / f'defaults-{mode}.log')})" if runner is not None
+                f"{_tail(ctx.tmp / f'defaults-{full_mode}.log')})" if runner is not None
                 and runner.returncode is not None else "")
             return out
         t_exit = _exit_time(pid, 20)
@@ -212,7 +221,7 @@ def once(h: Any, ctx: Any, mode: str, group: MemoryCgroup | None, i: int,
                 return out
             out["stall_ms"] = max(gaps)
             out["median_gap_ms"] = sorted(gaps)[len(gaps) // 2]
-            at = grow_gap(ctx.tmp / f"defaults-{mode}.db", stamps)
+            at = grow_gap(ctx.tmp / f"defaults-{full_mode}.db", stamps)
             if at is not None:
                 out["oom_stall_ms"] = gaps[at]
                 out["longest_is_oom"] = gaps[at] == out["stall_ms"]
@@ -247,6 +256,16 @@ def scenario_defaults(h: Any, ctx: Any) -> None:
         ctx.procs.stop(daemon.proc)
         daemon = None
         modes.remove("daemon")
+    daemon_alt = alt_g = None
+    if getattr(ctx.args, "alt_src", None):
+        alt_g = ctx.group("defaults/daemon_alt", 64 * MiB)
+        daemon_alt = h.Daemon(ctx, "defaults_alt", example_policy(h.ROOT, alt_g.relpath),
+                              env=alt_env(ctx))
+        daemon_alt.start()
+        daemon_alt.wait_watching(1)
+        modes += list(ALT_MODES)
+        h.log(f"defaults: *_alt modes import oomguard from {ctx.args.alt_src}")
+    ran_alt, last_alt = 0, 0.0
     samples: dict[str, list[dict[str, Any]]] = {m: [] for m in modes}
     ran = 0
     last = 0.0
@@ -257,7 +276,9 @@ def scenario_defaults(h: Any, ctx: Any) -> None:
         for mode in order:
             if mode == "daemon":
                 daemon.wait_closed(daemon_g.relpath, ran, last)
-            g = kernel_g if mode == "kernel" else daemon_g if mode == "daemon" else None
+            if mode == "daemon_alt" and daemon_alt is not None and alt_g is not None:
+                daemon_alt.wait_closed(alt_g.relpath, ran_alt, last_alt)
+            g = {"kernel": kernel_g, "daemon": daemon_g, "daemon_alt": alt_g}.get(mode)
             if mode == "kernel_fresh":  # a new group, as `run` (or systemd-run) makes one
                 g = ctx.group(f"defaults/fresh-{i}", 64 * MiB)
                 g.set_oom_kill_disable(False)
@@ -268,16 +289,20 @@ def scenario_defaults(h: Any, ctx: Any) -> None:
             if mode == "daemon":
                 ran += 1
                 last = time.monotonic()
+            if mode == "daemon_alt":
+                ran_alt += 1
+                last_alt = time.monotonic()
             if "error" in s:
                 ctx.error(f"defaults {mode} iter {i}: {s['error']}")
             samples[mode].append(s)
             time.sleep(0.05)
     out: dict[str, Any] = {"n": n, "step_kib": STEP >> 10, "modes": {}}
     for mode, ss in samples.items():
-        key = "stall_ms" if mode == "run_grow" else "latency_ms"
+        grow_mode = mode.startswith("run_grow")
+        key = "stall_ms" if grow_mode else "latency_ms"
         st = h.summary([s[key] for s in ss if key in s])
         st["errors"] = sum(1 for s in ss if "error" in s)
-        if mode == "run_grow":
+        if grow_mode:
             st["median_gap_ms"] = h.pct([s["median_gap_ms"] for s in ss if "median_gap_ms" in s],
                                         50)
             oom = [s["oom_stall_ms"] for s in ss if "oom_stall_ms" in s]
@@ -287,10 +312,23 @@ def scenario_defaults(h: Any, ctx: Any) -> None:
         if st["median_ms"] is not None:
             h.log(f"  defaults {mode:9s} n={st['n']:3d} median {st['median_ms']:.3f} "
                   f"p95 {st['p95_ms']:.3f} max {st['max_ms']:.3f} ms")
-        if mode == "run_grow" and st["oom_stall"]["median_ms"] is not None:
+        if grow_mode and st["oom_stall"]["median_ms"] is not None:
             o = st["oom_stall"]
             h.log(f"  defaults {'  at OOM':9s} n={o['n']:3d} median {o['median_ms']:.3f} "
                   f"p95 {o['p95_ms']:.3f} max {o['max_ms']:.3f} ms (the gap holding the grow)")
+    if daemon_alt is not None and alt_g is not None:
+        daemon_alt.wait_closed(alt_g.relpath, ran_alt, last_alt)
+        daemon_alt.stop()
+        for m in ALT_MODES:
+            base = out["modes"].get(m.removesuffix("_alt"), {}).get("median_ms")
+            ctx.results[f"default_{m}_vs_{m.removesuffix('_alt')}_ratio"] = h.ratio(
+                out["modes"].get(m, {}).get("median_ms"), base)
+        ctx.results["default_run_alt_vs_kernel_ratio"] = h.ratio(
+            out["modes"].get("run_alt", {}).get("median_ms"),
+            out["modes"].get("kernel", {}).get("median_ms"))
+        ctx.results["default_daemon_alt_vs_kernel_ratio"] = h.ratio(
+            out["modes"].get("daemon_alt", {}).get("median_ms"),
+            out["modes"].get("kernel", {}).get("median_ms"))
     if daemon is not None:
         daemon.wait_closed(daemon_g.relpath, ran, last)
         code = daemon.stop()

@@ -338,8 +338,9 @@ class Daemon:
     """`oomguard daemon --config FILE --journal PATH`, stderr to a file."""
 
     def __init__(self, ctx: Context, name: str, rules: str, profile: bool = False,
-                 trace: bool = False) -> None:
+                 trace: bool = False, env: dict[str, str] | None = None) -> None:
         self.ctx = ctx
+        self.env = env  # None: this process's environment
         self.dir = ctx.tmp / name
         self.dir.mkdir(parents=True, exist_ok=True)
         self.config = self.dir / "oomguard.toml"
@@ -360,7 +361,8 @@ class Daemon:
         self.stderr_f = open(self.stderr_path, "wb")  # noqa: SIM115
         self.t_spawn = time.monotonic_ns()
         self.proc = self.ctx.procs.add(subprocess.Popen(
-            cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=self.stderr_f))
+            cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=self.stderr_f,
+            env=self.env))
 
     def wait_watching(self, expect: int, timeout: float = 120.0) -> tuple[float, int]:
         """Seconds from spawn to the `oomguard: watching N cgroups` line (N >= expect)."""
@@ -1279,6 +1281,10 @@ def parse_args(argv_: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--trace", action="store_true",
                    help="run the resolution daemon under bench/trace_daemon.py and put a "
                    "timeline of its hot path in the JSON (resolution.oomguard_trace)")
+    p.add_argument("--alt-src", metavar="DIR",
+                   help="defaults: also run `run`, the daemon and `run --grow` with oomguard "
+                        "imported from DIR (PYTHONPATH), interleaved with the others: A/B "
+                        "of two versions in one run (modes *_alt)")
     p.add_argument("--keep-tmp", action="store_true", help="keep daemon logs and journals")
     return p.parse_args(argv_)
 

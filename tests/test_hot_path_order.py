@@ -13,9 +13,10 @@ from typing import Any
 
 import pytest
 
+import oomguard.ledger as ledger_mod
 from oomguard.cgroup import MemoryCgroup, V2MemoryCgroup
 from oomguard.journal import Journal
-from oomguard.policy import DEFAULT_STEPS, Rule
+from oomguard.policy import DEFAULT_STEPS, GrowStep, PlainStep, Rule, StepKind
 from oomguard.procs import Pidfd
 from oomguard.session import Session
 from oomguard.workloads import LEAK
@@ -91,6 +92,59 @@ def test_kill_is_sent_before_the_incident_rows_are_written(
     assert victims == [(leaker.pid, "SIGKILL")]
 
 
+def test_grow_writes_only_the_intent_row_before_the_limit(
+        memcg: MemoryCgroup, spawn: Spawn, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The intent row (and its incident's) is on disk before the limit goes up; the step
+    rows come right after the write, in order, and the raised limit is undone at exit."""
+    if isinstance(memcg, V2MemoryCgroup):
+        pytest.skip("the v1 limit write is what is timed here")
+    path = tmp_path / "j.db"
+    session = Session.open(path, log_stream=open(os.devnull, "w"))  # noqa: SIM115
+    limit = memcg.limit()
+    assert limit is not None
+    rule = Rule(name="t", match=memcg.relpath, settle=0.05, grow_step=16 << 20,
+                grow_max=limit + (64 << 20),
+                steps=(PlainStep(StepKind.HOLD), PlainStep(StepKind.SNAPSHOT), GrowStep()))
+    session.engine.watch(memcg, rule)
+    closed: list[object] = []
+    session.engine.on_incident_closed = lambda inc: (closed.append(inc), session.loop.stop())
+    at_write: list[tuple[int, int, int]] = []
+    real_write = ledger_mod.write_change
+
+    def write_change(group: MemoryCgroup, kind: str, target: str, after: str) -> None:
+        if kind == "limit" and not at_write:
+            at_write.append((
+                len(_rows(path, "SELECT id FROM incidents")),
+                len(_rows(path, "SELECT id FROM changes WHERE kind = 'limit'"
+                                " AND incident_id IS NOT NULL")),
+                len(_rows(path, "SELECT id FROM steps")),
+            ))
+        real_write(group, kind, target, after)
+
+    monkeypatch.setattr(ledger_mod, "write_change", write_change)
+    leaker = spawn(LEAK, 1 << 20, limit + (8 << 20))  # one grow of 16M lets it finish
+    try:
+        session.loop.run(deadline=time.monotonic() + 30)
+    finally:
+        monkeypatch.undo()
+        session.close()
+        if leaker.poll() is None:
+            leaker.kill()
+        leaker.wait(timeout=10)
+    assert closed, "no incident closed"
+    assert leaker.returncode == 0  # it finished: grown, not killed
+    assert at_write == [(1, 1, 0)]  # the incident and its intent row; no step row yet
+    iid = _rows(path, "SELECT id FROM incidents")[0][0]
+    steps = _rows(path, f"SELECT seq, kind, result FROM steps WHERE incident_id = {iid}"
+                        " ORDER BY id")
+    assert steps == [(1, "hold", "held"), (2, "snapshot", "done"), (3, "grow", "grew")]
+    change = _rows(path, "SELECT id, after_value FROM changes WHERE kind = 'limit'"
+                         f" AND incident_id = {iid}")
+    assert change and int(change[0][1]) == limit + (16 << 20)
+    assert memcg.limit() == limit  # given back at exit
+
+
 def test_deferred_rows_keep_their_ids_and_order(tmp_path: Path) -> None:
     path = tmp_path / "j.db"
     with Journal(path) as j:
@@ -111,7 +165,7 @@ def test_deferred_rows_keep_their_ids_and_order(tmp_path: Path) -> None:
         j.finish_step(s2, "killed")
         s3 = j.begin_step(iid, "snapshot")
         assert s3 == s2 + 1
-        assert _rows(path, "SELECT result FROM steps WHERE id = %d" % s2) == [("killed",)]
+        assert _rows(path, f"SELECT result FROM steps WHERE id = {s2}") == [("killed",)]
 
 
 def test_a_ledger_change_writes_the_held_rows_before_it(tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ import os
 import sqlite3
 import sys
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -243,6 +243,13 @@ def _from_json(text: object) -> object:
     return json.loads(_py_text(text))
 
 
+def _intent_row(op: _Op) -> bool:
+    """An intent-log row, or an incident row (changes name their incident)."""
+    if op.table is not None:
+        return op.table in ("changes", "incidents")
+    return op.sql.startswith(("UPDATE changes ", "UPDATE incidents "))
+
+
 def _resolve(op: _Op, remap: Mapping[tuple[str, int], int]) -> list[object] | None:
     """The op's params with the ids it names mapped to what a replay made of them;
     None if it names a stand-in whose row was lost."""
@@ -355,6 +362,7 @@ class Journal:
         # table, as this process last saw it), so callers can name them meanwhile.
         self._held: list[_Op] | None = None
         self._next_id: dict[str, int] = {}
+        self._intent_only = False  # see intent_first()
         self.dropped = 0  # rows lost because the backlog was full
         self.failing: str | None = None  # why writes fail, while they do
         # Told once when writes start failing and once when they are caught up.
@@ -423,9 +431,29 @@ class Journal:
         if self._held is None:
             self._held = []
 
+    @contextlib.contextmanager
+    def intent_first(self) -> Iterator[None]:
+        """Inside a deferred batch, `commit()` (the ledger's, before each change) writes
+        only the intent-log rows held and the incident rows they name; the rest of the
+        batch (events, steps) stays in memory, in order, for the batch's own commit,
+        after the change. For a grow: the limit goes up before the step rows are written,
+        while the intent row still precedes it. Ids are reserved, so every row keeps its
+        place in the order things happened."""
+        was, self._intent_only = self._intent_only, True
+        try:
+            yield
+        finally:
+            self._intent_only = was
+
     def commit(self) -> None:
         """Write the deferred batch (no-op outside one). Never raises for a failing disk."""
         db = self._conn()
+        if self._intent_only and self._held:
+            first = [op for op in self._held if _intent_row(op)]
+            self._held = [op for op in self._held if not _intent_row(op)]
+            if first:
+                self._write_held(db, first)
+            return
         held, self._held = self._held, None
         if db.in_transaction:  # a caller's own BEGIN (none today): end it as before
             try:

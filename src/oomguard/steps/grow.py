@@ -16,6 +16,16 @@ from oomguard.units import format_size
 
 
 def grow(ctx: StepContext) -> None:
+    # Held rows (the incident's, this step's) are written right after the limit goes up;
+    # only the intent row (and its incident's) precede the write: see intent_first().
+    ctx.journal.defer()
+    try:
+        _grow(ctx)
+    finally:
+        ctx.journal.commit()
+
+
+def _grow(ctx: StepContext) -> None:
     rule, group, inc = ctx.rule, ctx.group, ctx.episode
     current = group.hold_level()
     by = rule.grow_by(ctx.options(GrowStep))
@@ -35,7 +45,8 @@ def grow(ctx: StepContext) -> None:
     if ctx.would(f"would grow to {format_size(new)}", after={"limit": new}):
         return
     try:
-        raise_limit(ctx.ledger, group, current, new, inc.id)
+        with ctx.journal.intent_first():
+            raise_limit(ctx.ledger, group, current, new, inc.id)
     except OomguardError as exc:
         ctx.fail("failed", str(exc))
         return
