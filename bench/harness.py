@@ -51,7 +51,7 @@ GROW_MODES = ("oomguard_grow", "bare_grow")
 ALL_MODES = ("kernel", "bare", "oomguard_kill", "oomguard_grow", "bare_grow")
 OOMGUARD_MODES = ("oomguard_kill", "oomguard_grow")
 NOTIFY_SIZES = (1, 100, 1000, 10000)
-WATCHING_RE = re.compile(rb"oomguard: watching (\d+) cgroups")
+WATCHING_RE = re.compile(rb"oomguard: watching (\d+) cgroups?\b")
 SCENARIOS = ("defaults", "resolution", "notify", "idle", "footprint", "storm")
 
 # The storm's hog: takes PREFILL bytes (touched), reports "r", waits for its stdin to close
