@@ -144,6 +144,39 @@ def nobody_dir() -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
+AS_NOBODY = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
+
+
+@pytest.fixture(scope="session")
+def nobody_python() -> str:
+    """A Python >= 3.11 that uid 65534 can run oomguard with (PYTHONPATH=nobody_env()).
+
+    The venv's interpreter and its standard library resolve into root's home, mode 0700
+    on these machines (and in CI), so another user cannot exec it; oomguard needs
+    nothing beyond the standard library, so any reachable interpreter will do. Found by
+    trying each as that user."""
+    import shutil
+    import sys
+
+    if not ROOT:
+        pytest.skip("needs root to drop to another user")
+    found = [os.path.realpath(sys.executable), "/usr/bin/python3", "/usr/local/bin/python3",
+             shutil.which("python3.11"), shutil.which("python3")]
+    probe = "import sys; sys.exit(sys.version_info < (3, 11))"
+    for python in dict.fromkeys(p for p in found if p):
+        r = subprocess.run([*AS_NOBODY, python, "-I", "-c", probe], capture_output=True,
+                           timeout=60, env={"PATH": "/usr/bin:/bin"})
+        if r.returncode == 0:
+            return python
+    pytest.fail(f"no Python >= 3.11 that uid {NOBODY} may run (tried {found}): the "
+                "venv's lives under /root (mode 0700); install python3 >= 3.11")
+
+
+def nobody_env(**extra: str) -> dict[str, str]:
+    """The environment for oomguard under nobody_python: the source tree, readable by all."""
+    return {**os.environ, "PYTHONPATH": str(REPO / "src"), **extra}
+
+
 def wait_until(predicate: Callable[[], bool], timeout: float = 10.0, what: str = "") -> None:
     """Wait for a kernel state the test cannot be notified of (test-side only)."""
     deadline = time.monotonic() + timeout

@@ -13,7 +13,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -24,20 +23,21 @@ from oomguard.cgroup.v2 import v2_headroom
 from oomguard.workloads import LEAK, STEADY
 
 from cli_helpers import oomguard, oomguard_bg
-from conftest import Spawn, task_state, wait_until
+from conftest import AS_NOBODY, Spawn, nobody_env, task_state, wait_until
 
 pytestmark = pytest.mark.scenario
 LIMIT = 64 << 20
 
 
-def _hold(group: MemoryCgroup) -> None:
+def _hold(group: MemoryCgroup, headroom: int | None = None) -> None:
     """What oomguard's hold step does: v1 oom_kill_disable=1; v2 memory.high at the limit,
-    memory.max above it by the headroom."""
+    memory.max above it by the headroom (`headroom`: a wider one, for a test that must
+    read a throttled hog for longer than the ~12 s the real one lasts in the VM)."""
     if group.version == 1:
         group.set_oom_kill_disable(True)
     else:
         assert isinstance(group, V2MemoryCgroup)
-        group.set_limit(LIMIT + v2_headroom(LIMIT))
+        group.set_limit(LIMIT + (v2_headroom(LIMIT) if headroom is None else headroom))
         group.set_high(LIMIT)
 
 
@@ -161,17 +161,15 @@ def test_v2_group_without_the_memory_controller(memcg: MemoryCgroup) -> None:
         os.rmdir(plain)
 
 
-def _as_nobody(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
-         sys.executable, "-m", "oomguard", *args],
-        capture_output=True, text=True, timeout=60,
-        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
-
-
-def test_permission_denied_is_one_line_exit_1(memcg: MemoryCgroup, nobody_dir: Path) -> None:
+def test_permission_denied_is_one_line_exit_1(memcg: MemoryCgroup, nobody_dir: Path,
+                                              nobody_python: str) -> None:
     if os.geteuid() != 0:
         pytest.skip("needs root to drop to another user")
+
+    def _as_nobody(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*AS_NOBODY, nobody_python, "-m", "oomguard", *args],
+                              capture_output=True, text=True, timeout=60, env=nobody_env())
+
     if memcg.version == 1:
         # v1 `wait` registers through cgroup.event_control, which only root may write.
         r = _as_nobody("wait", memcg.relpath)
@@ -190,7 +188,10 @@ def test_permission_denied_is_one_line_exit_1(memcg: MemoryCgroup, nobody_dir: P
 
 
 def test_ps_lists_hog_held_at_the_limit(memcg: MemoryCgroup, spawn: Spawn) -> None:
-    _hold(memcg)
+    # v2: two `ps` runs under emulation can outlast the real headroom's stall, and the
+    # kernel's killer would take the hog at memory.max midway; with 64M of headroom the
+    # hog stays throttled at memory.high for minutes.
+    _hold(memcg, headroom=LIMIT)
     svc = spawn(STEADY, 4 << 20)
     assert svc.stdout is not None and svc.stdout.readline() == b"ready\n"
     hog = spawn(LEAK, 1 << 20)
@@ -210,6 +211,7 @@ def test_ps_lists_hog_held_at_the_limit(memcg: MemoryCgroup, spawn: Spawn) -> No
     assert "import os, sys, time" in r.stdout  # the hog's args were read although it sleeps
     j = json.loads(oomguard("ps", "--json", memcg.relpath).stdout)
     assert {p["pid"] for p in j} == {svc.pid, hog.pid}
+    assert hog.poll() is None and memcg.oom_state().oom_kill == 0  # held all along
 
 
 def test_ps_recursive(memcg: MemoryCgroup, spawn: Spawn) -> None:
