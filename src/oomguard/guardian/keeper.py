@@ -95,6 +95,7 @@ class Keeper:
         self.holds: dict[int, Hold] = {}
         self.groups: dict[str, Group] = {}
         self.by_efd: dict[int, str] = {}
+        self.pending: set[str] = set()  # groups out of memory: the only ones timed
         self.last_beat = time.monotonic()
         self.poll = select.poll()
         self.handler_fd = -1
@@ -150,12 +151,14 @@ class Keeper:
             g.deadline = float(f[2])
             if g.since is None:
                 g.since = time.monotonic()
+                self.pending.add(f[1])
             self.last_beat = time.monotonic()
         elif op == "close":
             g2 = self.groups.get(f[1])
             if g2 is not None:
                 g2.incident = False
                 g2.since = None
+                self.pending.discard(f[1])
                 self._maybe_forget(f[1])
             self.last_beat = time.monotonic()
         elif op == "beat":
@@ -213,6 +216,7 @@ class Keeper:
         g = self.groups.get(directory)
         if g is not None and g.holds <= 0 and not g.incident and g.efd < 0:
             del self.groups[directory]
+            self.pending.discard(directory)
 
     def on_oom(self, efd: int) -> None:
         with contextlib.suppress(OSError):
@@ -226,21 +230,29 @@ class Keeper:
             return
         if g.since is None:
             g.since = time.monotonic()
+            self.pending.add(directory)
 
     # -- when to act ------------------------------------------------------------------
     def next_check(self) -> int:
         """Milliseconds until a pending group's deadline, -1 for none (sleep)."""
+        # Only the groups out of memory: a message per hold must not cost a scan of all.
         due = [max(g.since, self.last_beat) + g.deadline
-               for g in self.groups.values() if g.since is not None]
+               for g in (self.groups.get(d) for d in self.pending)
+               if g is not None and g.since is not None]
         if not due:
             return -1
         return max(0, int((min(due) - time.monotonic()) * 1000) + 1)
 
     def check_stalls(self) -> None:
         now = time.monotonic()
-        for directory, g in list(self.groups.items()):
-            if g.since is None or now < max(g.since, self.last_beat) + g.deadline:
+        for directory in list(self.pending):
+            g = self.groups.get(directory)
+            if g is None or g.since is None:
+                self.pending.discard(directory)
                 continue
+            if now < max(g.since, self.last_beat) + g.deadline:
+                continue
+            self.pending.discard(directory)
             if not g.incident and not under_oom(directory):
                 g.since = None  # an old event; the group is fine
                 continue
