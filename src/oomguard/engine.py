@@ -127,14 +127,15 @@ class Engine:
         return self.evidence
 
     # -- watching ----------------------------------------------------------------------
-    def watch(self, group: MemoryCgroup, rule: Rule) -> Watch:
-        """Adopt `group`: apply the rule's limits, establish the hold, register its fds."""
+    def watch(self, group: MemoryCgroup, rule: Rule, hold: bool = True) -> Watch:
+        """Adopt `group`: apply the rule's limits, establish the hold, register its fds.
+        With hold=False the hold waits for `hold(watch)` (run: after its command's exec)."""
         if group.relpath in self.watches:
             return self.watches[group.relpath]
         watch = Watch(group, rule, None)
         self.watches[group.relpath] = watch
         try:
-            self._adopt(watch)
+            self._adopt(watch, hold)
         except OomguardError:
             if group.exists():
                 self.unwatch(watch)  # puts back what adopting it changed
@@ -154,7 +155,7 @@ class Engine:
         self.report_cgroup(group)
         return watch
 
-    def _adopt(self, watch: Watch) -> None:
+    def _adopt(self, watch: Watch, hold: bool = True) -> None:
         group, rule = watch.group, watch.rule
         if rule.memory is not None and not rule.dry_run:
             current = group.limit()
@@ -169,12 +170,22 @@ class Engine:
         if rule.memsw is not None and not rule.dry_run and group.memsw_limit() != rule.memsw:
             self.ledger.apply(group, "memsw_limit", group.relpath, _t(group.memsw_limit()),
                               str(rule.memsw), tag="rule")
-        baseline = group.limit()  # before any hold: v2 puts memory.max above it
+        # before any hold: v2 puts memory.max above it (also a hold a lost journal left)
+        baseline = group.unheld_limit()
         watch.baseline_limit = baseline
-        holds = any(s.kind is StepKind.HOLD for s in rule.steps)
-        if holds and not rule.dry_run:
-            establish_hold(self.ledger, group, baseline)
+        if hold:
+            self.hold(watch)
         watch.start(self.loop, self._on_oom, self._on_removed)
+
+    def hold(self, watch: Watch) -> None:
+        """The adoption hold, if the rule holds and it is not there yet. An OOM pending
+        before the hold is the kernel's (its killer is still on), and is signalled."""
+        rule = watch.rule
+        if rule.dry_run or not any(s.kind is StepKind.HOLD for s in rule.steps):
+            return
+        if any(c.tag == "hold" for c in self.ledger.for_group(watch.group)):
+            return
+        establish_hold(self.ledger, watch.group, watch.baseline_limit)
 
     def _arm_growth(self, watch: Watch) -> None:
         """Growth sampling's usage thresholds, registered off the loop (each waits for an
