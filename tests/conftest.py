@@ -74,7 +74,9 @@ def test_parent(hier: Hierarchies) -> Iterator[MemoryCgroup]:
 def memcg(test_parent: MemoryCgroup, request: pytest.FixtureRequest) -> Iterator[MemoryCgroup]:
     """A fresh memory cgroup with a 64 MiB limit; removed with all its tasks afterwards."""
     suffix = "".join(c if c.isalnum() or c in "_-" else "_" for c in request.node.name[:40])
-    group = new_group(test_parent, "t", suffix=suffix)
+    # Another pytest session ending may have removed the shared parent meanwhile.
+    parent = ensure_parent(test_parent.hierarchies, TEST_PARENT)
+    group = new_group(parent, "t", suffix=suffix)
     group.set_limits(64 << 20, 64 << 20 if group.version == 1 else None)
     try:
         yield group
