@@ -19,7 +19,7 @@ from oomguard.journal import Journal
 from oomguard.policy import DEFAULT_STEPS, GrowStep, PlainStep, Rule, StepKind
 from oomguard.procs import Pidfd
 from oomguard.session import Session
-from oomguard.workloads import LEAK
+from oomguard.workloads import LEAK, argv
 
 from conftest import Spawn
 
@@ -143,6 +143,39 @@ def test_grow_writes_only_the_intent_row_before_the_limit(
                          f" AND incident_id = {iid}")
     assert change and int(change[0][1]) == limit + (16 << 20)
     assert memcg.limit() == limit  # given back at exit
+
+
+def test_run_watches_before_its_spawn_and_holds_after_the_exec(
+        memcg: MemoryCgroup, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`run`: the group is watched (its OOM eventfd registered, the growth thresholds
+    submitted) before the command starts, not while it allocates; the hold only once
+    it has exec'd (a child out of memory before its exec must not sleep
+    in the OOM wait while run waits for that exec); oomguard, not the kernel, kills."""
+    from oomguard.cli import run as run_cli
+    if isinstance(memcg, V2MemoryCgroup):
+        pytest.skip("v1's oom_kill_disable is the hold looked at here")
+    session = Session.open(tmp_path / "j.db", log_stream=open(os.devnull, "w"))  # noqa: SIM115
+    rule = Rule(name="run", match=memcg.relpath, memory=64 << 20, grace=0.0, settle=0.05,
+                steps=DEFAULT_STEPS)
+    at_spawn: list[tuple[bool, bool | None]] = []
+    real_start = run_cli._start
+
+    def start(dirs: list[Path], command: list[str], memory: int) -> Any:
+        watch = session.engine.watches.get(memcg.relpath)
+        at_spawn.append((watch is not None and bool(watch._fds),  # its OOM eventfd
+                         memcg.oom_state().kill_disabled))
+        return real_start(dirs, command, memory)
+
+    monkeypatch.setattr(run_cli, "_start", start)
+    try:
+        status = run_cli._supervise(session, memcg, rule, argv(LEAK, 1 << 20))
+    finally:
+        session.close()
+    assert at_spawn == [(True, False)]  # watched, not held yet
+    assert status == 128 + signal.SIGKILL
+    assert memcg.oom_state().oom_kill == 0  # the kernel's killer never acted
+    rows = _rows(tmp_path / "j.db", "SELECT signal FROM victims")
+    assert rows == [("SIGKILL",)]
 
 
 def test_deferred_rows_keep_their_ids_and_order(tmp_path: Path) -> None:
