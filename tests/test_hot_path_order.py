@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+import oomguard.engine as engine_mod
 import oomguard.ledger as ledger_mod
 from oomguard.cgroup import MemoryCgroup, V2MemoryCgroup
 from oomguard.journal import Journal
@@ -63,6 +64,15 @@ def test_kill_is_sent_before_the_incident_rows_are_written(
         return real_send(self, sig)
 
     monkeypatch.setattr(Pidfd, "send", send)
+    real_sample = engine_mod.sample_group
+    sampled_mid_episode: list[float] = []
+
+    def sample_group(*args: Any, **kwargs: Any) -> Any:
+        if seen_at_signal and not closed:
+            sampled_mid_episode.append(time.monotonic())
+        return real_sample(*args, **kwargs)
+
+    monkeypatch.setattr(engine_mod, "sample_group", sample_group)
     leaker = spawn(LEAK, 1 << 20)
     deadline = time.monotonic() + 20
     while not _held(memcg):
@@ -77,6 +87,8 @@ def test_kill_is_sent_before_the_incident_rows_are_written(
     assert leaker.wait(timeout=10) == -signal.SIGKILL
     # At the signal, nothing of the incident was on disk yet.
     assert seen_at_signal == [(0, 0)]
+    # Usage falling through the growth marks as the victim exits samples nothing.
+    assert sampled_mid_episode == []
     # Afterwards, everything, in order: ids and seq follow the order of the events.
     incidents = _rows(path, "SELECT id, outcome FROM incidents")
     assert len(incidents) == 1 and incidents[0][1] == "resolved"

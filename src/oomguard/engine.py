@@ -207,6 +207,12 @@ class Engine:
 
     def _sample_growth(self, watch: Watch) -> None:
         """Usage crossed a mark: record each process's size for the growth ranking."""
+        inc = watch.incident
+        if isinstance(inc, Incident) and inc.state != "closed":
+            # Mid-episode the marks are crossed downwards as a victim's memory is freed
+            # (v1 notifies both ways): a sample then would only compete with its exit for
+            # the CPU. The incident's own look is what its steps rank.
+            return
         sample_group(watch.group, watch.growth, needs_for(watch.rule, Strategy.GROWTH))
 
     def unwatch(self, watch: Watch, removed: bool = False) -> None:
