@@ -124,6 +124,19 @@ class Fifo:
             self.path.unlink()
 
 
+def reaped_ms(journal: Path) -> list[float]:
+    """The journal's victims, oldest first: signal -> exit (ms) as oomguard measured it."""
+    try:
+        db = sqlite3.connect(f"file:{journal}?mode=ro", uri=True)
+        try:
+            rows = db.execute("SELECT reaped_ms FROM victims ORDER BY id").fetchall()
+        finally:
+            db.close()
+    except sqlite3.Error:
+        return []
+    return [float(r[0]) for r in rows if r[0] is not None]
+
+
 def grow_gap(journal: Path, stamps: list[int]) -> int | None:
     """Index of the gap between stamps that holds the grow step's start (the journal's
     monotonic clock is the stamps' clock): the stall that the OOM and the raise caused,
@@ -230,6 +243,10 @@ def once(h: Any, ctx: Any, mode: str, group: MemoryCgroup | None, i: int,
                 out["error"] = f"hog was not killed (status {out.get('status')})"
                 return out
             out["latency_ms"] = (t_exit - stamps[-1]) / 1e6
+            if mode == "run":  # oomguard's own part: the hog's last stamp -> the signal
+                reaped = reaped_ms(ctx.tmp / f"defaults-{full_mode}.db")
+                if reaped:
+                    out["to_signal_ms"] = out["latency_ms"] - reaped[-1]
         return out
     finally:
         fifo.close()
@@ -296,12 +313,27 @@ def scenario_defaults(h: Any, ctx: Any) -> None:
                 ctx.error(f"defaults {mode} iter {i}: {s['error']}")
             samples[mode].append(s)
             time.sleep(0.05)
+    for mode, d, g in (("daemon", daemon, daemon_g), ("daemon_alt", daemon_alt, alt_g)):
+        if d is None or g is None or mode not in samples:
+            continue
+        d.wait_closed(g.relpath, ran if mode == "daemon" else ran_alt,
+                      last if mode == "daemon" else last_alt)
+        killed = [s for s in samples[mode] if "latency_ms" in s]
+        reaped = reaped_ms(d.journal)
+        if len(reaped) == len(killed):  # one victim per hog, in order
+            for s, r in zip(killed, reaped, strict=True):
+                s["to_signal_ms"] = s["latency_ms"] - r
     out: dict[str, Any] = {"n": n, "step_kib": STEP >> 10, "modes": {}}
     for mode, ss in samples.items():
         grow_mode = mode.startswith("run_grow")
         key = "stall_ms" if grow_mode else "latency_ms"
         st = h.summary([s[key] for s in ss if key in s])
         st["errors"] = sum(1 for s in ss if "error" in s)
+        to_signal = [s["to_signal_ms"] for s in ss if "to_signal_ms" in s]
+        if to_signal:  # latency minus the journal's signal -> exit: stamp -> SIGKILL
+            st["to_signal"] = h.summary(to_signal)
+            h.log(f"  defaults {mode:9s} stamp -> signal median "
+                  f"{st['to_signal']['median_ms']:.3f} p95 {st['to_signal']['p95_ms']:.3f} ms")
         if grow_mode:
             st["median_gap_ms"] = h.pct([s["median_gap_ms"] for s in ss if "median_gap_ms" in s],
                                         50)
