@@ -139,22 +139,24 @@ class Daemon:
                     log.info(f"adopted {plan.relpath} by rule {rule.name}: {plan.summary()}")
 
     def _take_over_hold(self, group: MemoryCgroup, rule: Rule) -> None:
-        """v1: a group oomguard holds, found with oom_kill_disable=1 and no record of it
+        """A group oomguard holds, found with oom_kill_disable=1 (v2: memory.high with
+        memory.max oomguard's headroom above it, `unrecorded_hold`) and no record of it
         (a crash whose journal was lost or damaged, or a child that inherited its parent's
         hold) would keep the killer off after oomguard lets go. Record it as oomguard's,
         switched back to 0 at exit. A group already under OOM fires its eventfd as it is
         registered, so it is handled as an OOM at once."""
         engine = self.session.engine
-        if (group.version != 1 or rule.dry_run
-                or not any(st.kind is StepKind.HOLD for st in rule.steps)
-                or engine.ledger.find(group, "oom_kill_disable") is not None):
+        if (rule.dry_run or not any(st.kind is StepKind.HOLD for st in rule.steps)
+                or any(c.tag == "hold" for c in engine.ledger.for_group(group))):
             return
-        state = group.oom_state()
-        if not state.kill_disabled:
+        found = group.unrecorded_hold()  # v2: memory.high, memory.max a headroom above
+        if not found:
             return
-        engine.ledger.apply(group, "oom_kill_disable", group.relpath, "0", "1", tag="hold")
-        under = " (under OOM now: handled as an OOM)" if state.under_oom else ""
-        self.session.log.warning(f"{group.relpath}: oom_kill_disable was 1 with no record of "
+        for c in found:
+            engine.ledger.apply(group, c.kind, group.relpath, c.before, c.after, tag="hold")
+        what = " and ".join(f"{c.kind} was {c.after}" for c in found)
+        under = " (under OOM now: handled as an OOM)" if group.out_of_memory() else ""
+        self.session.log.warning(f"{group.relpath}: {what} with no record of "
                                  f"it; oomguard takes that hold over and gives it back to the "
                                  f"kernel's killer when it lets go{under}")
 

@@ -251,6 +251,17 @@ class MemoryCgroup(ABC):
     def hold_changes(self, limit: int | None) -> list[FileChange]:
         """What to change so that the group's OOMs at `limit` wait ([] if they do)."""
 
+    def unheld_limit(self) -> int | None:
+        """The limit as it was before any hold: memory.max, except below an unrecorded v2
+        hold, whose memory.max is its headroom above it (what a new hold starts from)."""
+        return self.limit()
+
+    @abstractmethod
+    def unrecorded_hold(self) -> list[FileChange]:
+        """An oomguard hold found in place with no record of it (a crash whose journal was
+        lost): the changes that made it, from the values before it, for the ledger to
+        record and undo at exit; [] if the group holds nothing oomguard would have made."""
+
     @abstractmethod
     def release_changes(self) -> list[FileChange]:
         """What to change to hand the group's OOM to the kernel's killer."""

@@ -93,6 +93,9 @@ class V1MemoryCgroup(MemoryCgroup):
     def hold_changes(self, limit: int | None) -> list[FileChange]:
         return [] if self.is_held() else [FileChange("oom_kill_disable", "0", "1")]
 
+    def unrecorded_hold(self) -> list[FileChange]:
+        return [FileChange("oom_kill_disable", "0", "1")] if self.is_held() else []
+
     def release_changes(self) -> list[FileChange]:
         return [FileChange("oom_kill_disable", "1", "0")] if self.is_held() else []
 

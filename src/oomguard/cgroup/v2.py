@@ -185,6 +185,18 @@ class V2MemoryCgroup(MemoryCgroup):
             changes.append(FileChange("limit", as_text(mx), str(wanted_max)))
         return changes
 
+    def unrecorded_hold(self) -> list[FileChange]:
+        # Ours only with memory.max exactly our headroom above memory.high: a memory.high
+        # someone else set is theirs to keep. memory.max was at the limit before it.
+        high, mx = self.high(), self.limit()
+        if high is None or mx != high + v2_headroom(high):
+            return []
+        return [FileChange("high", "max", str(high)), FileChange("limit", str(high), str(mx))]
+
+    def unheld_limit(self) -> int | None:
+        high = self.high()
+        return high if self.unrecorded_hold() and high is not None else self.limit()
+
     def release_changes(self) -> list[FileChange]:
         high = self.high()
         return [] if high is None else [FileChange("high", str(high), "max")]
