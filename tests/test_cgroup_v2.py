@@ -311,3 +311,19 @@ def test_non_root_user_handles_its_own_delegated_subtree(test_parent: MemoryCgro
                 p.kill()
             p.wait(timeout=30)
         destroy(base)
+
+
+def test_unrecorded_hold_is_only_oomguards_own(memcg: MemoryCgroup) -> None:
+    """A hold a lost journal left (memory.high, memory.max exactly the headroom above) is
+    recognised to be taken over, starting from memory.high; someone's own memory.high is
+    not oomguard's to take."""
+    g = v2(memcg)
+    assert g.unrecorded_hold() == [] and g.unheld_limit() == 64 * MiB
+    g.set_limit(64 * MiB + v2_headroom(64 * MiB))
+    g.set_high(64 * MiB)
+    assert [(c.kind, c.before, c.after) for c in g.unrecorded_hold()] == [
+        ("high", "max", str(64 * MiB)),
+        ("limit", str(64 * MiB), str(64 * MiB + v2_headroom(64 * MiB)))]
+    assert g.unheld_limit() == 64 * MiB  # a new hold starts there: no second headroom
+    g.set_limit(96 * MiB)  # memory.high a user set under a limit of their own
+    assert g.unrecorded_hold() == [] and g.unheld_limit() == 96 * MiB
