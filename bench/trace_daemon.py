@@ -74,6 +74,11 @@ TARGETS = [
     ("oomguard.journal", "Journal._write"),
     ("oomguard.obs.metrics", "Metrics.incident_closed"),
     ("oomguard.obs.metrics", "Metrics.victim"),
+    ("oomguard.guardian.link", "GuardianLink.incident_opened"),
+    ("oomguard.guardian.link", "GuardianLink._send"),
+    ("oomguard.journal", "Journal.commit"),
+    ("oomguard.journal", "Journal.defer"),
+    ("oomguard.steps.snapshot", "snapshot"),
 ]
 
 RECORDS: list[tuple[str, int, int]] = []
