@@ -524,3 +524,15 @@ def test_checkpoint_keeps_data_and_empties_wal(jpath: Path) -> None:
         d = j.incident(iid)
         assert d is not None and len(d.events) == 2
         assert [c.id for c in j.pending_changes()] == [cid]
+
+
+def test_warm_up_leaves_the_first_ids_free(tmp_path: Path) -> None:
+    """warm() runs every hot statement in a rolled-back transaction: the first incident
+    is still #1 (a user's `oomguard show 1` must find it), deferred or not."""
+    with Journal(tmp_path / "w.db") as j:
+        j.warm()
+        j.defer()
+        assert j.open_incident("/a", "r", False) == 1
+        j.commit()
+        j.warm()
+        assert j.open_incident("/b", "r", False) == 2

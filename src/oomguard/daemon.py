@@ -18,6 +18,7 @@ import ctypes
 import dataclasses
 import errno
 import fcntl
+import gc
 import os
 import resource
 import signal
@@ -308,15 +309,20 @@ def run_daemon(config: str, journal: str | None, log_format: str, metrics: str |
     for note in protect_self():
         session.log.info(f"self-protection: {note}")
     daemon = Daemon(session, policy, metrics, config, dry_run)
+
+    def stop(signum: int) -> None:
+        session.log.info(f"{signal.Signals(signum).name}: restoring every cgroup and exiting")
+        session.loop.stop()
+
+    # Before the first adoption: a SIGTERM that comes while groups are being adopted (or
+    # just after "watching") is a clean stop, never a default death with holds in place.
+    session.on_signals(stop, (signal.SIGINT, signal.SIGTERM))
+    session.on_signals(daemon.reload, (signal.SIGHUP,))
     try:
         daemon.start()
-
-        def stop(signum: int) -> None:
-            session.log.info(f"{signal.Signals(signum).name}: restoring every cgroup and exiting")
-            session.loop.stop()
-
-        session.on_signals(stop, (signal.SIGINT, signal.SIGTERM))
-        session.on_signals(daemon.reload, (signal.SIGHUP,))
+        # Start-up's objects never die: keep the collector from walking them again in
+        # the middle of an incident (a full collection took 17-30 ms under load).
+        gc.freeze()
         session.loop.run()
     except OomguardError:
         raise

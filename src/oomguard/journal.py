@@ -543,6 +543,7 @@ class Journal:
             self._open_steps = steps
             self._writes = writes
             self.step_listener = listener
+            self._next_id.clear()  # the rolled-back rows' ids are free again
         self._refresh_ids(db)  # so the first deferred batch reads nothing
 
     @property
