@@ -22,7 +22,7 @@ def _commands() -> list[ModuleType]:
     from oomguard.cli import ps, status, wait
 
     mods = [wait, ps, status]
-    for name in ("run", "daemon", "check", "events", "demo"):
+    for name in ("run", "daemon", "check", "events", "demo", "top"):
         try:
             mods.append(__import__(f"oomguard.cli.{name}", fromlist=["add_parser"]))
         except ModuleNotFoundError as exc:
