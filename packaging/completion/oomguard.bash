@@ -97,7 +97,7 @@ _oomguard_ltrim_colon()
 _oomguard_main()
 {
 
-    local commands="wait ps status run daemon check events show demo"
+    local commands="wait ps status top run daemon check events show demo"
     local cmd i
     for (( i = 1; i < cword; i++ )); do
         if [[ " $commands " == *" ${words[i]} "* ]]; then
@@ -155,6 +155,7 @@ _oomguard_main()
         wait)   flags="--timeout --json" ;;
         ps)     flags="-r --recursive --json" ;;
         status) flags="--json" ;;
+        top)    flags="--interval --grow --journal" ;;
         run)    flags="--memory --memsw --grow --grow-max --kill --protect --prefer --grace
                        --deadline --core --dry-run --policy --journal --log-format --" ;;
         daemon) flags="--config --journal --metrics --log-format --dry-run" ;;
@@ -170,7 +171,7 @@ _oomguard_main()
         return
     fi
     case $cmd in
-        wait|ps|status) _oomguard_cgroups "$cur" ;;
+        wait|ps|status|top) _oomguard_cgroups "$cur" ;;
         check)
             compopt -o filenames 2>/dev/null
             COMPREPLY=( $(compgen -f -- "$cur") ) ;;

@@ -55,6 +55,7 @@ class _Screen:
         self.under = under
         self.sort = 0
         self.selected = 0
+        self.selected_path: str | None = None  # the selection follows its group, not a line
         self.status = "q quit  s sort  up/down select  g grow  K to the kernel"
 
     def loop(self) -> None:
@@ -68,7 +69,11 @@ class _Screen:
             from oomguard import top_model
 
             rows = top_model.rows(top_model.SORTS[self.sort], self.under)
+            paths = [r.group.relpath for r in rows]
+            if self.selected_path in paths:  # a re-sort must not move an action elsewhere
+                self.selected = paths.index(self.selected_path)
             self.selected = max(0, min(self.selected, len(rows) - 1))
+            self.selected_path = paths[self.selected] if paths else None
             self._draw(rows)
             key = self.scr.getch()
             if key in (ord("q"), ord("Q")):
@@ -82,8 +87,10 @@ class _Screen:
 
         if key in (curses.KEY_DOWN, ord("j")):
             self.selected += 1
+            self.selected_path = None
         elif key in (curses.KEY_UP, ord("k")):
             self.selected = max(0, self.selected - 1)
+            self.selected_path = None
         elif key == ord("s"):
             self.sort = (self.sort + 1) % len(top_model.SORTS)
         elif key in (ord("g"), ord("K")) and rows:
