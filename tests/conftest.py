@@ -246,6 +246,21 @@ class Daemon:
                    what=f"daemon log line {needle!r} in:\n{self.log}")
         assert needle in self.log, self.log
 
+    def crash_with_guardian(self) -> None:
+        """SIGKILL the daemon and its guardian together, as systemd's KillMode=control-group
+        does: what they held stays held (recovery at the next start is what is tested).
+        Stopped first, so that it cannot start another guardian in between."""
+        import os
+        import signal
+        from pathlib import Path
+
+        pid = self.proc.pid
+        os.kill(pid, signal.SIGSTOP)
+        for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+            os.kill(int(child), signal.SIGKILL)
+        os.kill(pid, signal.SIGKILL)
+        self.proc.wait(timeout=10)
+
     def stop(self, sig: int = 15) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
@@ -258,10 +273,11 @@ class Daemon:
 def run_daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
     started: list[Daemon] = []
 
-    def start(config_text: str, *extra: str, env: dict[str, str] | None = None) -> Daemon:
+    def start(config_text: str, *extra: str, env: dict[str, str] | None = None,
+              journal: Path | None = None) -> Daemon:
         config = tmp_path / f"policy{len(started)}.toml"
         config.write_text(config_text)
-        d = Daemon(config, tmp_path / "journal.db", *extra, env=env)
+        d = Daemon(config, journal or tmp_path / "journal.db", *extra, env=env)
         started.append(d)
         d.wait_for("watching")
         return d

@@ -47,20 +47,9 @@ def tmpfs(tmp_path: Path) -> Iterator[Path]:
 
 
 @pytest.fixture
-def daemon_at(tmp_path: Path) -> Iterator[Callable[[str, Path], Daemon]]:
-    started: list[Daemon] = []
-
-    def start(policy: str, journal: Path) -> Daemon:
-        config = tmp_path / f"policy-{len(started)}.toml"
-        config.write_text(policy)
-        d = Daemon(config, journal)
-        started.append(d)
-        d.wait_for("watching")
-        return d
-
-    yield start
-    for d in started:
-        d.stop()
+def daemon_at(run_daemon: Callable[..., Daemon]) -> Callable[[str, Path], Daemon]:
+    """run_daemon with the journal where the test puts it (a small tmpfs, a damaged file)."""
+    return lambda policy, journal: run_daemon(policy, journal=journal)
 
 
 def fill(directory: Path) -> Path:
@@ -74,14 +63,7 @@ def fill(directory: Path) -> Path:
 
 
 def crash(d: Daemon) -> None:
-    """SIGKILL the daemon and its guardian together (systemd's KillMode=control-group):
-    what they held stays held. Stopped first, so no new guardian starts in between."""
-    pid = d.proc.pid
-    os.kill(pid, signal.SIGSTOP)
-    for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
-        os.kill(int(child), signal.SIGKILL)
-    os.kill(pid, signal.SIGKILL)
-    d.proc.wait(timeout=10)
+    d.crash_with_guardian()
 
 
 def released(group: MemoryCgroup) -> bool:
@@ -182,7 +164,7 @@ def test_sighup_reloads_policy(memcg: MemoryCgroup, spawn: Spawn, daemon_at, tmp
     other.set_limits(LIMIT, LIMIT if other.version == 1 else None)
     try:
         d = daemon_at(rule(memcg, KILL), tmp_path / "journal.db")
-        config = tmp_path / "policy-0.toml"
+        config = tmp_path / "policy0.toml"  # the file run_daemon wrote
         assert not other.is_held()
 
         # A bad file: the old policy stays in force, one line says why, no exit.

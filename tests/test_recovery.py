@@ -8,10 +8,8 @@ see its marker). A crash mid-incident is closed "crashed" on both backends.
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
-from pathlib import Path
 
 import pytest
 
@@ -48,16 +46,7 @@ while True:
 
 
 def crash(d: Daemon) -> None:
-    """SIGKILL the daemon and its guardian together, as systemd's KillMode=control-group
-    does (the guardian alone would undo the holds; recovery is for when both are gone).
-    Stopped first, so it cannot start another guardian in between."""
-    pid = d.proc.pid
-    os.kill(pid, signal.SIGSTOP)
-    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    for child in children:
-        os.kill(int(child), signal.SIGKILL)
-    os.kill(pid, signal.SIGKILL)
-    d.proc.wait(timeout=10)
+    d.crash_with_guardian()  # nothing restored by the daemon, nor by its guardian
 
 
 def line(proc: subprocess.Popen[bytes]) -> bytes:

@@ -36,21 +36,26 @@ def _groups_of(pid: int) -> list[MemoryCgroup]:
     return [g for g in parent.children() if g.path.name.startswith(f"run-{pid}-")]
 
 
-def _run(*args: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
-    argv = [sys.executable, "-m", "oomguard", "run", "--journal", str(tmp_path / "j.db"), *args]
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            errors="surrogateescape")
+def _communicate_or_release(proc: subprocess.Popen[str], what: str) -> tuple[str, str]:
+    """proc's output, or on a hang: release the hold and kill the group's tasks first
+    (they hold the pipes open), then fail with `what`."""
     try:
-        out, err = proc.communicate(timeout=TIMEOUT)
+        return proc.communicate(timeout=TIMEOUT)
     except subprocess.TimeoutExpired:
-        # Release the hold and kill the group's tasks first: they hold the pipes open.
         for group in _groups_of(proc.pid):
             with contextlib.suppress(Exception):
                 destroy(group)
         proc.kill()
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.communicate(timeout=30)
-        pytest.fail(f"oomguard run {' '.join(args)} hung (> {TIMEOUT}s)")
+        pytest.fail(f"{what} (> {TIMEOUT}s)")
+
+
+def _run(*args: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    argv = [sys.executable, "-m", "oomguard", "run", "--journal", str(tmp_path / "j.db"), *args]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            errors="surrogateescape")
+    out, err = _communicate_or_release(proc, f"oomguard run {' '.join(args)} hung")
     _last_pid[0] = proc.pid
     return subprocess.CompletedProcess(argv, proc.returncode, out, err)
 
@@ -116,16 +121,8 @@ finally:
 def test_child_out_of_memory_before_exec_does_not_hang(memory: int, tmp_path: Path) -> None:
     argv = [sys.executable, "-c", _SUPERVISE, str(tmp_path / "j.db"), str(memory)]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        out, err = proc.communicate(timeout=TIMEOUT)
-    except subprocess.TimeoutExpired:
-        for group in _groups_of(proc.pid):
-            with contextlib.suppress(Exception):
-                destroy(group)
-        proc.kill()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.communicate(timeout=30)
-        pytest.fail("run's supervisor hung on a child out of memory before its exec")
+    out, err = _communicate_or_release(
+        proc, "run's supervisor hung on a child out of memory before its exec")
     assert proc.returncode == 0, err
     # The kernel's killer took the child before its exec (the hold was not yet set).
     assert out.strip() == "137", (out, err)

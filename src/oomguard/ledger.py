@@ -39,7 +39,7 @@ def pid_target(pid: int, start_ticks: int) -> str:
     return f"pid:{pid}:{start_ticks}"
 
 
-def _parse_pid_target(target: str) -> tuple[int, int]:
+def parse_pid_target(target: str) -> tuple[int, int]:
     _, pid, start = target.split(":")
     return int(pid), int(start)
 
@@ -68,12 +68,12 @@ def write_change(group: MemoryCgroup, kind: str, target: str, value: str) -> Non
         else:
             group.thaw()
     elif kind == "stop":
-        pfd = Pidfd.open_if_same(*_parse_pid_target(target))
+        pfd = Pidfd.open_if_same(*parse_pid_target(target))
         if pfd is not None:
             with pfd:
                 pfd.send(signal.SIGSTOP if value == "stopped" else signal.SIGCONT)
     elif kind == "move":
-        pid, start = _parse_pid_target(target)
+        pid, start = parse_pid_target(target)
         with contextlib.suppress(OomguardError):
             if read_stat(pid).start_ticks == start:
                 cgroup_at(group.hierarchies, value).move(pid)

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from oomguard.guardian import keeper
+from oomguard.ledger import parse_pid_target
 from oomguard.procs.pidfd import Pidfd
 
 if TYPE_CHECKING:
@@ -254,8 +255,7 @@ class GuardianLink:
 def _pidfd_for_target(target: str) -> int | None:
     """A pidfd for "pid:N:start", only if that process is still the one that started then."""
     try:
-        _, pid, start = target.split(":")
-        pfd = Pidfd.open_if_same(int(pid), int(start))
+        pfd = Pidfd.open_if_same(*parse_pid_target(target))
     except (ValueError, OSError):
         return None
     if pfd is None:
