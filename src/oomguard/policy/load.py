@@ -38,6 +38,7 @@ from oomguard.policy.model import (
     Target,
     make_step,
 )
+from oomguard.policy.system import SystemSpec, parse_system
 from oomguard.units import (
     MAX_DURATION,
     MAX_SIZE,
@@ -566,7 +567,7 @@ _RULE_KEYS: dict[str, Callable[[object], Any]] = {
 _RULE_ONLY = ("name", "match")
 _DEFAULTS_KEYS = tuple(key for key in _RULE_KEYS if key not in _RULE_ONLY)
 _APPENDED = ("protect", "prefer", "avoid")  # [defaults] entries come first, the rule's follow
-_TOP_KEYS = ("defaults", "rule")
+_TOP_KEYS = ("defaults", "rule", "system")
 
 
 @dataclass
@@ -743,7 +744,8 @@ def parse_policy(text: str, source: str) -> Policy:
     elif not isinstance(raw_rules, list):
         report.add("", "rule", f"expected [[rule]] tables, got {_show(raw_rules)}")
         raw_rules = []
-    elif not raw_rules and "rule" not in document and not report.lines:
+    elif not raw_rules and "rule" not in document and "system" not in document \
+            and not report.lines:
         report.add("", None, 'no [[rule]] tables; add one, e.g. [[rule]] match = "/**"')
     rules: list[Rule] = []
     names: dict[str, int] = {}
@@ -773,9 +775,26 @@ def parse_policy(text: str, source: str) -> Policy:
         rule = _build_rule(index, table, defaults, report, check_relations=defaults_ok)
         if rule is not None:
             rules.append(rule)
+    system = _system(document.get("system"), report)
     if report.lines:
         raise ConfigError("\n".join(report.lines))
-    return Policy(rules=tuple(rules), source=source)
+    return Policy(rules=tuple(rules), source=source, system=system)
+
+
+def _system(table: object, report: _Report) -> SystemSpec | None:
+    """The [system] table (policy/system.py), with this loader's value parsers."""
+    if table is None:
+        return None
+    if not isinstance(table, dict):
+        report.add("", "system", f"expected a [system] table, got {_show(table)}")
+        return None
+    parsers = {"size": _size, "pressure": _pressure, "strategy": _strategy,
+               "matchers": _matchers, "boolean": _boolean, "duration": _duration(True),
+               "duration0": _duration(False), "count1": _count(1)}
+    spec, problems = parse_system(table, parsers)
+    for key, message in problems:
+        report.add("[system]", key, message)
+    return spec
 
 
 def _syntax_error(source: str, error: tomllib.TOMLDecodeError) -> str:

@@ -11,10 +11,13 @@ import signal
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, TypeAlias
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 from oomguard.policy.match import PathGlob, ProcessMatcher, compile_glob
 from oomguard.units import format_size
+
+if TYPE_CHECKING:
+    from oomguard.policy.system import SystemSpec
 
 
 class Strategy(enum.Enum):
@@ -352,6 +355,7 @@ class Rule:
 class Policy:
     rules: tuple[Rule, ...]
     source: str = "<defaults>"
+    system: SystemSpec | None = None  # [system]: whole-machine pressure (policy/system.py)
 
     def rule_for(self, cgroup_relpath: str) -> Rule | None:
         """The first rule whose glob matches the path (relative to the cgroup mount)."""
