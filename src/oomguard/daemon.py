@@ -37,7 +37,9 @@ from oomguard.obs import sdnotify
 from oomguard.obs.metrics import MetricsServer
 from oomguard.policy import Policy, Rule, StepKind, load_policy
 from oomguard.policy.model import default_rule
+from oomguard.policy.system import SystemSpec
 from oomguard.session import Session
+from oomguard.system import SystemMonitor
 
 MCL_CURRENT, MCL_FUTURE, MCL_ONFAULT = 1, 2, 4
 # While the journal cannot be written, how often to try writing what waits in memory.
@@ -111,6 +113,7 @@ class Daemon:
         self.discovery: Discovery | None = None
         self.server: MetricsServer | None = None
         self._journal_retry: Timer | None = None
+        self.system: SystemMonitor | None = None  # --system / [system]: system.py
         session.journal.on_fault = self._journal_fault
 
     def check_not_inside(self, policy: Policy | None = None) -> None:
@@ -175,8 +178,12 @@ class Daemon:
             consume_report(s.journal, s.guardian.report, s.log.warning,
                            memory.mount_point if memory is not None else None)
         recover(s.journal, s.hier, s.log.info, self._last_resort, _skip)
-        self.discovery = Discovery(s.hier, self.policy, s.loop, self.adopt, skip=_skip)
-        self.discovery.scan()
+        if self.policy.rules:  # --system alone watches no cgroup: no inotify wakeups
+            self.discovery = Discovery(s.hier, self.policy, s.loop, self.adopt, skip=_skip)
+            self.discovery.scan()
+        if self.policy.system is not None:  # whole-machine pressure (issue 12)
+            self.system = SystemMonitor(s.engine, self.policy.system)
+            self.system.start()
         if self.metrics_addr:
             self.server = MetricsServer(self.metrics_addr, s.metrics)
             self.server.attach(s.loop)
@@ -270,13 +277,21 @@ class Daemon:
             self.server.close()
         if self.discovery is not None:
             self.discovery.close()
+        if self.system is not None:
+            self.system.close()
 
 
-def _load(config: str, dry_run: bool) -> Policy:
-    policy = load_policy(config)
+def _load(config: str | None, dry_run: bool, system: bool = False) -> Policy:
+    policy = (load_policy(config) if config is not None
+              else Policy(rules=(), source="<system defaults>"))
+    if system and policy.system is None:  # --system: [system] with its defaults
+        policy = dataclasses.replace(policy, system=SystemSpec())
     if dry_run:
         policy = dataclasses.replace(
             policy, rules=tuple(dataclasses.replace(r, dry_run=True) for r in policy.rules))
+        if policy.system is not None:
+            policy = dataclasses.replace(
+                policy, system=dataclasses.replace(policy.system, dry_run=True))
     return policy
 
 
@@ -292,9 +307,9 @@ def set_aside_if_corrupt(path: Path) -> str | None:
             f"are taken over at adoption")
 
 
-def run_daemon(config: str, journal: str | None, log_format: str, metrics: str | None,
-               dry_run: bool) -> int:
-    policy = _load(config, dry_run)
+def run_daemon(config: str | None, journal: str | None, log_format: str, metrics: str | None,
+               dry_run: bool, system: bool = False) -> int:
+    policy = _load(config, dry_run, system)
     journal_path = Path(journal).expanduser() if journal else default_journal_path()
     lock = _lock_journal(journal_path)  # before anything may move the file aside
     try:

@@ -1,4 +1,5 @@
-"""`oomguard daemon --config FILE`: watch the cgroups a policy's rules match."""
+"""`oomguard daemon --config FILE`: watch the cgroups a policy's rules match.
+`oomguard daemon --system`: also (or only, without --config) the whole machine's memory."""
 
 from __future__ import annotations
 
@@ -13,7 +14,10 @@ from oomguard.obs.metrics import check_metrics_addr
 def add_parser(sub: Any) -> None:
     p = sub.add_parser("daemon", help="watch the cgroups a policy matches and handle their OOMs",
                        description=__doc__)
-    p.add_argument("--config", required=True, metavar="FILE", help="policy file (TOML)")
+    p.add_argument("--config", metavar="FILE", help="policy file (TOML)")
+    p.add_argument("--system", action="store_true",
+                   help="watch the whole machine's memory (MemAvailable, PSI) with the "
+                        "[system] defaults unless the policy has a [system] table")
     p.add_argument("--journal", metavar="PATH", help="incident journal (SQLite)")
     p.add_argument("--log-format", choices=["text", "json"], default="text")
     p.add_argument("--metrics", metavar="ADDR",
@@ -23,9 +27,12 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.config is None and not args.system:
+        raise UsageError("daemon: give --config FILE, --system, or both")
     if args.metrics is not None:
         _check_metrics(args.metrics)  # before any group is adopted: nothing to put back
-    return run_daemon(args.config, args.journal, args.log_format, args.metrics, args.dry_run)
+    return run_daemon(args.config, args.journal, args.log_format, args.metrics, args.dry_run,
+                      args.system)
 
 
 def _check_metrics(addr: str) -> None:

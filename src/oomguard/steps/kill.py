@@ -22,6 +22,7 @@ from oomguard.procs import Pidfd, read_stat
 from oomguard.steps.context import Outcome, StepContext
 from oomguard.steps.pause import thaw_for_kill
 from oomguard.steps.victims import choose, open_verified
+from oomguard.sysmem import SystemGroup
 
 # process_mrelease reaps in oomguard's own context and blocks the loop meanwhile (2.7 ms
 # for 64M, 30 ms for 1G measured): worth it only where the victim's own exit is slow.
@@ -51,8 +52,8 @@ def _kill(ctx: StepContext) -> None:
         return
     candidates = choose(ctx)
     for cand in candidates:
-        pfd = open_verified(cand.sample) if not ctx.dry_run else None
-        if pfd is None and not ctx.dry_run:
+        pfd = open_verified(cand.sample)
+        if pfd is None:
             continue  # exited or pid reused since the sample: next candidate
         _kill_one(ctx, cand, pfd)
         return
@@ -83,24 +84,28 @@ def _kill_group(ctx: StepContext) -> None:
     spared = [p for p in members if p not in chosen]
     ctx.begin(before={"oom_group": True, "pids": sorted(chosen), "spared": spared,
                       "signal": "SIGKILL"})
-    if ctx.would(f"would kill the whole group (memory.oom.group): {sorted(chosen)}"):
-        return
     pidfds = [(c, pfd) for c in candidates if (pfd := open_verified(c.sample)) is not None]
     if not pidfds:
         ctx.log.info(f"{group.relpath}: no process may be killed")
         ctx.fail("no-victim", "no process may be killed")
         return
-    thaw_for_kill(ctx)
+    what = f"kill the whole group {group.relpath} (memory.oom.group): {sorted(chosen)}"
     sent_at = time.monotonic()
     how = "cgroup.kill"
     try:
-        if spared or not group.has_file("cgroup.kill"):
-            raise Unsupported(str(group.path), "some tasks are spared")
-        group.write("cgroup.kill", "1")
-    except OomguardError:
-        how = "pidfd"
+        thaw_for_kill(ctx, what)
+        try:
+            if spared or not group.has_file("cgroup.kill"):
+                raise Unsupported(str(group.path), "some tasks are spared")
+            ctx.effects.write(group, "cgroup.kill", "1", what=what)
+        except OomguardError:
+            how = "pidfd"
+            for _, pfd in pidfds:
+                ctx.effects.signal(pfd, signal.SIGKILL, what=what)
+    except BaseException:  # a dry run's WouldChange too: no pidfd outlives the step
         for _, pfd in pidfds:
-            pfd.send(signal.SIGKILL)
+            pfd.close()
+        raise
     left = len(pidfds)
     reaped: list[float] = []
 
@@ -165,7 +170,9 @@ def _asleep_in_oom_wait(ctx: StepContext, sample: ProcSample) -> bool:
     and without a handler SIGTERM kills it anyway: SIGKILL it at once (no grace).
     v2 has no OOM wait: an allocator of a group out of memory at the hold is throttled
     there, in its penalty sleep (D) or in reclaim (R), and runs no handler before
-    that ends: SIGKILL at once too."""
+    that ends: SIGKILL at once too. System mode: SIGKILL at once at the SIGKILL level."""
+    if isinstance(ctx.group, SystemGroup):
+        return ctx.group.must_kill_now()
     try:
         # D state inside an incident is, by all odds, the OOM wait; not asking the
         # kernel's oom_control again saves a read on the way to the kill.
@@ -182,6 +189,8 @@ def _still_in_group(ctx: StepContext, pfd: Pidfd) -> bool | None:
     it exited meanwhile. /proc/PID/cgroup is read before the pidfd is polled: if the
     process has not exited after the read, the read was of this process, not of a
     new one that reused its pid. Unreadable for another reason: assume it stayed."""
+    if isinstance(ctx.group, SystemGroup):  # the machine: every process is in it
+        return None if pfd.exited() else True
     try:
         where: str | None = process_cgroup(ctx.group.hierarchies, pfd.pid).relpath
     except (CgroupNotFound, NotAMemoryCgroup):
@@ -211,21 +220,36 @@ class _Victim:
         self.generation = ctx.episode.generation
 
     def start(self, grace: float) -> None:
-        s, loop = self.cand.sample, self.ctx.loop
-        # Already gone (a zombie takes signals without a word): it was not our doing.
-        if self.pfd.exited() or not self.pfd.send(self.sent):
+        try:
+            sent = self._first_signal()
+        except BaseException:  # a dry run's WouldChange too: no pidfd outlives the step
+            self._end()
+            raise
+        if not sent:
+            # Already gone (a zombie takes signals without a word): it was not our doing.
             self._gone_before_signal()
             return
+        s, loop, effects = self.cand.sample, self.ctx.loop, self.ctx.effects
         for m in self.members:
-            m.send(self.sent)
+            effects.signal(m, self.sent)
         crash_point("kill-sent")
         if self.sent == signal.SIGKILL and s.rss >= MRELEASE_MIN_RSS:
             self.pfd.mrelease()  # reap a large victim's memory now; ESRCH: keep waiting
         if self.sent == signal.SIGTERM:
-            self.pfd.send(signal.SIGCONT)  # a stopped victim must run to act on SIGTERM
+            effects.signal(self.pfd, signal.SIGCONT)  # a stopped victim must run to act on it
             self.timer = loop.call_later(grace, self.escalate)
         loop.add_reader(self.pfd.fileno(), self.exited)
         self.ctx.on_close(self.cleanup)
+
+    def _first_signal(self) -> bool:
+        """Thaw if this incident froze the group, then the first signal; False if the
+        victim had exited already."""
+        ctx, s = self.ctx, self.cand.sample
+        what = f"kill pid {s.pid} ({s.comm}) in {ctx.group.relpath}: {self.cand.reason}"
+        if self.pfd.exited():
+            return False
+        thaw_for_kill(ctx, what)
+        return ctx.effects.signal(self.pfd, self.sent, what=what)
 
     def _end(self) -> None:
         """Stop watching: cancel the escalation, close every pidfd (once)."""
@@ -257,10 +281,10 @@ class _Victim:
             self._left_group()
             return
         self.sent = signal.SIGKILL
-        self.pfd.send(signal.SIGKILL)
+        ctx.effects.signal(self.pfd, signal.SIGKILL)
         for m in self.members:
             if _still_in_group(ctx, m):
-                m.send(signal.SIGKILL)
+                ctx.effects.signal(m, signal.SIGKILL)
         if self.cand.sample.rss >= MRELEASE_MIN_RSS:
             self.pfd.mrelease()
 
@@ -300,16 +324,13 @@ class _Victim:
                         "the incident moved on before the victim exited")
 
 
-def _kill_one(ctx: StepContext, cand: Candidate, pfd: Pidfd | None) -> None:
+def _kill_one(ctx: StepContext, cand: Candidate, pfd: Pidfd) -> None:
     s = cand.sample
     grace = ctx.rule.grace_for(ctx.options(KillStep))
     first = signal.SIGTERM if grace > 0 and not _asleep_in_oom_wait(ctx, s) else signal.SIGKILL
     ctx.begin(s.pid, {"comm": s.comm, "rss": s.rss, "rss_anon": s.rss_anon,
                       "reason": cand.reason, "signal": first.name})
-    if pfd is None:  # dry-run
-        ctx.log.info(f"dry-run: would kill pid {s.pid} ({s.comm}) in {ctx.group.relpath}")
-        ctx.would(f"would kill pid {s.pid}: {cand.reason}")
-        return
-    thaw_for_kill(ctx)
     members = _group_members(ctx, cand) if ctx.rule.kill_process_group else []
+    if isinstance(ctx.group, SystemGroup):  # victim = "leaf-cgroup": its app scope too
+        members += ctx.group.companions(s.pid, ctx.never_pids)
     _Victim(ctx, cand, pfd, members, first).start(grace)  # then kill() commits

@@ -1,0 +1,301 @@
+"""The whole machine as a memory "group", for `oomguard daemon --system`.
+
+`SystemGroup` is what an incident acts on in system mode: its processes are every
+process of the machine (less those with oom_score_adj -1000 and oomguard's guardian),
+and it is "out of memory" when /proc/meminfo (and, if asked, PSI) is past the
+`[system]` levels. Nothing here can be held, grown or frozen: a system incident only
+ranks and kills, through the same steps as a memcg's. Reads /proc/meminfo through one
+kept fd (pread: ~10 us), and the pids' directories only while an incident looks.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+from oomguard.cgroup.base import FileChange, MemoryCgroup, OomState
+from oomguard.cgroup.mounts import Hierarchies, Mount
+from oomguard.errors import Unsupported
+from oomguard.policy.system import SystemSpec, VictimKind
+from oomguard.procs import Pidfd
+
+MEMINFO = "/proc/meminfo"
+PRESSURE = "/proc/pressure/memory"
+
+OK, TERM, KILL = 0, 1, 2
+LEVEL_NAMES = ("ok", "term", "kill")
+
+
+@dataclass(frozen=True)
+class MemInfo:
+    total: int  # bytes
+    available: int
+    swap_total: int
+    swap_free: int
+
+
+def parse_meminfo(text: str) -> MemInfo:
+    """The four figures system mode needs from /proc/meminfo (kB -> bytes). Kernels
+    before 3.14 have no MemAvailable: MemFree + Cached stands in, as earlyoom does."""
+    values: dict[str, int] = {}
+    for line in text.splitlines():
+        key, _, rest = line.partition(":")
+        parts = rest.split()
+        if parts and parts[0].isdigit():
+            values[key] = int(parts[0]) * 1024
+    if "MemTotal" not in values:
+        raise ValueError("no MemTotal in meminfo")
+    available = values.get("MemAvailable")
+    if available is None:
+        available = values.get("MemFree", 0) + values.get("Cached", 0)
+    return MemInfo(values["MemTotal"], available, values.get("SwapTotal", 0),
+                   values.get("SwapFree", 0))
+
+
+def _bound(percent: float, absolute: int | None, total: int) -> int:
+    """earlyoom's rule: with both a percent and a size, the lower one counts."""
+    by_percent = int(total * percent / 100.0)
+    return by_percent if absolute is None else min(by_percent, absolute)
+
+
+@dataclass(frozen=True)
+class Levels:
+    """The [system] thresholds resolved against this machine's totals, in bytes."""
+
+    mem_term: int
+    mem_kill: int
+    swap_term: int
+    swap_kill: int
+    stall_term: float | None
+    stall_kill: float | None
+
+    @classmethod
+    def of(cls, spec: SystemSpec, info: MemInfo) -> Levels:
+        return cls(_bound(spec.mem_term_percent, spec.mem_term, info.total),
+                   _bound(spec.mem_kill_percent, spec.mem_kill, info.total),
+                   _bound(spec.swap_term_percent, spec.swap_term, info.swap_total),
+                   _bound(spec.swap_kill_percent, spec.swap_kill, info.swap_total),
+                   spec.stall_term, spec.stall_kill)
+
+    def level(self, info: MemInfo, full_avg10: float | None = None) -> int:
+        """OK, TERM or KILL. Memory and swap must both be short (no swap: swap is);
+        a PSI stall level, if set, is enough on its own."""
+        no_swap = info.swap_total == 0
+        if info.available <= self.mem_kill and (no_swap or info.swap_free <= self.swap_kill):
+            return KILL
+        if full_avg10 is not None and self.stall_kill is not None \
+                and full_avg10 >= self.stall_kill:
+            return KILL
+        if info.available <= self.mem_term and (no_swap or info.swap_free <= self.swap_term):
+            return TERM
+        if full_avg10 is not None and self.stall_term is not None \
+                and full_avg10 >= self.stall_term:
+            return TERM
+        return OK
+
+
+class MeminfoReader:
+    """/proc/meminfo through one fd kept open (a fake path in the host tests)."""
+
+    def __init__(self, path: str = MEMINFO) -> None:
+        self.path = path
+        self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+
+    def read(self) -> MemInfo:
+        return parse_meminfo(os.pread(self._fd, 8192, 0).decode("ascii", "replace"))
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+def all_pids(proc: str = "/proc") -> list[int]:
+    return [int(name) for name in os.listdir(proc) if name.isdigit()]
+
+
+def oom_score_adj(pid: int, proc: str = "/proc") -> int | None:
+    try:
+        with open(f"{proc}/{pid}/oom_score_adj", "rb") as f:
+            return int(f.read().strip() or b"0")
+    except (OSError, ValueError):
+        return None
+
+
+def leaf_cgroup(pid: int, proc: str = "/proc") -> str | None:
+    """The v2 cgroup path of `pid` ("0::/user.slice/.../app-x.scope"), or None."""
+    try:
+        with open(f"{proc}/{pid}/cgroup", "rb") as f:
+            text = f.read().decode("utf-8", "replace")
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("0::"):
+            return line[3:] or "/"
+    return None
+
+
+#: Leaf cgroups never killed whole: the session, the user's manager, init, the root.
+SESSION_CGROUPS = ("session-", "user@", "init.scope", "user-runtime-dir@")
+
+
+def killable_scope(path: str | None) -> bool:
+    if path is None or path in ("", "/"):
+        return False
+    name = path.rstrip("/").rsplit("/", 1)[-1]
+    return not (name.endswith(".slice") or name.startswith(SESSION_CGROUPS))
+
+
+_NO_MOUNT = Mount(Path("/proc"), "/", "proc", frozenset())
+
+
+class SystemGroup(MemoryCgroup):
+    """The machine, as an incident's group. relpath "/" (the root)."""
+
+    version: ClassVar[int] = 0  # not a cgroup version: nothing version-specific applies
+
+    def __init__(self, hierarchies: Hierarchies, spec: SystemSpec, meminfo: MeminfoReader,
+                 full_avg10: Callable[[], float | None] = lambda: None,
+                 excluded: Callable[[], set[int]] = set, proc: str = "/proc") -> None:
+        super().__init__(hierarchies, _NO_MOUNT, "/")
+        self.spec = spec
+        self.meminfo = meminfo
+        self.full_avg10 = full_avg10
+        self.excluded = excluded
+        self.proc = proc
+        self.last = meminfo.read()
+        self.levels = Levels.of(spec, self.last)
+        unified = hierarchies.unified
+        self.cgroup_root = unified.mount_point if unified is not None else None
+
+    # -- what system mode is about ----------------------------------------------------
+    def level(self) -> int:
+        self.last = self.meminfo.read()
+        return self.levels.level(self.last, self.full_avg10())
+
+    def out_of_memory(self, held_at: int | None = None) -> bool:
+        return self.level() != OK
+
+    def must_kill_now(self) -> bool:
+        """At or below the SIGKILL level: no grace (kill.py)."""
+        return self.level() == KILL
+
+    def procs(self) -> list[int]:
+        """Every process, less oom_score_adj -1000 (the kernel's own "never") and the
+        excluded (oomguard's guardian)."""
+        skip = self.excluded()
+        return [pid for pid in all_pids(self.proc)
+                if pid not in skip and oom_score_adj(pid, self.proc) != -1000]
+
+    def tasks(self) -> list[int]:
+        return self.procs()
+
+    def companions(self, pid: int, never: frozenset[int]) -> list[Pidfd]:
+        """victim = "leaf-cgroup": the other processes of the victim's leaf cgroup (an
+        app scope, a service), never of a session, user manager, slice or the root."""
+        if self.spec.victim is not VictimKind.LEAF_CGROUP or self.cgroup_root is None:
+            return []
+        where = leaf_cgroup(pid, self.proc)
+        if not killable_scope(where):
+            return []
+        assert where is not None
+        try:
+            with open(self.cgroup_root / where.lstrip("/") / "cgroup.procs", "rb") as f:
+                pids = [int(x) for x in f.read().split()]
+        except (OSError, ValueError):
+            return []
+        out: list[Pidfd] = []
+        skip = self.excluded()
+        for other in pids:
+            if other == pid or other in never or other in skip or other <= 2:
+                continue
+            try:
+                pfd = Pidfd.open(other)
+            except Exception:
+                continue
+            if leaf_cgroup(other, self.proc) == where:
+                out.append(pfd)
+            else:
+                pfd.close()
+        return out
+
+    # -- figures (evidence, ask) -------------------------------------------------------
+    def usage(self) -> int:
+        return self.last.total - self.last.available
+
+    def limit(self) -> int | None:
+        return self.last.total
+
+    def memsw_usage(self) -> int | None:
+        return self.last.swap_total - self.last.swap_free
+
+    def memsw_limit(self) -> int | None:
+        return self.last.swap_total or None
+
+    def soft_limit(self) -> int | None:
+        return None
+
+    def events(self, local: bool = False) -> dict[str, int]:
+        return {}
+
+    def oom_state(self) -> OomState:
+        return OomState(False, None, None, 0)
+
+    def exists(self) -> bool:
+        return True
+
+    def has_file(self, name: str) -> bool:
+        return False
+
+    def oom_group(self) -> bool:
+        return False
+
+    # -- nothing to hold, grow or freeze: the machine has no limit of oomguard's -----------
+    def hold_level(self) -> int | None:
+        return None
+
+    def is_held(self) -> bool:
+        return False
+
+    def hold_changes(self, limit: int | None) -> list[FileChange]:
+        return []
+
+    def unrecorded_hold(self) -> list[FileChange]:
+        return []
+
+    def release_changes(self) -> list[FileChange]:
+        return []  # the kernel's killer is always on for the machine
+
+    def grow_changes(self, current: int, new: int) -> list[FileChange]:
+        raise Unsupported("system", "the machine cannot grow")
+
+    def set_limit(self, value: int | None) -> None:
+        raise Unsupported("system", "the machine has no limit")
+
+    def set_memsw_limit(self, value: int | None) -> None:
+        raise Unsupported("system", "the machine has no limit")
+
+    def set_soft_limit(self, value: int | None) -> None:
+        raise Unsupported("system", "the machine has no limit")
+
+    def set_oom_kill_disable(self, disabled: bool) -> None:
+        raise Unsupported("system", "the global OOM killer cannot be switched off")
+
+    def freeze(self) -> None:
+        raise Unsupported("system", "the machine cannot be frozen")
+
+    def thaw(self) -> None:
+        raise Unsupported("system", "the machine cannot be frozen")
+
+    def freezer_state(self) -> str:
+        return "THAWED"
+
+    def kill_all(self, sig: int = 9) -> int:
+        raise Unsupported("system", "never every process of the machine")
+
+
+__all__ = ["KILL", "LEVEL_NAMES", "OK", "TERM", "Levels", "MemInfo", "MeminfoReader",
+           "SystemGroup", "all_pids", "killable_scope", "leaf_cgroup", "parse_meminfo"]

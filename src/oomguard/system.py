@@ -1,0 +1,194 @@
+"""System mode: whole-machine memory pressure, handled by the same engine as a memcg's OOM.
+
+Event-driven, like everything else in the loop:
+- a PSI trigger on /proc/pressure/memory (default "some 50000 1000000": 50 ms of stall
+  in 1 s; where the kernel wants 2 s windows without CAP_SYS_RESOURCE, 100 ms in 2 s)
+  wakes it with POLLPRI; only then is /proc/meminfo read (one pread);
+- while MemAvailable is under twice the SIGTERM level (or a PSI event came within its
+  window) it re-checks on a loop timer, at most `recheck` apart and sooner the closer it
+  is to the level (bounded: it ends when memory is back above that);
+- at the SIGTERM level (or a `stall_*` PSI level) it opens an incident on a
+  `SystemGroup` (sysmem.py): the rule's steps run as for a memcg (snapshot, ask, kill:
+  ranking by growth then size, protect/prefer/avoid, TERM -> KILL by pidfd,
+  process_mrelease, journal, evidence, metrics, hooks); the incident's own re-checks
+  decide whether the kill helped and take the next victim if not.
+Idle, nothing wakes it: no timer is armed while memory is plentiful.
+"""
+
+from __future__ import annotations
+
+import select
+import time
+from typing import TYPE_CHECKING
+
+from oomguard.errors import CgroupError, OomguardError, Unsupported
+from oomguard.events.loop import Timer
+from oomguard.events.psi import PsiTrigger
+from oomguard.incident import Incident
+from oomguard.policy.model import Pressure
+from oomguard.policy.system import SystemSpec, system_rule
+from oomguard.steps.victims import needs_for, sample_group
+from oomguard.sysmem import KILL, LEVEL_NAMES, OK, MeminfoReader, SystemGroup
+from oomguard.units import format_size
+from oomguard.watch import Watch
+
+if TYPE_CHECKING:
+    from oomguard.engine import Engine
+
+#: Re-checks are never closer than this (an allocator at full speed in the VM fills
+#: ~1 GiB/s: 10 ms is 10 MiB).
+RECHECK_MIN = 0.01
+#: Assumed worst fill rate for spacing re-checks by the headroom left (bytes/second).
+FILL_RATE = 1 << 30
+
+
+class SystemMonitor:
+    def __init__(self, engine: Engine, spec: SystemSpec, meminfo: str = "/proc/meminfo",
+                 pressure: str = "/proc/pressure/memory", proc: str = "/proc",
+                 excluded: set[int] | None = None) -> None:
+        self.engine = engine
+        self.spec = spec
+        self.rule = system_rule(spec)
+        self.pressure_path = pressure
+        self.trigger: PsiTrigger | None = None
+        self._excluded = excluded if excluded is not None else set()
+        self.reader = MeminfoReader(meminfo)
+        self.group = SystemGroup(engine.hier, spec, self.reader, self._full_avg10,
+                                 self._excluded_now, proc)
+        self.watch = Watch(self.group, self.rule, None)
+        self.wakeups = {"psi": 0, "recheck": 0}
+        self.incidents = 0
+        self._timer: Timer | None = None
+        self._last_psi = 0.0
+        self._psi_window = spec.psi.window
+
+    # -- set-up --------------------------------------------------------------------
+    def describe(self) -> str:
+        lv, info = self.group.levels, self.group.last
+        trig = self.trigger.trigger if self.trigger is not None else None
+        wake = (f"{self.pressure_path} ({trig[0]} {trig[1]} {trig[2]})" if trig
+                else "no PSI trigger")
+        return (f"system mode: waking on {wake}; SIGTERM at MemAvailable <= "
+                f"{format_size(lv.mem_term)}, SIGKILL at <= {format_size(lv.mem_kill)} of "
+                f"{format_size(info.total)}"
+                + (f"; swap {format_size(lv.swap_term)}/{format_size(lv.swap_kill)} of "
+                   f"{format_size(info.swap_total)}" if info.swap_total else "; no swap")
+                + f"; victim {self.spec.victim.value} by {self.rule.strategy.value}"
+                + f"; now {format_size(info.available)} available"
+                + (" [dry-run]" if self.rule.dry_run else ""))
+
+    def start(self) -> None:
+        """Register the PSI trigger with the loop; check once now."""
+        self.trigger = self._open_trigger(self.spec.psi)
+        loop = self.engine.loop
+        if self.trigger is not None:
+            loop.add_reader(self.trigger.fileno(), self._fired, self.trigger.poll_events)
+        self.engine.log.info(self.describe())
+        self.check()
+
+    def _open_trigger(self, spec: Pressure) -> PsiTrigger | None:
+        stall, window = round(spec.stall * 1e6), round(spec.window * 1e6)
+        try:
+            return PsiTrigger(self.pressure_path, spec.kind, stall, window)
+        except Unsupported as exc:
+            self.engine.log.warning(f"system mode: {exc}; checking memory every "
+                                    f"{self.spec.recheck * 10:g} s instead")
+            return None
+        except CgroupError:
+            if window % 2_000_000 == 0:
+                raise
+        # Without CAP_SYS_RESOURCE the window must be a multiple of 2 s: same ratio.
+        factor = -(-2_000_000 // window)
+        self._psi_window = window * factor / 1e6
+        return PsiTrigger(self.pressure_path, spec.kind, stall * factor, window * factor)
+
+    def close(self) -> None:
+        self._cancel()
+        inc = self.watch.incident
+        if isinstance(inc, Incident) and inc.state != "closed":
+            inc.close("interrupted")
+        if self.trigger is not None:
+            self.engine.loop.remove_reader(self.trigger.fileno())
+            self.trigger.close()
+            self.trigger = None
+        self.reader.close()
+
+    # -- events ---------------------------------------------------------------------
+    def _fired(self, revents: int) -> None:
+        if revents & select.EPOLLERR:
+            return
+        self.wakeups["psi"] += 1
+        self._last_psi = time.monotonic()
+        self.check()
+
+    def _recheck(self) -> None:
+        self._timer = None
+        self.wakeups["recheck"] += 1
+        self.check()
+
+    def _full_avg10(self) -> float | None:
+        if self.trigger is None or (self.spec.stall_term is None
+                                    and self.spec.stall_kill is None):
+            return None
+        try:
+            return self.trigger.read().get("full_avg10")
+        except (OomguardError, OSError):
+            return None
+
+    def _excluded_now(self) -> set[int]:
+        guardian = self.engine.ledger.guardian
+        pid = guardian.pid if guardian is not None else None
+        return self._excluded | ({pid} if pid is not None else set())
+
+    def check(self) -> None:
+        """Read meminfo; open (or resume) an incident at the SIGTERM level; keep a short
+        re-check timer while memory is close to it; none otherwise."""
+        now = time.monotonic()
+        try:
+            level = self.group.level()
+        except (OSError, ValueError) as exc:
+            self.engine.log.warning(f"system mode: cannot read memory figures: {exc}")
+            return
+        info, levels = self.group.last, self.group.levels
+        near = info.available <= 2 * levels.mem_term or level != OK
+        inc = self.watch.incident
+        open_inc = isinstance(inc, Incident) and inc.state != "closed"
+        acting = open_inc and isinstance(inc, Incident) and inc.acting
+        if near and not acting and self.rule.ranks_by_growth():
+            # The growth tracker's samples: who grows while memory runs short.
+            try:
+                sample_group(self.group, self.watch.growth,
+                             needs_for(self.rule, self.rule.strategy))
+            except OomguardError:
+                pass
+        if level != OK:
+            if not open_inc:
+                self.incidents += 1
+                self.engine.journal.add_event(None, "/", "pressure", {
+                    "level": LEVEL_NAMES[level], "available": info.available,
+                    "swap_free": info.swap_free})
+                self.engine._on_oom(self.watch, 1, now)
+            elif isinstance(inc, Incident) and inc.state == "settling":
+                inc.on_event(1)
+        recent_psi = now - self._last_psi < self._psi_window
+        if near or recent_psi or level == KILL:
+            self._arm(info.available - levels.mem_term)
+        elif self.trigger is None:
+            self._arm(-1, idle=True)  # no PSI: a slow poll is all there is
+        else:
+            self._cancel()
+
+    def _arm(self, headroom: int, idle: bool = False) -> None:
+        if self._timer is not None:
+            return
+        if idle:
+            delay = self.spec.recheck * 10
+        else:
+            delay = min(self.spec.recheck, max(RECHECK_MIN, headroom / FILL_RATE))
+        self._timer = self.engine.loop.call_later(delay, self._recheck)
+
+    def _cancel(self) -> None:
+        timer = self._timer
+        self._timer = None
+        if timer is not None:
+            timer.cancel()
