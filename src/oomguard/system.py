@@ -1,18 +1,22 @@
 """System mode: whole-machine memory pressure, handled by the same engine as a memcg's OOM.
 
-Event-driven, like everything else in the loop:
+Two wake-ups, both in the one loop (nothing sleeps):
 - a PSI trigger on /proc/pressure/memory (default "some 50000 1000000": 50 ms of stall
-  in 1 s; where the kernel wants 2 s windows without CAP_SYS_RESOURCE, 100 ms in 2 s)
-  wakes it with POLLPRI; only then is /proc/meminfo read (one pread);
-- while MemAvailable is under twice the SIGTERM level (or a PSI event came within its
-  window) it re-checks on a loop timer, at most `recheck` apart and sooner the closer it
-  is to the level (bounded: it ends when memory is back above that);
-- at the SIGTERM level (or a `stall_*` PSI level) it opens an incident on a
-  `SystemGroup` (sysmem.py): the rule's steps run as for a memcg (snapshot, ask, kill:
-  ranking by growth then size, protect/prefer/avoid, TERM -> KILL by pidfd,
-  process_mrelease, journal, evidence, metrics, hooks); the incident's own re-checks
-  decide whether the kill helped and take the next victim if not.
-Idle, nothing wakes it: no timer is armed while memory is plentiful.
+  in 1 s; where the kernel wants 2 s windows without CAP_SYS_RESOURCE, 100 ms in 2 s),
+  POLLPRI in the epoll set;
+- a loop timer spaced by the headroom: (MemAvailable - SIGTERM level) / fill_rate
+  seconds, between RECHECK_MIN and max_interval (10 s); `recheck` (0.1 s) while at or
+  below the level. Measured in the VM: with no swap an anonymous leak shows no memory
+  stall at all until 3% is left, so PSI alone would wake only at the brink; with 1.2 GiB
+  of headroom and the default 1 GiB/s this is one wake-up a second, 0.1/s on a machine
+  with 10 GiB free. max_interval = 0 leaves PSI alone (no timer when idle).
+Each wake reads /proc/meminfo (one pread). At the SIGTERM level (or a `stall_*` PSI
+level) it opens an incident on a `SystemGroup` (sysmem.py): the rule's steps run as for
+a memcg (snapshot, ask, kill: ranking by growth then size, protect/prefer/avoid, TERM ->
+KILL by pidfd, process_mrelease, journal, evidence, metrics, hooks); the incident's own
+re-checks decide whether the kill helped and take the next victim if not. Below twice
+the SIGTERM level each check samples every process into the growth tracker, so that the
+leaker, not the largest, is chosen.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from oomguard.incident import Incident
 from oomguard.policy.model import Pressure
 from oomguard.policy.system import SystemSpec, system_rule
 from oomguard.steps.victims import needs_for, sample_group
-from oomguard.sysmem import KILL, LEVEL_NAMES, OK, MeminfoReader, SystemGroup
+from oomguard.sysmem import LEVEL_NAMES, OK, MeminfoReader, SystemGroup
 from oomguard.units import format_size
 from oomguard.watch import Watch
 
@@ -38,8 +42,6 @@ if TYPE_CHECKING:
 #: Re-checks are never closer than this (an allocator at full speed in the VM fills
 #: ~1 GiB/s: 10 ms is 10 MiB).
 RECHECK_MIN = 0.01
-#: Assumed worst fill rate for spacing re-checks by the headroom left (bytes/second).
-FILL_RATE = 1 << 30
 
 
 class SystemMonitor:
@@ -59,8 +61,6 @@ class SystemMonitor:
         self.wakeups = {"psi": 0, "recheck": 0}
         self.incidents = 0
         self._timer: Timer | None = None
-        self._last_psi = 0.0
-        self._psi_window = spec.psi.window
 
     # -- set-up --------------------------------------------------------------------
     def describe(self) -> str:
@@ -91,15 +91,13 @@ class SystemMonitor:
         try:
             return PsiTrigger(self.pressure_path, spec.kind, stall, window)
         except Unsupported as exc:
-            self.engine.log.warning(f"system mode: {exc}; checking memory every "
-                                    f"{self.spec.recheck * 10:g} s instead")
+            self.engine.log.warning(f"system mode: {exc}; memory levels only")
             return None
         except CgroupError:
             if window % 2_000_000 == 0:
                 raise
         # Without CAP_SYS_RESOURCE the window must be a multiple of 2 s: same ratio.
         factor = -(-2_000_000 // window)
-        self._psi_window = window * factor / 1e6
         return PsiTrigger(self.pressure_path, spec.kind, stall * factor, window * factor)
 
     def close(self) -> None:
@@ -118,7 +116,6 @@ class SystemMonitor:
         if revents & select.EPOLLERR:
             return
         self.wakeups["psi"] += 1
-        self._last_psi = time.monotonic()
         self.check()
 
     def _recheck(self) -> None:
@@ -170,22 +167,22 @@ class SystemMonitor:
                 self.engine._on_oom(self.watch, 1, now)
             elif isinstance(inc, Incident) and inc.state == "settling":
                 inc.on_event(1)
-        recent_psi = now - self._last_psi < self._psi_window
-        if near or recent_psi or level == KILL:
-            self._arm(info.available - levels.mem_term)
-        elif self.trigger is None:
-            self._arm(-1, idle=True)  # no PSI: a slow poll is all there is
-        else:
-            self._cancel()
+        self._arm(self.delay(level, info.available - levels.mem_term))
 
-    def _arm(self, headroom: int, idle: bool = False) -> None:
-        if self._timer is not None:
-            return
-        if idle:
-            delay = self.spec.recheck * 10
-        else:
-            delay = min(self.spec.recheck, max(RECHECK_MIN, headroom / FILL_RATE))
-        self._timer = self.engine.loop.call_later(delay, self._recheck)
+    def delay(self, level: int, headroom: int) -> float | None:
+        """When to look again: `recheck` at or below the level; else the time the fastest
+        expected growth (`fill_rate`) takes to use the headroom, within RECHECK_MIN and
+        `max_interval`; None (no timer: PSI only) with max_interval 0."""
+        if level != OK:
+            return self.spec.recheck
+        if self.spec.max_interval <= 0:
+            return None
+        return min(self.spec.max_interval, max(RECHECK_MIN, headroom / self.spec.fill_rate))
+
+    def _arm(self, delay: float | None) -> None:
+        self._cancel()
+        if delay is not None:
+            self._timer = self.engine.loop.call_later(delay, self._recheck)
 
     def _cancel(self) -> None:
         timer = self._timer

@@ -82,8 +82,14 @@ class SystemSpec:
     deadline: float = 10.0
     max_victims: int = 3
     settle: float = 1.0
-    #: While memory is under twice the SIGTERM level, re-check at most this far apart.
+    #: While an incident is open, memory is re-checked this often (bounded by the incident).
     recheck: float = 0.1
+    #: Between events, memory is re-checked after (MemAvailable - SIGTERM level) / fill_rate
+    #: seconds, at most max_interval apart: PSI stays at 0 until a no-swap machine is all
+    #: but out of memory (measured in the VM: 0 stall at 3% left), so PSI alone would wake
+    #: only at the brink. max_interval = 0: PSI only, no timer at all when idle.
+    fill_rate: int = 1 << 30
+    max_interval: float = 10.0
     dry_run: bool = False
 
     def describe(self) -> str:
@@ -143,6 +149,7 @@ def parse_system(table: Mapping[str, Any],
         "ask_timeout": parsers["duration"], "grace": parsers["duration0"],
         "deadline": parsers["duration"], "max_victims": parsers["count1"],
         "settle": parsers["duration0"], "recheck": parsers["duration"],
+        "fill_rate": parsers["size"], "max_interval": parsers["duration0"],
         "dry_run": parsers["boolean"],
     }
     problems: list[tuple[str, str]] = []

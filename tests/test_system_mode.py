@@ -1,0 +1,454 @@
+"""System mode (`oomguard daemon --system`, the [system] table): issue 12.
+
+On the host: parsing, levels, the rule, the ranking and the monitor's timer with a fake
+/proc/meminfo (the host has no swap and the session lives on it: no global pressure
+here). In the VM (scripts/test-cgroup2, marked v2): real global memory pressure, each
+workload asserted by pid (who died, by whose signal, who lived).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from oomguard.cgroup import discover
+from oomguard.errors import ConfigError
+from oomguard.events.loop import EventLoop
+from oomguard.journal import Journal
+from oomguard.obs.log import DecisionLog
+from oomguard.policy import Strategy, parse_policy
+from oomguard.policy.system import SystemSpec, VictimKind, session_protect, system_rule
+from oomguard.sysmem import KILL, OK, TERM, Levels, MemInfo, killable_scope, parse_meminfo
+
+from conftest import wait_until
+
+MiB = 1 << 20
+IN_VM = os.environ.get("OOMGUARD_IN_VM") == "1"
+vm_only = pytest.mark.skipif(not IN_VM, reason="global memory pressure only in the VM")
+
+MEMINFO = """MemTotal:        1000000 kB
+MemFree:           50000 kB
+MemAvailable:      90000 kB
+Cached:            40000 kB
+SwapTotal:       {swap_total} kB
+SwapFree:        {swap_free} kB
+"""
+
+
+def meminfo_text(available_kb: int, swap_total: int = 0, swap_free: int = 0) -> str:
+    return MEMINFO.replace("90000", str(available_kb)).format(swap_total=swap_total,
+                                                              swap_free=swap_free)
+
+
+# -- host: parsing and levels ----------------------------------------------------------
+def test_meminfo_parsed_in_bytes_and_memavailable_stands_in_on_old_kernels() -> None:
+    info = parse_meminfo(meminfo_text(90000))
+    assert info == MemInfo(1000000 * 1024, 90000 * 1024, 0, 0)
+    old = parse_meminfo("MemTotal: 100 kB\nMemFree: 10 kB\nCached: 5 kB\n")
+    assert old.available == 15 * 1024
+    with pytest.raises(ValueError):
+        parse_meminfo("garbage\n")
+
+
+def test_levels_like_earlyoom_percent_and_size_the_lower_counts() -> None:
+    info = parse_meminfo(meminfo_text(90000))
+    lv = Levels.of(SystemSpec(), info)
+    assert (lv.mem_term, lv.mem_kill) == (int(info.total * 0.10), int(info.total * 0.05))
+    assert lv.level(info) == TERM  # 9% left, no swap (no swap counts as none left)
+    assert lv.level(parse_meminfo(meminfo_text(40000))) == KILL
+    assert lv.level(parse_meminfo(meminfo_text(200000))) == OK
+    small = Levels.of(SystemSpec(mem_term=50 * MiB, mem_kill=10 * MiB), info)
+    assert small.mem_term == 50 * MiB and small.level(info) == OK  # 50M < 10% of 1G
+    # with swap, both must be short: memory at 9% but swap half free is fine
+    swapped = parse_meminfo(meminfo_text(90000, swap_total=1000000, swap_free=500000))
+    assert Levels.of(SystemSpec(), swapped).level(swapped) == OK
+    gone = parse_meminfo(meminfo_text(90000, swap_total=1000000, swap_free=50000))
+    assert Levels.of(SystemSpec(), gone).level(gone) == TERM
+    # a PSI stall level counts on its own
+    stall = Levels.of(SystemSpec(stall_term=20.0, stall_kill=60.0), info)
+    plenty = parse_meminfo(meminfo_text(500000))
+    assert stall.level(plenty, 25.0) == TERM and stall.level(plenty, 61.0) == KILL
+    assert stall.level(plenty, 5.0) == OK
+
+
+def test_system_table_parsed_and_checked() -> None:
+    policy = parse_policy('[system]\nmem_term_percent = 8\nmem_kill = "100M"\n'
+                          'victim = "leaf-cgroup"\nstrategy = "largest"\nprotect = ["^db$"]\n'
+                          'psi = "some 100ms 2s"\nmax_interval = "5s"\nask = true\n', "p.toml")
+    spec = policy.system
+    assert spec is not None and policy.rules == ()
+    assert spec.mem_term_percent == 8.0 and spec.mem_kill == 100 * MiB
+    assert spec.victim is VictimKind.LEAF_CGROUP and spec.strategy is Strategy.LARGEST
+    assert spec.psi.window == 2.0 and spec.max_interval == 5.0
+    rule = system_rule(spec)
+    assert [s.kind.value for s in rule.steps] == ["snapshot", "ask", "kill"]
+    assert [m.label for m in rule.protect] == ["the session (system mode default)", "'^db$'"]
+    with pytest.raises(ConfigError) as err:
+        parse_policy('[system]\nmem_term_percnt = 8\nmem_kill_percent = 200\n'
+                     'victim = "session"\n', "p.toml")
+    text = str(err.value)
+    assert "p.toml: [system]: key 'mem_term_percnt': unknown key in [system]" in text
+    assert "mem_kill_percent': must be 0..100" in text and "leaf-cgroup" in text
+    # a policy with only rules has no [system]
+    assert parse_policy('[[rule]]\nmatch = "/x"\n', "p.toml").system is None
+
+
+def test_session_protected_by_comm_only() -> None:
+    (matcher,) = session_protect()
+    for comm in ("systemd", "sshd", "Xwayland", "Xorg", "gnome-shell", "kwin_wayland", "sway",
+                 "dbus-daemon", "oomguard", "(sd-pam)"):
+        assert matcher.matches(comm, "", "", 0), comm
+    for comm in ("python3", "firefox", "sshd2", "my-systemd", "kwin"):
+        assert not matcher.matches(comm, "", "", 0), comm
+    assert system_rule(SystemSpec(protect_session=False)).protect == ()
+
+
+def test_leaf_cgroups_that_may_be_killed_whole() -> None:
+    assert killable_scope("/user.slice/user-1000.slice/user@1000.service/app.slice/"
+                          "app-firefox-123.scope")
+    assert killable_scope("/system.slice/leaky.service")
+    for never in ("/", "", None, "/user.slice/user-1000.slice/session-2.scope",
+                  "/user.slice/user-1000.slice/user@1000.service", "/init.scope",
+                  "/user.slice"):
+        assert not killable_scope(never), never
+
+
+# -- host: the monitor with a fake meminfo (no global pressure on the host) ---------------
+@pytest.fixture
+def fake_engine(tmp_path: Path) -> Iterator[object]:
+    from oomguard.engine import Engine
+    loop = EventLoop()
+    journal = Journal(tmp_path / "j.db")
+    engine = Engine(loop, journal, discover(), DecisionLog(io.StringIO(), "text"))
+    yield engine
+    engine.shutdown()
+    journal.close()
+    loop.close()
+
+
+def test_monitor_timer_spaced_by_headroom_and_none_with_psi_only(tmp_path: Path,
+                                                                 fake_engine: object) -> None:
+    from oomguard.engine import Engine
+    from oomguard.system import RECHECK_MIN, SystemMonitor
+    assert isinstance(fake_engine, Engine)
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text(meminfo_text(600000))  # ~586M of 977M: headroom ~488M
+    mon = SystemMonitor(fake_engine, SystemSpec(), str(meminfo), str(tmp_path / "nopsi"))
+    mon.start()
+    try:
+        assert mon.trigger is None  # no PSI file here: levels only (said in the log)
+        timer = mon._timer
+        assert timer is not None
+        headroom = 600000 * 1024 - int(1000000 * 1024 * 0.10)
+        assert timer.when - time.monotonic() == pytest.approx(headroom / (1 << 30), abs=0.05)
+        assert mon.watch.incident is None
+        assert mon.delay(OK, 10 * MiB) == RECHECK_MIN  # close to the level: soon
+        assert mon.delay(OK, 100 << 30) == 10.0  # far from it: at most max_interval
+        assert mon.delay(TERM, 0) == 0.1  # at the level: recheck
+    finally:
+        mon.close()
+    psi_only = SystemMonitor(fake_engine, SystemSpec(max_interval=0), str(meminfo),
+                             str(tmp_path / "nopsi"))
+    psi_only.start()
+    try:
+        assert psi_only._timer is None  # idle: nothing at all wakes the loop for it
+    finally:
+        psi_only.close()
+
+
+def test_monitor_dry_run_opens_a_system_incident_and_names_the_largest(
+        tmp_path: Path, fake_engine: object) -> None:
+    """At the SIGTERM level the monitor opens an incident on the machine; in dry-run the
+    kill step names its victim without signalling. Fake meminfo and a fake /proc listing
+    of two sleeping children of ours (the ranking reads their real /proc files)."""
+    from oomguard.engine import Engine
+    from oomguard.system import SystemMonitor
+    assert isinstance(fake_engine, Engine)
+    kids = [subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+            for _ in range(2)]
+    proc = tmp_path / "proc"
+    for kid in kids:
+        (proc / str(kid.pid)).mkdir(parents=True)
+        (proc / str(kid.pid) / "oom_score_adj").write_text("0\n")
+    (proc / "99999").mkdir()
+    (proc / "99999" / "oom_score_adj").write_text("-1000\n")  # never a candidate
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text(meminfo_text(90000))
+    mon = SystemMonitor(fake_engine, SystemSpec(dry_run=True), str(meminfo),
+                        str(tmp_path / "nopsi"), proc=str(proc))
+    try:
+        assert sorted(mon.group.procs()) == sorted(k.pid for k in kids)
+        mon.start()
+        assert mon.incidents == 1
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and mon.watch.incident is not None:
+            fake_engine.loop.run_once(0.05)
+        rows = sqlite3.connect(fake_engine.journal.path).execute(
+            "SELECT kind, result, pid FROM steps ORDER BY id").fetchall()
+        kills = [r for r in rows if r[0] == "kill"]
+        assert kills and kills[0][1] == "dry-run" and kills[0][2] in {k.pid for k in kids}
+        assert all(k.poll() is None for k in kids)  # dry-run: nobody signalled
+    finally:
+        mon.close()
+        for kid in kids:
+            kid.kill()
+            kid.wait()
+
+
+# -- the VM: real global memory pressure ---------------------------------------------------
+HOG = r"""
+import ctypes, os, sys, time
+name, prefill, step, every, cap = sys.argv[1], *map(float, sys.argv[2:6])
+ctypes.CDLL(None).prctl(15, name.encode(), 0, 0, 0)
+chunks, have = [], 0
+while have < prefill:
+    chunks.append(b"\x01" * (16 << 20)); have += 16
+print("ready", flush=True)
+while have < cap:
+    if step:
+        chunks.append(b"\x01" * (int(step) << 20)); have += step
+    time.sleep(every)
+time.sleep(120)
+"""
+
+BOMB = r"""
+import ctypes, os, sys, time
+open(sys.argv[1] + "/cgroup.procs", "w").write(str(os.getpid()))
+ctypes.CDLL(None).prctl(15, b"bomb", 0, 0, 0)
+print("ready", flush=True)
+while True:
+    try:
+        pid = os.fork()
+    except OSError:
+        time.sleep(0.01); continue
+    if pid == 0:
+        x = b"\x01" * (6 << 20)
+        time.sleep(120)
+        os._exit(0)
+"""
+
+
+def available() -> int:
+    return parse_meminfo(Path("/proc/meminfo").read_text()).available
+
+
+def total() -> int:
+    return parse_meminfo(Path("/proc/meminfo").read_text()).total
+
+
+class SystemDaemon:
+    def __init__(self, tmp: Path, config: str | None = None) -> None:
+        self.journal = tmp / "journal.db"
+        args = [sys.executable, "-m", "oomguard", "daemon", "--system", "--journal",
+                str(self.journal)]
+        if config is not None:
+            (tmp / "policy.toml").write_text(config)
+            args += ["--config", str(tmp / "policy.toml")]
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                     text=True, errors="replace")
+        self.lines: list[str] = []
+        self._t = threading.Thread(target=self._read, daemon=True)
+        self._t.start()
+        wait_until(lambda: "watching" in self.log or self.proc.poll() is not None, 60,
+                   what=f"daemon start:\n{self.log}")
+        assert self.proc.poll() is None, self.log
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.lines.append(line)
+
+    @property
+    def log(self) -> str:
+        return "".join(self.lines)
+
+    def victims(self) -> list[tuple[int, str, str]]:
+        with sqlite3.connect(self.journal) as db:
+            return db.execute("SELECT pid, comm, signal FROM victims ORDER BY id").fetchall()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(timeout=60)
+
+
+class Hogs:
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen[str]] = []
+
+    def start(self, name: str, prefill_mib: float, step_mib: float = 0, every: float = 0.05,
+              cap_mib: float = 0, wait_ready: bool = True) -> subprocess.Popen[str]:
+        p = subprocess.Popen([sys.executable, "-c", HOG, name, str(prefill_mib), str(step_mib),
+                              str(every), str(cap_mib)], stdout=subprocess.PIPE, text=True)
+        self.procs.append(p)
+        if wait_ready:
+            assert p.stdout is not None
+            assert p.stdout.readline().strip() == "ready"
+        return p
+
+    def close(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+
+
+@pytest.fixture
+def hogs() -> Iterator[Hogs]:
+    h = Hogs()
+    yield h
+    h.close()
+
+
+def headroom_mib(margin: float) -> float:
+    """MiB that may still be allocated before MemAvailable is `margin` x the 10% level."""
+    return (available() - margin * 0.10 * total()) / MiB
+
+
+def kernel_killed() -> int:
+    out = subprocess.run(["dmesg"], capture_output=True, text=True).stdout
+    return out.count("Killed process")
+
+
+def died(p: subprocess.Popen[str], timeout: float) -> int | None:
+    try:
+        return p.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return None
+
+
+@vm_only
+@pytest.mark.v2
+def test_vm_fast_leak_killed_protected_session_and_bystander_live(tmp_path: Path,
+                                                                  hogs: Hogs) -> None:
+    d = SystemDaemon(tmp_path)
+    try:
+        sshd = hogs.start("sshd", 64)
+        steady = hogs.start("steady", 96)
+        room = headroom_mib(0.3)  # up to 3% left if nothing acted: the kernel's zone
+        leak = hogs.start("fastleak", 0, 16, 0.0, room, wait_ready=False)
+        rc = died(leak, 90)
+        assert rc in (-signal.SIGTERM, -signal.SIGKILL), d.log
+        assert [v[0] for v in d.victims()] == [leak.pid], d.log
+        assert sshd.poll() is None and steady.poll() is None
+        assert available() > 0.10 * total()
+    finally:
+        d.stop()
+
+
+@vm_only
+@pytest.mark.v2
+def test_vm_slow_leak_killed_before_the_kernel(tmp_path: Path, hogs: Hogs) -> None:
+    kernel_kills = kernel_killed()
+    d = SystemDaemon(tmp_path)
+    try:
+        steady = hogs.start("steady", 96)
+        room = headroom_mib(0.3)
+        # fast to 2.5x the level, then 4 MiB every 0.2 s (20 MiB/s)
+        leak = hogs.start("slowleak", max(0.0, headroom_mib(2.5)), 4, 0.2, room)
+        rc = died(leak, 90)
+        assert rc in (-signal.SIGTERM, -signal.SIGKILL), d.log
+        assert [v[0] for v in d.victims()] == [leak.pid], d.log
+        assert steady.poll() is None
+        assert kernel_killed() == kernel_kills  # the kernel's killer never had to act
+    finally:
+        d.stop()
+
+
+@vm_only
+@pytest.mark.v2
+def test_vm_big_steady_process_spared_small_leaker_killed(tmp_path: Path,
+                                                          hogs: Hogs) -> None:
+    """The leaker is chosen by growth (sampled while memory ran short), not the largest."""
+    d = SystemDaemon(tmp_path)
+    try:
+        big = hogs.start("bigsteady", max(0.0, headroom_mib(3.5)))
+        room = headroom_mib(0.3)
+        leak = hogs.start("smallleak", 0, 8, 0.1, room, wait_ready=False)
+        rc = died(leak, 90)
+        assert rc in (-signal.SIGTERM, -signal.SIGKILL), d.log
+        assert [v[0] for v in d.victims()] == [leak.pid], d.log
+        assert big.poll() is None, d.log
+    finally:
+        d.stop()
+
+
+@vm_only
+@pytest.mark.v2
+@pytest.mark.parametrize("protect_session", [True, False])
+def test_vm_protected_sshd_survives_even_as_the_largest(tmp_path: Path, hogs: Hogs,
+                                                        protect_session: bool) -> None:
+    """strategy largest, an 'sshd' the largest process: protected by default (the next
+    largest dies); with protect_session = false it is the one killed (the control)."""
+    d = SystemDaemon(tmp_path, f'[system]\nstrategy = "largest"\n'
+                               f'protect_session = {str(protect_session).lower()}\n')
+    try:
+        sshd = hogs.start("sshd", max(0.0, headroom_mib(4.0)))
+        room = headroom_mib(0.3)
+        other = hogs.start("filler", min(room, 0.5 * sshd_mib(sshd)), 0, 0.05, 0)
+        rest = headroom_mib(0.3)
+        leak = hogs.start("leaker", 0, 8, 0.05, rest, wait_ready=False)
+        first = d.victims
+        wait_until(lambda: bool(first()), 90, what=f"a victim:\n{d.log}")
+        victim = first()[0][0]
+        if protect_session:
+            assert victim in (other.pid, leak.pid), d.log
+            assert sshd.poll() is None
+        else:
+            assert victim == sshd.pid, d.log
+    finally:
+        d.stop()
+
+
+def sshd_mib(p: subprocess.Popen[str]) -> float:
+    for line in Path(f"/proc/{p.pid}/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+@vm_only
+@pytest.mark.v2
+def test_vm_fork_bomb_leaf_cgroup_killed_whole(tmp_path: Path, hogs: Hogs) -> None:
+    """Many small processes in one leaf cgroup (pids.max bounds it): victim leaf-cgroup
+    kills the bomb's group, nothing outside it."""
+    group = Path("/sys/fs/cgroup/oomguard-test-bomb")
+    if group.exists():
+        (group / "cgroup.kill").write_text("1")
+        wait_until(lambda: not (group / "cgroup.procs").read_text().split(), 10)
+        group.rmdir()
+    group.mkdir()
+    (group / "pids.max").write_text(str(int(headroom_mib(0.3) / 6) + 20))
+    d = SystemDaemon(tmp_path, '[system]\nvictim = "leaf-cgroup"\n')
+    bomb = None
+    try:
+        sshd = hogs.start("sshd", 32)
+        steady = hogs.start("steady", 64)
+        bomb = subprocess.Popen([sys.executable, "-c", BOMB, str(group)],
+                                stdout=subprocess.PIPE, text=True)
+        rc = died(bomb, 120)
+        assert rc in (-signal.SIGTERM, -signal.SIGKILL), d.log
+        assert d.victims(), d.log
+        wait_until(lambda: not (group / "cgroup.procs").read_text().split(), 10,
+                   what="the bomb's group empty")
+        assert sshd.poll() is None and steady.poll() is None
+    finally:
+        d.stop()
+        if bomb is not None and bomb.poll() is None:
+            bomb.kill()
+        if group.exists():
+            (group / "cgroup.kill").write_text("1")
+            wait_until(lambda: not (group / "cgroup.procs").read_text().split(), 10)
+            if bomb is not None:
+                bomb.wait()
+            group.rmdir()
