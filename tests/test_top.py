@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -15,8 +16,8 @@ import pytest
 
 from oomguard.cgroup import MemoryCgroup
 from oomguard.journal import Journal
-from oomguard.top_model import DAEMON_OWNS, RULE
-from oomguard.workloads import LEAK
+from oomguard.top_model import DAEMON_OWNS, KEPT, RULE
+from oomguard.workloads import LEAK, STEADY
 
 from conftest import Spawn, task_state, wait_until
 
@@ -48,6 +49,15 @@ class Pane:
             time.sleep(0.1)
         raise AssertionError(f"{needle!r} never on screen:\n{self.text()}")
 
+    def wait_for_re(self, pattern: str, timeout: float = 20.0) -> re.Match[str]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            m = re.search(pattern, self.text())
+            if m:
+                return m
+            time.sleep(0.1)
+        raise AssertionError(f"{pattern!r} never on screen:\n{self.text()}")
+
 
 @pytest.fixture
 def top(tmp_path: Path) -> Iterator[tuple[Pane, Path]]:
@@ -56,9 +66,9 @@ def top(tmp_path: Path) -> Iterator[tuple[Pane, Path]]:
     name = f"oomguard-top-{os.getpid()}"
     started: list[Pane] = []
 
-    def start(group: MemoryCgroup) -> Pane:
-        cmd = [sys.executable, "-m", "oomguard", "top", group.relpath, "--interval", "0.5",
-               "--journal", str(journal)]
+    def start(group: MemoryCgroup, interval: float = 0.5) -> Pane:
+        cmd = [sys.executable, "-m", "oomguard", "top", group.relpath, "--interval",
+               str(interval), "--journal", str(journal)]
         subprocess.run(["tmux", "new-session", "-d", "-s", name, "-x", "160", "-y", "30",
                         " ".join(cmd)], check=True, env={**os.environ, "TERM": "xterm"})
         pane = Pane(name)
@@ -101,6 +111,14 @@ def test_held_group_shown_and_grown_by_a_key(memcg: MemoryCgroup, spawn: Spawn,
         assert ("limit", str(64 << 20), str(128 << 20)) in [
             (c.kind, c.before, c.after) for c in inc.changes]
         pane.wait_for(f"#{inc.id} ")  # the incident appears in the list at the bottom
+        # The new limit is the user's decision: its row is closed as kept, not restored.
+        (change,) = [c for c in inc.changes if c.kind == "limit"]
+        assert change.restored_ts is not None  # closed: a recovery leaves it
+        assert {"change": change.id, "kind": "limit", "value": str(128 << 20)} in [
+            e.data for e in inc.events if e.kind == KEPT]
+        show = subprocess.run([sys.executable, "-m", "oomguard", "show", str(inc.id),
+                               "--journal", str(journal)], capture_output=True, text=True)
+        assert "limit" in show.stdout and "kept by hand at" in show.stdout, show.stdout
         pane.keys("q")
     finally:
         memcg.set_oom_kill_disable(False)  # never leave a group held
@@ -121,4 +139,173 @@ def test_refuses_while_a_daemon_holds_the_journal(memcg: MemoryCgroup, spawn: Sp
         assert not journal.exists()
     finally:
         os.close(fd)
+        memcg.set_oom_kill_disable(False)
+
+
+def _dead(pid: int) -> bool:
+    """Exited: a zombie until pytest reaps it, or gone."""
+    try:
+        return task_state(pid) == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def _row(screen: str, memcg: MemoryCgroup) -> str:
+    (line,) = [ln for ln in screen.splitlines() if memcg.relpath[-40:] in ln]
+    return line
+
+
+def test_an_oom_is_drawn_when_it_happens_not_at_the_next_refresh(
+        memcg: MemoryCgroup, spawn: Spawn, top: tuple) -> None:  # type: ignore[type-arg]
+    start, _journal = top
+    memcg.set_oom_kill_disable(True)
+    try:
+        pane = start(memcg, interval=120)  # the numbers alone would wait two minutes
+        pane.wait_for(memcg.relpath[-40:])  # drawn: its OOM eventfd is registered
+        time.sleep(0.5)
+        assert "UNDER_OOM" not in pane.text()
+        hog = spawn(LEAK, 1 << 20, 96 << 20)
+        wait_until(lambda: memcg.oom_state().under_oom, what="the hog held")
+        held_at = time.monotonic()
+        screen = pane.wait_for("UNDER_OOM held", timeout=10)
+        assert time.monotonic() - held_at < 5
+        assert " 1 UNDER_OOM held" in _row(screen, memcg)  # one task, re-read at the wake
+        assert task_state(hog.pid) == "D"
+        pane.keys("q")
+    finally:
+        memcg.set_oom_kill_disable(False)
+
+
+def test_an_incident_s_steps_are_drawn_as_the_journal_gets_them(
+        memcg: MemoryCgroup, spawn: Spawn, top: tuple) -> None:  # type: ignore[type-arg]
+    start, journal = top
+    _held_hog(memcg, spawn)
+    try:
+        pane = start(memcg, interval=120)
+        pane.wait_for("no incidents in the journal")
+        with Journal(journal) as j:  # the rows a daemon writes as its incident goes on
+            iid = j.open_incident(memcg.relpath, "a rule", False)
+            first = j.begin_step(iid, "snapshot")
+            j.commit()
+            pane.wait_for(f"#{iid} ", timeout=5)
+            pane.wait_for("[OPEN] snapshot:...", timeout=5)
+            j.finish_step(first, "done")
+            second = j.begin_step(iid, "grow")
+            j.commit()
+            pane.wait_for("[OPEN] snapshot:done grow:...", timeout=5)
+            j.finish_step(second, "done")
+            j.close_incident(iid, "grown", None)
+            j.commit()
+            pane.wait_for("[grown] snapshot:done grow:done", timeout=5)
+        pane.keys("q")
+    finally:
+        memcg.set_oom_kill_disable(False)
+
+
+def test_growth_psi_and_frozen_columns(memcg: MemoryCgroup, spawn: Spawn,
+                                       top: tuple) -> None:  # type: ignore[type-arg]
+    start, _journal = top
+    memcg.set_oom_kill_disable(True)
+    # 1M every 0.2 s up to 40M, under the 64M limit: about +5M/s for 8 s, then asleep.
+    hog = spawn(LEAK, 1 << 20, 40 << 20, "-", 0.2)
+    try:
+        pane = start(memcg, interval=0.5)
+        # GROWTH, PSI (none on a v1 group: "-"), KILLS, TASKS, STATE
+        m = pane.wait_for_re(r"\+(\d+(?:\.\d)?)M/s +- +0 +1 held(?! frozen)", timeout=10)
+        rate = float(m.group(1))
+        assert 2 <= rate <= 6, m.group(0)  # 5M/s at most; python's own time on top
+        assert memcg.hierarchies.freezer_v1 is not None, "the v1 freezer is mounted here"
+        memcg.freeze()
+        try:
+            pane.wait_for_re(r" 0 +- +0 +1 held frozen", timeout=10)  # frozen: no growth
+            assert memcg.freezer_state() == "FROZEN"
+        finally:
+            memcg.thaw()
+        pane.wait_for_re(r"\+\d+(?:\.\d)?M/s +- +0 +1 held(?! frozen)", timeout=10)  # again
+        assert hog.poll() is None
+        pane.keys("q")
+    finally:
+        memcg.set_oom_kill_disable(False)
+
+
+def test_x_twice_kills_the_largest_process_by_pidfd(memcg: MemoryCgroup, spawn: Spawn,
+                                                     top: tuple) -> None:  # type: ignore[type-arg]
+    start, journal = top
+    small = spawn(STEADY, 4 << 20)
+    assert small.stdout is not None and small.stdout.readline() == b"ready\n"
+    hog_pid = _held_hog(memcg, spawn)
+    try:
+        pane = start(memcg)
+        pane.wait_for("UNDER_OOM held")
+        pane.keys("x")
+        pane.wait_for_re(rf"kill pid {hog_pid} \S+ \d+M\? x again")  # asks first, names whom
+        time.sleep(0.5)
+        assert task_state(hog_pid) == "D" and memcg.oom_state().under_oom  # not yet
+        pane.keys("x")
+        pane.wait_for_re(rf"killed pid {hog_pid} \S+ \d+M \(exited in ")
+        wait_until(lambda: not memcg.oom_state().under_oom, what="under_oom back to 0")
+        assert _dead(hog_pid)  # dead (a zombie until pytest reaps it)
+        assert small.poll() is None  # the small one beside it lives
+        with Journal(journal) as j:
+            (inc,) = j.incidents()
+        assert inc.rule == RULE and inc.outcome == "killed by hand"
+        assert [(s.kind, s.result, s.pid) for s in inc.steps] == [("kill", "done", hog_pid)]
+        assert [(v.pid, v.signal) for v in inc.victims] == [(hog_pid, "SIGKILL")]
+        pane.wait_for("[killed by hand] kill:done")
+        pane.keys("q")
+    finally:
+        memcg.set_oom_kill_disable(False)
+
+
+def test_z_stops_c_continues_through_the_ledger(memcg: MemoryCgroup, spawn: Spawn,
+                                                top: tuple) -> None:  # type: ignore[type-arg]
+    start, journal = top
+    hog_pid = _held_hog(memcg, spawn)
+    try:
+        pane = start(memcg)
+        pane.wait_for("UNDER_OOM held")
+        pane.keys("z")
+        pane.wait_for("stopped 1 (c continues); 1 in the OOM wait stop when they wake")
+        with Journal(journal) as j:  # an open row: a daemon's recovery would continue it
+            (row,) = j.pending_changes()
+        assert (row.kind, row.before, row.after) == ("stop", "running", "stopped")
+        assert row.target.startswith(f"pid:{hog_pid}:")
+        pane.keys("g")  # it wakes from the OOM wait and stops before it runs
+        pane.wait_for("limit 64M -> 128M")
+        wait_until(lambda: task_state(hog_pid) == "T", what="the hog stopped")
+        pane.wait_for_re(r"\s1 held stopped")
+        usage = memcg.usage()
+        time.sleep(0.5)
+        assert task_state(hog_pid) == "T" and memcg.usage() == usage
+        pane.keys("c")
+        pane.wait_for("continued 1")
+        wait_until(lambda: _dead(hog_pid),
+                   what="the hog resumed and finished its 96M")
+        with Journal(journal) as j:
+            assert j.pending_changes() == []
+            outcomes = [i.outcome for i in j.incidents()]
+        assert outcomes == ["stopped by hand", "grown by hand", "continued by hand"]
+        pane.keys("q")
+    finally:
+        memcg.set_oom_kill_disable(False)
+
+
+def test_quitting_continues_what_top_stopped(memcg: MemoryCgroup, spawn: Spawn,
+                                             top: tuple) -> None:  # type: ignore[type-arg]
+    start, journal = top
+    hog_pid = _held_hog(memcg, spawn)
+    try:
+        pane = start(memcg)
+        pane.wait_for("UNDER_OOM held")
+        pane.keys("z")
+        pane.wait_for("stopped 1")
+        pane.keys("g")
+        wait_until(lambda: task_state(hog_pid) == "T", what="the hog stopped")
+        pane.keys("q")
+        wait_until(lambda: _dead(hog_pid),
+                   what="continued at quit, the hog finished its 96M")
+        with Journal(journal) as j:
+            assert j.pending_changes() == []
+            assert j.incidents()[-1].outcome == "continued by hand"
+    finally:
         memcg.set_oom_kill_disable(False)

@@ -194,11 +194,15 @@ def format_incident_detail(d: IncidentRecord, width: int = 100) -> str:
                 + (f"  {_pairs(e.data)}" if e.data is not None else ""), width, "      "))
     if d.changes:
         lines.append("changes:")
+        # A change by hand meant to stay (oomguard top): its row is closed, not undone.
+        kept = {e.data.get("change") for e in d.events if e.kind == "kept" and e.data}
         for c in d.changes:
             lines.append(
                 f"  {_text(c.kind)} {_text(c.target)}: {_change_value(c.kind, c.before)} -> "
                 f"{_change_value(c.kind, c.after)}  "
-                + (f"restored at {_clock(c.restored_at)}" if c.restored_at is not None
+                + (f"kept by hand at {_clock(c.restored_at)}" if c.id in kept
+                   and c.restored_at is not None
+                   else f"restored at {_clock(c.restored_at)}" if c.restored_at is not None
                    else "NOT RESTORED")
             )
     if d.evidence:

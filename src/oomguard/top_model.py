@@ -1,15 +1,24 @@
-"""What `oomguard top` shows and does, without the terminal: rows, sorting, actions.
+"""What `oomguard top` shows and does, without the terminal: rows, sorting, wake-ups, actions.
 
 Kept apart from cli/top.py so that it can be tested without curses, and so that nothing the
 daemon imports ever pulls curses in. Reading goes through oomguard.cgroup and the journal's
 read API; an action goes through a Ledger on the journal (intent recorded before the write),
 inside an incident of its own, and only while no daemon holds the journal's lock.
+
+`Wakeups` is what the screen sleeps on: the terminal, the kernel's OOM notification of each
+shown group (v1 eventfd, v2 POLLPRI on memory.events) and the journal's directory (inotify),
+so that an OOM or an incident's next step is drawn when it happens, and nothing runs
+between two refreshes of the numbers when nothing happens.
 """
 
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import os
+import select
+import signal
+import struct
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,14 +27,19 @@ from pathlib import Path
 
 from oomguard.cgroup import MemoryCgroup, root
 from oomguard.errors import CgroupError, OomguardError
+from oomguard.events.v1 import OomNotifier
+from oomguard.events.v2 import memory_events
 from oomguard.journal import Journal
 from oomguard.journal_records import IncidentRecord
-from oomguard.ledger import Ledger
+from oomguard.ledger import ActiveChange, Ledger, pid_target, write_change
+from oomguard.procs.pidfd import Pidfd
+from oomguard.procs.reader import read_stat, read_task
 from oomguard.units import format_size
 
 SORTS = ("use%", "usage", "tree")
 RULE = "by hand (top)"
 DAEMON_OWNS = "a daemon handles this journal's groups: use it"
+KEPT = "kept"  # event kind: a change by hand meant to stay (its row closed, not undone)
 
 
 @dataclass(frozen=True)
@@ -38,6 +52,10 @@ class Row:
     held: bool
     oom_kills: int
     tasks: int
+    growth: float | None = None  # bytes per second since the previous sample; None: first
+    psi: float | None = None  # memory.pressure "some avg10"; None: the group has none
+    freezer: str = "THAWED"  # THAWED, FREEZING or FROZEN (v1 freezer.state, v2 cgroup.freeze)
+    stopped: int = 0  # processes in state T (SIGSTOP)
 
     @property
     def ratio(self) -> float:
@@ -45,16 +63,89 @@ class Row:
 
     @property
     def state(self) -> str:
+        words = []
         if self.under_oom:
-            return "UNDER_OOM held" if self.held else "UNDER_OOM"
-        return "held" if self.held else ""
+            words.append("UNDER_OOM")
+        if self.held:
+            words.append("held")
+        if self.freezer != "THAWED":
+            words.append(self.freezer.lower())  # frozen, freezing
+        if self.stopped:
+            words.append("stopped")
+        return " ".join(words)
 
 
-def rows(sort: str = "use%", under: MemoryCgroup | None = None) -> list[Row]:
+class Rates:
+    """Usage growth per group: the change between two samples at least `gap` seconds apart
+    (a wake-up right after a refresh keeps the last rate rather than divide by nothing)."""
+
+    def __init__(self, gap: float = 0.25) -> None:
+        self.gap = gap
+        self._last: dict[str, tuple[float, int]] = {}
+        self._rate: dict[str, float] = {}
+
+    def rate(self, path: str, usage: int, now: float) -> float | None:
+        last = self._last.get(path)
+        if last is None:
+            self._last[path] = (now, usage)
+            return None
+        then, before = last
+        if now - then >= self.gap:
+            self._rate[path] = (usage - before) / (now - then)
+            self._last[path] = (now, usage)
+        return self._rate.get(path)
+
+
+def format_rate(rate: float | None) -> str:
+    """+3.1M/s, -512K/s, 0 (under 1K/s), - before a second sample."""
+    if rate is None:
+        return "-"
+    if abs(rate) < 1024:
+        return "0"
+    return ("+" if rate > 0 else "-") + format_size(int(abs(rate))) + "/s"
+
+
+def pressure(group: MemoryCgroup) -> float | None:
+    """memory.pressure's "some avg10" where the group has the file (v2, or v1 with psi
+    for cgroup1); None otherwise."""
+    try:
+        if not group.has_file("memory.pressure"):
+            return None
+        for line in group.read("memory.pressure").splitlines():
+            if line.startswith("some "):
+                for field in line.split()[1:]:
+                    key, _, value = field.partition("=")
+                    if key == "avg10":
+                        return float(value)
+    except (OomguardError, ValueError):
+        return None
+    return None
+
+
+def _freezer(group: MemoryCgroup) -> str:
+    try:
+        return group.freezer_state()
+    except OomguardError:
+        return "THAWED"  # no freezer group for it (v1 without the freezer mounted there)
+
+
+def _stopped(pids: list[int]) -> int:
+    count = 0
+    for pid in pids:
+        try:
+            count += read_stat(pid).state == "T"
+        except OomguardError:
+            continue  # exited while we looked
+    return count
+
+
+def rows(sort: str = "use%", under: MemoryCgroup | None = None,
+         rates: Rates | None = None) -> list[Row]:
     """Every memory cgroup with a limit or tasks (as `status` lists them), `under` and
-    below it if given, sorted."""
+    below it if given, sorted; growth from `rates` (which keeps the previous samples)."""
     out: list[Row] = []
     top = under or root()
+    now = time.monotonic()
     for g in top.walk():
         try:
             f = g.figures()
@@ -64,8 +155,13 @@ def rows(sort: str = "use%", under: MemoryCgroup | None = None) -> list[Row]:
         if f.limit is None and not f.nr_procs and not f.oom.under_oom:
             continue
         depth = 0 if g.relpath == "/" else g.relpath.strip("/").count("/") + 1
+        try:
+            pids = g.procs() if f.nr_procs else []
+        except CgroupError:
+            pids = []
+        growth = rates.rate(g.relpath, f.usage, now) if rates is not None else None
         out.append(Row(g, depth, f.usage, f.limit, f.oom.under_oom, held, f.oom.oom_kill,
-                       f.nr_procs))
+                       f.nr_procs, growth, pressure(g), _freezer(g), _stopped(pids)))
     if sort == "use%":
         out.sort(key=lambda r: (-r.ratio, r.group.relpath))
     elif sort == "usage":
@@ -78,16 +174,156 @@ def bar(ratio: float, width: int) -> str:
     return "#" * filled + "." * (width - filled)
 
 
+class JournalView:
+    """The journal read by one connection kept open for the life of the screen.
+
+    Opened once the file exists (reading never creates one). Kept open because SQLite
+    folds the WAL into the database when its last connection closes: a reader that opened
+    and closed the journal at each refresh would change the files it watches, and wake
+    itself up."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._journal: Journal | None = None
+
+    def recent(self, n: int) -> list[IncidentRecord]:
+        """The newest `n` incidents, newest last."""
+        if n <= 0:
+            return []
+        if self._journal is None:
+            if not self.path.exists():
+                return []
+            try:
+                self._journal = Journal(self.path)
+            except OomguardError:
+                return []
+        try:
+            return self._journal.incidents(limit=n)
+        except OomguardError:
+            return []
+
+    def close(self) -> None:
+        if self._journal is not None:
+            self._journal.close()
+            self._journal = None
+
+
 def recent_incidents(journal_path: Path, n: int) -> list[IncidentRecord]:
-    """The newest `n` incidents, newest last; none when there is no journal yet (reading
-    never creates one)."""
-    if n <= 0 or not journal_path.exists():
-        return []
+    """The newest `n` incidents, newest last; none when there is no journal yet."""
+    view = JournalView(journal_path)
     try:
-        with Journal(journal_path) as j:
-            return j.incidents(limit=n)
-    except OomguardError:
-        return []
+        return view.recent(n)
+    finally:
+        view.close()
+
+
+# inotify, for the journal's files (events/inotify.py watches directories for cgroups).
+_IN_MODIFY = 0x00000002
+_IN_CLOSE_WRITE = 0x00000008
+_IN_MOVED_TO = 0x00000080
+_IN_CREATE = 0x00000100
+_IN_DELETE = 0x00000200
+_IN_Q_OVERFLOW = 0x00004000
+_INOTIFY_HEADER = struct.Struct("iIII")
+
+
+class Wakeups:
+    """What the screen sleeps on between two refreshes of the numbers.
+
+    `wait(timeout)` returns why it woke: "key" (the terminal has input), "oom" (a shown
+    group's OOM notification: v1 eventfd on memory.oom_control, v2 POLLPRI on
+    memory.events), "journal" (a write to the journal: a new incident, a step), or nothing
+    when the timeout passed. A group whose notification cannot be registered (not root, a
+    removed group) is simply refreshed with the numbers."""
+
+    def __init__(self, journal_path: Path, stdin: int = 0) -> None:
+        self._poll = select.poll()
+        self._stdin = stdin
+        self._poll.register(stdin, select.POLLIN)
+        self._groups: dict[str, object] = {}  # relpath -> notifier (fileno/read/close)
+        self._by_fd: dict[int, object] = {}
+        self._journal_names = {journal_path.name + sfx for sfx in ("", "-wal", "-journal")}
+        self._inotify = -1
+        libc = ctypes.CDLL(None, use_errno=True)
+        fd = int(libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC))
+        if fd >= 0:
+            mask = _IN_MODIFY | _IN_CLOSE_WRITE | _IN_MOVED_TO | _IN_CREATE | _IN_DELETE
+            if libc.inotify_add_watch(fd, os.fsencode(str(journal_path.parent)), mask) >= 0:
+                self._inotify = fd
+                self._poll.register(fd, select.POLLIN)
+            else:
+                os.close(fd)  # no directory yet: the journal is read with the numbers
+
+    def track(self, groups: list[MemoryCgroup]) -> None:
+        """Watch exactly these groups' OOM notifications."""
+        wanted = {g.relpath: g for g in groups}
+        for path in [p for p in self._groups if p not in wanted]:
+            self._drop(path)
+        for path, group in wanted.items():
+            if path in self._groups:
+                continue
+            try:
+                if group.version == 1:
+                    n: object = OomNotifier(group, keep_control_fd=False)
+                    events = select.POLLIN
+                else:
+                    n = memory_events(group.path)
+                    events = select.POLLPRI | select.POLLERR
+            except (OomguardError, OSError):
+                self._groups[path] = None  # not watchable: refreshed with the numbers
+                continue
+            fd = n.fileno()  # type: ignore[attr-defined]
+            self._groups[path] = n
+            self._by_fd[fd] = n
+            self._poll.register(fd, events)
+
+    def _drop(self, path: str) -> None:
+        n = self._groups.pop(path, None)
+        if n is not None:
+            fd = n.fileno()  # type: ignore[attr-defined]
+            self._by_fd.pop(fd, None)
+            self._poll.unregister(fd)
+            n.close()  # type: ignore[attr-defined]
+
+    @property
+    def watched(self) -> int:
+        return sum(n is not None for n in self._groups.values())
+
+    def wait(self, timeout: float) -> set[str]:
+        why: set[str] = set()
+        for fd, _ev in self._poll.poll(max(0, int(timeout * 1000))):
+            if fd == self._stdin:
+                why.add("key")
+            elif fd == self._inotify:
+                if self._journal_changed():
+                    why.add("journal")
+            elif fd in self._by_fd:
+                self._by_fd[fd].read()  # type: ignore[attr-defined]  # re-arms it
+                why.add("oom")
+        return why
+
+    def _journal_changed(self) -> bool:
+        changed = False
+        while True:
+            try:
+                data = os.read(self._inotify, 65536)
+            except BlockingIOError:
+                return changed
+            offset = 0
+            while offset + _INOTIFY_HEADER.size <= len(data):
+                _wd, mask, _cookie, length = _INOTIFY_HEADER.unpack_from(data, offset)
+                raw = data[offset + _INOTIFY_HEADER.size: offset + _INOTIFY_HEADER.size + length]
+                offset += _INOTIFY_HEADER.size + length
+                name = os.fsdecode(raw.rstrip(b"\0"))
+                if mask & _IN_Q_OVERFLOW or name in self._journal_names:
+                    changed = True
+
+    def close(self) -> None:
+        for path in list(self._groups):
+            self._drop(path)
+        if self._inotify >= 0:
+            os.close(self._inotify)
+            self._inotify = -1
 
 
 def incident_line(inc: IncidentRecord) -> str:
@@ -120,8 +356,10 @@ def _act(journal_path: Path, group: MemoryCgroup, kind: str, detail: str,
          changes: list[tuple[str, str, str]], outcome: str) -> None:
     """One decision by hand as an incident of one step, every change through the ledger.
 
-    The change is the user's decision, meant to last: once the kernel took it, it is marked
-    settled so that a daemon's recovery at its next start does not put the old value back."""
+    The change is the user's decision, meant to last: once the kernel took it, its row is
+    closed so that a daemon's recovery at its next start does not put the old value back,
+    and the incident says so with a "kept" event naming the change (`show` prints "kept by
+    hand", not "restored": the old value is not back)."""
     with _journal_lock(journal_path), Journal(journal_path) as j:
         iid = j.open_incident(group.relpath, RULE, False)
         sid = j.begin_step(iid, kind, before={"limit": group.limit()}, detail=detail)
@@ -130,8 +368,7 @@ def _act(journal_path: Path, group: MemoryCgroup, kind: str, detail: str,
         try:
             for ck, before, after in changes:
                 change = ledger.apply(group, ck, group.relpath, before, after, iid, tag=kind)
-                ledger.forget(change)
-                j.mark_restored(change.id)  # settled: nothing for a recovery to undo
+                keep(j, ledger, change, iid)
         except CgroupError:
             result = "failed"
             raise
@@ -139,6 +376,14 @@ def _act(journal_path: Path, group: MemoryCgroup, kind: str, detail: str,
             j.finish_step(sid, result, after={"limit": _limit_or_none(group)})
             j.close_incident(iid, outcome if result == "done" else "failed", None)
             j.commit()
+
+
+def keep(j: Journal, ledger: Ledger, change: ActiveChange, iid: int) -> None:
+    """Close a change's intent row without undoing it: the value stays, by decision."""
+    j.add_event(iid, change.group.relpath, KEPT,
+                {"change": change.id, "kind": change.kind, "value": change.after})
+    ledger.forget(change)
+    j.mark_restored(change.id)  # the row is closed: nothing for a recovery to undo
 
 
 def _limit_or_none(group: MemoryCgroup) -> int | None:
@@ -170,3 +415,116 @@ def hand_to_kernel(journal_path: Path, group: MemoryCgroup) -> str:
     _act(journal_path, group, "kernel", "by hand: to the kernel", changes,
          "handed to the kernel by hand")
     return f"{group.relpath}: handed to the kernel's killer"
+
+
+def stop(journal_path: Path, group: MemoryCgroup) -> str:
+    """SIGSTOP every process of the group, each through the ledger (kind "stop", target
+    pid:N:start): the rows stay open, so `cont`, or a daemon's recovery, continues them."""
+    with _journal_lock(journal_path), Journal(journal_path) as j:
+        ledger = Ledger(j)
+        pending = {c.target for c in j.pending_changes() if c.kind == "stop"}
+        targets = []
+        for pid in group.procs():
+            try:
+                st = read_stat(pid)
+            except OomguardError:
+                continue
+            target = pid_target(pid, st.start_ticks)
+            if target not in pending:
+                targets.append((target, st.state))
+        if not targets:
+            return f"{group.relpath}: nothing to stop"
+        iid = j.open_incident(group.relpath, RULE, False)
+        sid = j.begin_step(iid, "stop", detail="by hand")
+        stopped, waiting = [], 0
+        try:
+            for target, state in targets:
+                ledger.apply(group, "stop", target, "running", "stopped", iid, tag="stop")
+                stopped.append(int(target.split(":")[1]))
+                waiting += state == "D"
+        finally:
+            j.finish_step(sid, "stopped", after={"pids": stopped})
+            j.close_incident(iid, "stopped by hand", None)
+            j.commit()
+    line = f"{group.relpath}: stopped {len(stopped)} (c continues)"
+    if waiting:  # SIGSTOP stays pending on a task asleep in the OOM wait (KERNEL-NOTES)
+        line += f"; {waiting} in the OOM wait stop when they wake"
+    return line
+
+
+def cont(journal_path: Path, group: MemoryCgroup) -> str:
+    """SIGCONT what oomguard stopped in the group (the journal's open "stop" rows)."""
+    with _journal_lock(journal_path), Journal(journal_path) as j:
+        rows = [c for c in j.pending_changes() if c.kind == "stop" and c.cgroup == group.relpath]
+        if not rows:
+            return f"{group.relpath}: nothing stopped by oomguard"
+        iid = j.open_incident(group.relpath, RULE, False)
+        sid = j.begin_step(iid, "continue", detail="by hand")
+        pids = []
+        try:
+            for c in sorted(rows, key=lambda c: c.id):
+                write_change(group, "stop", c.target, c.before)  # pidfd, if still the same
+                j.mark_restored(c.id)
+                pids.append(int(c.target.split(":")[1]))
+        finally:
+            j.finish_step(sid, "done", after={"pids": pids})
+            j.close_incident(iid, "continued by hand", None)
+            j.commit()
+    return f"{group.relpath}: continued {len(pids)}"
+
+
+@dataclass(frozen=True)
+class Victim:
+    pid: int
+    start_ticks: int
+    comm: str  # attacker-controlled: escape before printing
+    rss: int
+
+    def describe(self) -> str:
+        from oomguard.escape import printable
+
+        return f"pid {self.pid} {printable(self.comm)} {format_size(self.rss)}"
+
+
+def largest(group: MemoryCgroup) -> Victim | None:
+    """The group's process with the most resident memory."""
+    best: Victim | None = None
+    for pid in group.procs():
+        try:
+            t = read_task(pid)
+        except OomguardError:
+            continue
+        if best is None or t.rss > best.rss:
+            best = Victim(t.pid, t.start_ticks, t.comm, t.rss)
+    return best
+
+
+def kill(journal_path: Path, group: MemoryCgroup, victim: Victim,
+         wait: float = 2.0) -> str:
+    """SIGKILL `victim` by pidfd (checked against its start time: a reused pid is never
+    hit), as an incident of one kill step with its victim row."""
+    if _freezer(group) != "THAWED":  # SIGKILL to a FREEZING v1 task freezes it instead
+        return f"{group.relpath} is frozen: thaw it before killing"
+    with _journal_lock(journal_path), Journal(journal_path) as j:
+        pfd = Pidfd.open_if_same(victim.pid, victim.start_ticks)
+        if pfd is None:
+            return f"pid {victim.pid} is gone: nothing killed"
+        with pfd:
+            iid = j.open_incident(group.relpath, RULE, False)
+            sid = j.begin_step(iid, "kill", pid=victim.pid, detail="by hand: largest")
+            j.commit()  # the decision is on disk before the signal
+            sent = pfd.send(signal.SIGKILL)
+            sent_at = time.monotonic()
+            reaped = (time.monotonic() - sent_at) * 1000 if sent and pfd.exited(wait) else None
+            j.add_victim(iid, victim.pid, victim.comm, victim.rss, "SIGKILL", reaped)
+            target = pid_target(victim.pid, victim.start_ticks)
+            for c in j.pending_changes():  # a stop of the dead: nothing left to continue
+                if c.kind == "stop" and c.target == target:
+                    j.mark_restored(c.id)
+            j.finish_step(sid, "done" if sent else "gone")
+            j.close_incident(iid, "killed by hand" if sent else "gone", None)
+            j.commit()
+    if not sent:
+        return f"pid {victim.pid} had exited: nothing killed"
+    how = f"exited in {reaped:.1f} ms" if reaped is not None else "not seen to exit yet"
+    return f"killed {victim.describe()} ({how})"

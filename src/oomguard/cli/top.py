@@ -1,13 +1,18 @@
 """`oomguard top`: a live view of memory cgroups, and decisions by hand on held groups.
 
 Keys: up/down (or k/j) select, s cycles the sort (use%, usage, tree), g grows the selected
-held group by --grow, K hands it to the kernel's killer, r refreshes, q quits.
-An action is journaled like the daemon's and refused while a daemon holds the journal.
+held group by --grow, K hands it to the kernel's killer, x (twice) kills the selected group's
+largest process, z stops the group's processes and c continues them, q quits (continuing
+what this top stopped). An action is journaled like the daemon's and refused while a daemon
+holds the journal. The screen is redrawn when a key is pressed, when a shown group runs out
+of memory and when the journal changes; the numbers are re-read every --interval.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -44,47 +49,85 @@ def run(args: argparse.Namespace) -> int:
 
     under = resolve(args.cgroup) if args.cgroup else None  # a typo fails here, not in curses
     journal = args.journal or default_journal_path()
-    curses.wrapper(lambda scr: _Screen(scr, journal, args.interval, by, under).loop())
+    left: list[str] = []
+    curses.wrapper(lambda scr: _Screen(scr, journal, args.interval, by, under, left).loop())
+    for line in left:
+        print(f"oomguard top: {line}", file=sys.stderr)
     return 0
+
+
+HELP = ("q quit  s sort  up/down select  g grow  K to the kernel  x kill largest  z stop  "
+        "c continue")
 
 
 class _Screen:
     def __init__(self, scr: Any, journal: Path, interval: float, by: int,
-                 under: MemoryCgroup | None) -> None:
+                 under: MemoryCgroup | None, left: list[str]) -> None:
+        from oomguard import top_model
+
         self.scr, self.journal, self.interval, self.by = scr, journal, interval, by
         self.under = under
+        self.left = left  # lines for the terminal once curses has ended
         self.sort = 0
         self.selected = 0
         self.selected_path: str | None = None  # the selection follows its group, not a line
-        self.status = "q quit  s sort  up/down select  g grow  K to the kernel"
+        self.status = HELP
+        self.rates = top_model.Rates(gap=min(0.25, interval / 2))
+        self.view = top_model.JournalView(journal)
+        self.armed: tuple[str, top_model.Victim] | None = None  # x pressed once: whom
+        self.stopped: dict[str, MemoryCgroup] = {}  # groups this top stopped: continued at q
 
     def loop(self) -> None:
         import curses
 
-        curses.curs_set(0)
-        # getch waits for a key at most one interval: a key redraws at once, else the
-        # numbers are refreshed once per interval; nothing runs in between.
-        self.scr.timeout(int(self.interval * 1000))
-        while True:
-            from oomguard import top_model
+        from oomguard import top_model
 
-            rows = top_model.rows(top_model.SORTS[self.sort], self.under)
-            paths = [r.group.relpath for r in rows]
-            if self.selected_path in paths:  # a re-sort must not move an action elsewhere
-                self.selected = paths.index(self.selected_path)
-            self.selected = max(0, min(self.selected, len(rows) - 1))
-            self.selected_path = paths[self.selected] if paths else None
-            self._draw(rows)
-            key = self.scr.getch()
-            if key in (ord("q"), ord("Q")):
-                return
-            self._key(key, rows)
+        curses.curs_set(0)
+        self.scr.nodelay(True)  # keys are read when stdin is readable: never block in getch
+        wake = top_model.Wakeups(self.journal)
+        try:
+            while True:
+                rows = top_model.rows(top_model.SORTS[self.sort], self.under, self.rates)
+                wake.track([r.group for r in rows])
+                paths = [r.group.relpath for r in rows]
+                if self.selected_path in paths:  # a re-sort must not move an action elsewhere
+                    self.selected = paths.index(self.selected_path)
+                self.selected = max(0, min(self.selected, len(rows) - 1))
+                self.selected_path = paths[self.selected] if paths else None
+                self._draw(rows)
+                # Sleep until a key, an OOM of a shown group, a journal write, or the next
+                # refresh of the numbers: nothing is redrawn in between (a write to another
+                # file in the journal's directory wakes the poll, not the screen).
+                deadline = time.monotonic() + self.interval
+                while not wake.wait(deadline - time.monotonic()):
+                    if time.monotonic() >= deadline:
+                        break
+                while (key := self.scr.getch()) != -1:
+                    if key in (ord("q"), ord("Q")):
+                        return
+                    self._key(key, rows)
+        finally:
+            wake.close()
+            self.view.close()
+            self._continue_stopped()
+
+    def _continue_stopped(self) -> None:
+        """What this top stopped is a pause, not a decision: continued when it quits (a
+        daemon's recovery would continue it too: the rows stay open until then)."""
+        from oomguard import top_model
+
+        for group in self.stopped.values():
+            try:
+                self.left.append(top_model.cont(self.journal, group))
+            except OomguardError as exc:
+                self.left.append(f"{group.relpath}: could not continue: {exc}")
 
     def _key(self, key: int, rows: list[Any]) -> None:
         import curses
 
         from oomguard import top_model
 
+        armed, self.armed = self.armed, None  # any key but a second x disarms the kill
         if key in (curses.KEY_DOWN, ord("j")):
             self.selected += 1
             self.selected_path = None
@@ -93,15 +136,36 @@ class _Screen:
             self.selected_path = None
         elif key == ord("s"):
             self.sort = (self.sort + 1) % len(top_model.SORTS)
-        elif key in (ord("g"), ord("K")) and rows:
+        elif key in (ord("g"), ord("K"), ord("x"), ord("z"), ord("c")) and rows:
             group = rows[self.selected].group
+            started = time.monotonic()
             try:
                 if key == ord("g"):
                     self.status = top_model.grow(self.journal, group, self.by)
-                else:
+                elif key == ord("K"):
                     self.status = top_model.hand_to_kernel(self.journal, group)
+                elif key == ord("z"):
+                    self.status = top_model.stop(self.journal, group)
+                    self.stopped[group.relpath] = group
+                elif key == ord("c"):
+                    self.status = top_model.cont(self.journal, group)
+                    self.stopped.pop(group.relpath, None)
+                elif armed is not None and armed[0] == group.relpath:
+                    self.status = top_model.kill(self.journal, group, armed[1])
+                else:
+                    victim = top_model.largest(group)
+                    if victim is None:
+                        self.status = f"{group.relpath}: no process to kill"
+                    else:
+                        self.armed = (group.relpath, victim)
+                        self.status = f"kill {victim.describe()}? x again to kill, any key not"
+                        return
             except OomguardError as exc:
                 self.status = str(exc)
+            if time.monotonic() - started > 0.5:
+                self.status += f" [{time.monotonic() - started:.1f} s]"
+        elif key == curses.KEY_RESIZE:
+            pass  # redrawn below at the new size
 
     def _draw(self, rows: list[Any]) -> None:
         import curses
@@ -114,8 +178,9 @@ class _Screen:
         head = f"oomguard top  sort:{sort}  every {self.interval:g}s  grow:{format_size(self.by)}"
         self._put(0, head, w, curses.A_BOLD)
         self._put(1, f"{'CGROUP':40} {'USAGE':>7} {'LIMIT':>7} {'USE':{BAR + 6}} "
-                     f"{'KILLS':>5} {'TASKS':>5} STATE", w, curses.A_UNDERLINE)
-        incidents = top_model.recent_incidents(self.journal, INCIDENTS)
+                     f"{'GROWTH':>8} {'PSI':>5} {'KILLS':>5} {'TASKS':>5} STATE", w,
+                  curses.A_UNDERLINE)
+        incidents = self.view.recent(INCIDENTS)
         space = max(0, h - 4 - len(incidents) - 1)
         first = max(0, self.selected - space + 1)
         for i, r in enumerate(rows[first:first + space]):
@@ -125,7 +190,9 @@ class _Screen:
                 name = r.group.relpath[-40:]
             pct = f"{100 * r.ratio:5.1f}%" if r.limit else "    - "
             line = (f"{name:40} {format_size(r.usage):>7} {format_size(r.limit):>7} "
-                    f"{bar(r.ratio, BAR)}{pct} {r.oom_kills:>5} {r.tasks:>5} {r.state}")
+                    f"{bar(r.ratio, BAR)}{pct} {top_model.format_rate(r.growth):>8} "
+                    f"{'-' if r.psi is None else f'{r.psi:.1f}':>5} {r.oom_kills:>5} "
+                    f"{r.tasks:>5} {r.state}")
             attr = curses.A_REVERSE if first + i == self.selected else 0
             if r.under_oom:
                 attr |= curses.A_BOLD
