@@ -12,6 +12,7 @@ import os
 import signal
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -91,6 +92,23 @@ class MemoryCgroup(ABC):
         self.mount = mount
         self.relpath = "/" + relpath.strip("/") if relpath.strip("/") else "/"
         self.path = mount.mount_point / self.relpath.lstrip("/")
+        self.dir = str(self.path)  # for joins in the hot paths (see files.read_text)
+        # Within `oneshot()`: each control file's text as first read, until a write.
+        self._oneshot: dict[str, str] | None = None
+
+    @contextmanager
+    def oneshot(self) -> Iterator[None]:
+        """Read each control file at most once inside the block (like psutil's
+        `oneshot`): adopting a group asks for its limit and oom_control from several
+        places. A write through this object forgets that file's text."""
+        if self._oneshot is not None:  # nested: the outer block owns the cache
+            yield
+            return
+        self._oneshot = {}
+        try:
+            yield
+        finally:
+            self._oneshot = None
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.relpath}>"
@@ -103,7 +121,13 @@ class MemoryCgroup(ABC):
 
     # -- plumbing ------------------------------------------------------------
     def read(self, name: str) -> str:
-        return files.read_text(self.path, name)
+        cache = self._oneshot
+        if cache is None:
+            return files.read_text(self.dir, name)
+        text = cache.get(name)
+        if text is None:
+            text = cache[name] = files.read_text(self.dir, name)
+        return text
 
     def read_int(self, name: str) -> int:
         text = self.read(name).strip()
@@ -116,13 +140,18 @@ class MemoryCgroup(ABC):
         return files.parse_kv(self.read(name))
 
     def write(self, name: str, value: str) -> None:
-        files.write_text(self.path, name, value)
+        if self._oneshot is not None:
+            # What was written reads differently now; moving a task changes the task lists.
+            self._oneshot.pop(name, None)
+            if name in ("cgroup.procs", "tasks"):
+                self._oneshot.clear()
+        files.write_text(self.dir, name, value)
 
     def has_file(self, name: str) -> bool:
-        return (self.path / name).exists()
+        return os.path.exists(f"{self.dir}/{name}")
 
     def exists(self) -> bool:
-        return self.path.is_dir()
+        return os.path.isdir(self.dir)
 
     def same_kind(self, relpath: str) -> MemoryCgroup:
         return type(self)(self.hierarchies, self.mount, relpath)

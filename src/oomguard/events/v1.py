@@ -38,13 +38,14 @@ class EventfdRegistration:
         self.cgroup = cgroup
         self.control_file = control_file
         try:
-            self._control_fd = os.open(cgroup.path / control_file, os.O_RDONLY | os.O_CLOEXEC)
+            self._control_fd = os.open(f"{cgroup.dir}/{control_file}",
+                                       os.O_RDONLY | os.O_CLOEXEC)
         except OSError as exc:
-            raise map_oserror(exc, cgroup.path, control_file) from None
+            raise map_oserror(exc, cgroup.dir, control_file) from None
         self._efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         try:
             line = f"{self._efd} {self._control_fd}" + (f" {args}" if args else "")
-            write_text(cgroup.path, "cgroup.event_control", line)
+            write_text(cgroup.dir, "cgroup.event_control", line)
         except BaseException:
             self.close()
             raise
@@ -61,7 +62,7 @@ class EventfdRegistration:
     def removed(self) -> bool:
         """True if the group was removed since registration."""
         if self._control_fd < 0:
-            return not self.cgroup.path.is_dir()
+            return not os.path.isdir(self.cgroup.dir)
         try:
             os.pread(self._control_fd, 256, 0)
         except OSError as exc:

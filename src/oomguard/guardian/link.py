@@ -43,24 +43,25 @@ def undo_of(change: ActiveChange) -> tuple[str, str] | None:
 
     Holds are: the kernel's killer switched off (v1), memory.high (v2), a limit raised
     by a grow or by the v2 hold's headroom, a freeze, a stop. A limit the rule set at
-    adoption, a move, and a change that *puts a hold back* are not the guardian's."""
+    adoption, a move, and a change that *puts a hold back* are not the guardian's.
+    (Paths are joined as strings: this runs for each of 10,000 groups adopted at start.)"""
     group, kind = change.group, change.kind
     if kind == "stop":
         return ("", "SIGCONT")
     if kind == "freeze":
         if group.version == 1:
             return (str(group.freezer_path() / "freezer.state"), "THAWED")  # type: ignore[attr-defined]
-        return (str(group.path / "cgroup.freeze"), "0")
+        return (f"{group.dir}/cgroup.freeze", "0")
     if kind == "oom_kill_disable":
-        return (str(group.path / "memory.oom_control"), "0") if change.after == "1" else None
+        return (f"{group.dir}/memory.oom_control", "0") if change.after == "1" else None
     if kind == "high":
-        return None if change.after == "max" else (str(group.path / "memory.high"), change.before)
+        return None if change.after == "max" else (f"{group.dir}/memory.high", change.before)
     if kind in ("limit", "memsw_limit") and change.tag in ("grow", "hold"):
         if group.version == 1:
             name = "memory.limit_in_bytes" if kind == "limit" else "memory.memsw.limit_in_bytes"
-            return (str(group.path / name), "-1" if change.before == "max" else change.before)
+            return (f"{group.dir}/{name}", "-1" if change.before == "max" else change.before)
         if kind == "limit":
-            return (str(group.path / "memory.max"), change.before)
+            return (f"{group.dir}/memory.max", change.before)
     return None
 
 
