@@ -53,8 +53,6 @@ def ask(ctx: StepContext) -> None:
     keys = step.actions or ASK_ACTIONS
     timeout = ctx.rule.timeout_for(step)
     ctx.begin(before={"actions": list(keys), "timeout": timeout})
-    if ctx.would("would ask the desktop"):
-        return
     desktop = ctx.services.desktop
     if desktop is None:
         ctx.finish("no-bus", None, "desktop notifications are not set up")
@@ -83,9 +81,10 @@ def ask(ctx: StepContext) -> None:
         ctx.log.info(f"{group.relpath}: no answer from the desktop ({how}); going on")
         ctx.done(Outcome.DONE)
 
-    handle = desktop.ask([step.bus] if step.bus else None,
-                         f"Out of memory in {group.relpath}", _body(ctx, timeout),
-                         _labels(ctx, keys), timeout, answer)
+    handle = ctx.effects.ask(desktop, [step.bus] if step.bus else None,
+                             f"Out of memory in {group.relpath}", _body(ctx, timeout),
+                             _labels(ctx, keys), timeout, answer,
+                             what=f"ask the desktop about {group.relpath}")
     if handle is None:
         answered[0] = True
         ctx.finish("no-bus", None, "no session bus could be reached")

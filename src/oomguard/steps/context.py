@@ -2,12 +2,19 @@
 
 A step is a function `step(ctx)`: it starts its work and ends it, at once or later from
 the loop, with `ctx.done(Outcome...)`. The context is narrow: the group, the rule and the
-step's own options, the ledger (every change to the system goes through it, recorded
-first), this step's journal row (`begin`/`finish`), the log, the loop and timers scoped
-to the incident, the incident's one look at the processes, and never_pids. A step never
-sees the engine or the incident (like oomd's `run(context)` and earlyoom's one args
-struct): the runner (runner.py) builds the context, applies dry-run, runs the hooks,
-and the incident re-checks the kernel after each step.
+step's own options, the ledger (to read what is held), `ctx.effects` (every change a step
+makes to the system: a ledger change or its undoing, a signal, a cgroup file written, a
+command started, a question to the desktop, the hand-over to the kernel), this step's
+journal row (`begin`/`finish`), the log, the loop and timers scoped to the incident, the
+incident's one look at the processes, and never_pids. A step never sees the engine or the
+incident (like oomd's `run(context)` and earlyoom's one args struct): the runner
+(runner.py) builds the context, applies dry-run, runs the hooks, and the incident
+re-checks the kernel after each step.
+
+Dry-run is the context's, not the step's: a dry run's `effects` are `DryEffects`, whose
+first change raises `WouldChange` instead of being made; the runner catches it and records
+the step as "dry-run" with what it would have done (like oomd's plugin base, which logs
+dry-run once for every plugin). A step has no dry-run branch of its own.
 """
 
 from __future__ import annotations
@@ -23,11 +30,13 @@ from oomguard.events.loop import EventLoop
 from oomguard.journal import Journal
 from oomguard.ledger import ActiveChange, Ledger
 from oomguard.obs.log import DecisionLog
-from oomguard.policy import GrowthTracker, Rule, Step, StepBase
+from oomguard.policy import GrowthTracker, Rule, Step, StepBase, signal_name
+from oomguard.procs import Pidfd
+from oomguard.steps import hooks
 from oomguard.steps.victims import NOTHING_EXTRA, Needs
 
 if TYPE_CHECKING:
-    from oomguard.obs.desktop import Desktop
+    from oomguard.obs.desktop import Answer, Ask, Desktop
     from oomguard.obs.evidence import EvidenceStore
     from oomguard.procs.reader import ProcessSnapshot
 
@@ -91,9 +100,112 @@ class Services(Protocol):
     def victim_killed(self, group: MemoryCgroup) -> None: ...
 
 
+class Changes(Protocol):
+    """What makes and undoes intent-log changes: the Ledger itself (the engine's adoption,
+    the incident's hand-over and close) or a step's `Effects`."""
+
+    def apply(self, group: MemoryCgroup, kind: str, target: str, before: str, after: str,
+              incident_id: int | None = None, tag: str = "") -> ActiveChange: ...
+
+    def restore(self, change: ActiveChange) -> bool: ...
+
+
+class WouldChange(Exception):
+    """A dry run reached its step's first change: nothing was made. Raised by DryEffects and
+    caught by the runner, which records the step as "dry-run". Not an OomguardError, so no
+    step's error handling mistakes it for a failure."""
+
+    def __init__(self, what: str, change: dict[str, object]) -> None:
+        super().__init__(what)
+        self.what = what  # "kill pid 42 (leak) in /jobs/a: ..." (the log says "would ...")
+        self.change = change  # the would-be change, as the step's journal row keeps it
+
+
+class Effects:
+    """Every change a step makes to the system, made. `what` says it in words for the
+    dry run's record ("grow to 96M"); a step's own words beat the generic ones."""
+
+    def __init__(self, ctx: StepContext) -> None:
+        self.ctx = ctx
+
+    def apply(self, group: MemoryCgroup, kind: str, target: str, before: str, after: str,
+              incident_id: int | None = None, tag: str = "", *, what: str = "") -> ActiveChange:
+        """A change through the ledger: recorded in the intent log, then made."""
+        return self.ctx.ledger.apply(group, kind, target, before, after, incident_id, tag)
+
+    def restore(self, change: ActiveChange, *, what: str = "") -> bool:
+        """An earlier change undone (continue, thaw, a wake-up grow taken back)."""
+        return self.ctx.ledger.restore(change)
+
+    def signal(self, pfd: Pidfd, sig: int, *, what: str = "") -> bool:
+        """`sig` through a verified pidfd; False if the process is gone already."""
+        return pfd.send(sig)
+
+    def write(self, group: MemoryCgroup, name: str, value: str, *, what: str = "") -> None:
+        """A cgroup file that is no intent-log change (cgroup.kill: nothing to undo)."""
+        group.write(name, value)
+
+    def spawn(self, argv: tuple[str, ...], env: dict[str, str], timeout: float,
+              finished: hooks.Finished, *, what: str = "") -> hooks.RunningHook | None:
+        """A command started from the loop (hooks.spawn): the exec step's, gcore."""
+        return hooks.spawn(self.ctx.loop, argv, env, timeout, finished)
+
+    def ask(self, desktop: Desktop, addresses: list[str] | None, summary: str, body: str,
+            actions: list[tuple[str, str]], timeout: float, on_answer: Answer,
+            *, what: str = "") -> Ask | None:
+        """A question popped up at the desktop."""
+        return desktop.ask(addresses, summary, body, actions, timeout, on_answer)
+
+    def hand_over(self, reason: str) -> None:
+        """The OOM given to the kernel's killer (the incident releases the hold)."""
+        self.ctx.episode.hand_over(reason)
+
+
+class DryEffects(Effects):
+    """A dry run's effects: the first change is described and raised as WouldChange,
+    never made. Reading the system (pidfds, /proc, cgroup files) stays allowed."""
+
+    def apply(self, group: MemoryCgroup, kind: str, target: str, before: str, after: str,
+              incident_id: int | None = None, tag: str = "", *, what: str = "") -> ActiveChange:
+        raise WouldChange(what or f"set {kind} of {target} to {after} (was {before})",
+                          {"kind": kind, "target": target, "before": before, "after": after})
+
+    def restore(self, change: ActiveChange, *, what: str = "") -> bool:
+        raise WouldChange(what or f"put {change.kind} of {change.target} back to "
+                                  f"{change.before}",
+                          {"kind": change.kind, "target": change.target,
+                           "before": change.after, "after": change.before})
+
+    def signal(self, pfd: Pidfd, sig: int, *, what: str = "") -> bool:
+        name = signal_name(sig)
+        raise WouldChange(what or f"send {name} to pid {pfd.pid}",
+                          {"kind": "signal", "signal": name, "pid": pfd.pid})
+
+    def write(self, group: MemoryCgroup, name: str, value: str, *, what: str = "") -> None:
+        raise WouldChange(what or f"write {value} to {group.relpath}/{name}",
+                          {"kind": "write", "target": f"{group.relpath}/{name}",
+                           "after": value})
+
+    def spawn(self, argv: tuple[str, ...], env: dict[str, str], timeout: float,
+              finished: hooks.Finished, *, what: str = "") -> hooks.RunningHook | None:
+        raise WouldChange(what or f"run {argv[0] if argv else 'nothing'}",
+                          {"kind": "exec", "argv": list(argv)})
+
+    def ask(self, desktop: Desktop, addresses: list[str] | None, summary: str, body: str,
+            actions: list[tuple[str, str]], timeout: float, on_answer: Answer,
+            *, what: str = "") -> Ask | None:
+        raise WouldChange(what or "ask the desktop",
+                          {"kind": "ask", "actions": [key for key, _ in actions]})
+
+    def hand_over(self, reason: str) -> None:
+        raise WouldChange("hand over to the kernel", {"kind": "kernel", "reason": reason})
+
+
 @dataclass(eq=False)
 class StepContext:
-    """One run of one step. `dry_run` is the step's own (rule.dry_run_for)."""
+    """One run of one step. `dry_run` is the step's own (rule.dry_run_for), chosen by the
+    runner; it decides `effects` (DryEffects in a dry run). A step reads it only to tell
+    others (the hooks' OOMGUARD_DRY_RUN), never to branch on."""
 
     step: Step
     group: MemoryCgroup
@@ -112,6 +224,10 @@ class StepContext:
     step_id: int | None = None
     result: str = ""  # the step's own result as its journal row has it ("killed", ...)
     finished: bool = field(default=False)
+    effects: Effects = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.effects = DryEffects(self) if self.dry_run else Effects(self)
 
     @property
     def kind(self) -> str:
@@ -140,16 +256,6 @@ class StepContext:
         assert self.step_id is not None
         self.result = result
         self.journal.finish_step(self.step_id, result, after, detail)
-
-    def would(self, what: str, after: Mapping[str, object] | None = None) -> bool:
-        """A dry run: record what the step would have done and end it (True). Every step
-        says this right before its first change to the system; the context, not the step,
-        knows whether the run is dry."""
-        if not self.dry_run:
-            return False
-        self.finish("dry-run", after, what)
-        self.done(Outcome.DONE)
-        return True
 
     def fail(self, result: str, detail: str, after: Mapping[str, object] | None = None) -> None:
         """Record the step as not done (`result`, why) and end it with FAILED."""

@@ -4,8 +4,9 @@ A task asleep in the OOM wait cannot be ptrace-stopped until it wakes, so the st
 
 1. picks the victim as a kill would (the step's or the rule's strategy);
 2. refuses, with the reason in the journal and the log, when gdb's `gcore` is not on
-   PATH, when the victim's RSS is above the cap (`max_size`, default 1G), when the
-   evidence directory's total cap or the free disk space leaves no room;
+   PATH, when the victim's RSS is above the cap (`max_size`, default 1G), and, once it
+   is stopped (a dry run ends at the stop), when the evidence directory's total cap or
+   the free disk space leaves no room (it is continued then);
 3. stops it (SIGSTOP, through the ledger: it is always continued) and, if it sleeps in
    the OOM wait, lets it wake with a small temporary grow (through the ledger, tagged
    like any grow: it shrinks back once usage fits under the limit again). A woken task
@@ -31,7 +32,6 @@ from oomguard.ledger import ActiveChange, pid_target
 from oomguard.policy import Candidate, CoreStep
 from oomguard.policy.model import DEFAULT_CORE_MAX
 from oomguard.procs import read_stat
-from oomguard.steps import hooks
 from oomguard.steps.context import Outcome, StepContext
 from oomguard.steps.grow import raise_limit
 from oomguard.steps.victims import choose, open_verified
@@ -56,20 +56,16 @@ def core_estimate(rss: int) -> int:
 
 def core(ctx: StepContext) -> None:
     step = ctx.options(CoreStep)
-    cand, pfd = None, None
+    cand = None
     for c in choose(ctx):
-        if ctx.dry_run:
-            cand = c
-            break
         pfd = open_verified(c.sample)
         if pfd is not None:
+            pfd.close()  # the stop below names the process by pid and start time
             cand = c
             break
     if cand is None:
         ctx.fail("no-victim", "no process to dump")
         return
-    if pfd is not None:
-        pfd.close()  # the stop below names the process by pid and start time
     s = cand.sample
     cap = step.max_size if step.max_size is not None else DEFAULT_CORE_MAX
     ctx.begin(s.pid, {"comm": s.comm, "rss": s.rss, "max_size": cap})
@@ -90,46 +86,52 @@ def core(ctx: StepContext) -> None:
     if store is None:
         refuse("refused", "no evidence directory (the journal is in memory)")
         return
-    if ctx.would(f"would dump pid {s.pid}"):
-        return
-    need = core_estimate(s.rss)
-    try:
-        directory = ctx.services.evidence_dir(ctx.incident_id)
-        assert directory is not None
-        if not store.make_room(need, keep=directory):
-            refuse("skipped", f"the evidence cap {format_size(store.total_max)} leaves no room "
-                              f"for a core of about {format_size(need)}")
-            return
-        st = os.statvfs(directory)
-    except OSError as exc:
-        refuse("failed", f"evidence directory: {exc}")
-        return
-    free = st.f_bavail * st.f_frsize
-    if free < need + DISK_MARGIN:
-        refuse("skipped", f"only {format_size(free)} free for the evidence directory")
-        return
-    room = min(max(cap, need), store.room_left(), free - DISK_MARGIN)
-    _stop_and_dump(ctx, cand, gcore, directory, room)
-
-
-def _stop_and_dump(ctx: StepContext, cand: Candidate, gcore: str, directory: Path,
-                   room: int) -> None:
-    ledger, group = ctx.ledger, ctx.group
-    s = cand.sample
+    # The victim is stopped first: a dry run ends there, before the evidence directory
+    # is made or older incidents' evidence deleted to make room.
+    what = f"dump pid {s.pid} ({s.comm}) in {ctx.group.relpath}"
     try:
         stat = read_stat(s.pid)
-        stop = ledger.apply(group, "stop", pid_target(s.pid, stat.start_ticks), "running",
-                            "stopped", ctx.incident_id, tag="incident")
+        stop = ctx.effects.apply(ctx.group, "stop", pid_target(s.pid, stat.start_ticks),
+                                 "running", "stopped", ctx.incident_id, tag="incident",
+                                 what=what)
     except OomguardError as exc:
         ctx.fail("failed", f"could not stop it: {exc}")
         return
     ctx.episode.changes.append(stop)
+    need = core_estimate(s.rss)
+    why, free, directory = "", 0, None
+    try:
+        directory = ctx.services.evidence_dir(ctx.incident_id)
+        assert directory is not None
+        if not store.make_room(need, keep=directory):
+            why = (f"the evidence cap {format_size(store.total_max)} leaves no room "
+                   f"for a core of about {format_size(need)}")
+        else:
+            st = os.statvfs(directory)
+            free = st.f_bavail * st.f_frsize
+            if free < need + DISK_MARGIN:
+                why = f"only {format_size(free)} free for the evidence directory"
+    except OSError as exc:
+        why = f"evidence directory: {exc}"
+    if why:
+        ctx.effects.restore(stop)  # continue it: the next step decides its fate
+        refuse("failed" if why.startswith("evidence directory") else "skipped", why)
+        return
+    assert directory is not None
+    room = min(max(cap, need), store.room_left(), free - DISK_MARGIN)
+    _wake_and_dump(ctx, cand, gcore, directory, room, stop, stat.state)
+
+
+def _wake_and_dump(ctx: StepContext, cand: Candidate, gcore: str, directory: Path,
+                   room: int, stop: ActiveChange, state: str) -> None:
+    group = ctx.group
+    s = cand.sample
     woke_by = 0
-    if stat.state == "D":  # asleep (in the OOM wait): a SIGSTOP waits until it wakes
+    if state == "D":  # asleep (in the OOM wait): a SIGSTOP waits until it wakes
         try:
             current = group.hold_level()
             if current is not None:
-                raise_limit(ledger, group, current, current + WAKE_GROW, ctx.incident_id)
+                raise_limit(ctx.effects, group, current, current + WAKE_GROW, ctx.incident_id)
                 woke_by = WAKE_GROW
                 # Said, so that the "shrank" line later has the grow it takes back.
                 ctx.log.grew(group.relpath, current, current + WAKE_GROW,
@@ -156,7 +158,7 @@ def _dump(ctx: StepContext, cand: Candidate, gcore: str, directory: Path, room: 
     s = cand.sample
     if state == "gone":
         if stop.id in ledger.active:
-            ledger.restore(stop)
+            ctx.effects.restore(stop)
         ctx.finish("gone", None, "the victim exited before its core")
         ctx.done(Outcome.RELIEF)
         return
@@ -176,7 +178,7 @@ def _dump(ctx: StepContext, cand: Candidate, gcore: str, directory: Path, room: 
             size = 0
         ok = status == 0 and size > 0 and not timed_out and not rec.get("cancelled")
         if stop.id in ledger.active:
-            ledger.restore(stop)  # continue it: the next step decides its fate
+            ctx.effects.restore(stop)  # continue it: the next step decides its fate
         if ok:
             result, detail = "dumped", ""
             try:
@@ -211,6 +213,6 @@ def _dump(ctx: StepContext, cand: Candidate, gcore: str, directory: Path, room: 
             store.make_room(0, keep=directory)
         ctx.done(Outcome.DONE if ok else Outcome.FAILED)
 
-    hook = hooks.spawn(ctx.loop, tuple(argv), env, timeout, finished)
+    hook = ctx.effects.spawn(tuple(argv), env, timeout, finished)
     if hook is not None:
         ctx.on_close(hook.cancel)

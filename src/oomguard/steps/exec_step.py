@@ -7,79 +7,38 @@ kills its whole session; its exit status chooses what happens next.
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import time
-
-from oomguard.errors import OomguardError
-from oomguard.fsutil import memory_file
 from oomguard.policy import ExecStep, OnExit
-from oomguard.procs import Pidfd
 from oomguard.steps.context import Outcome, StepContext
-from oomguard.steps.hooks import OUTPUT_LIMIT, hook_environment
+from oomguard.steps.hooks import hook_environment
 
 
 def exec_step(ctx: StepContext) -> None:
     step, journal = ctx.options(ExecStep), ctx.journal
     timeout = ctx.rule.timeout_for(step)
     ctx.begin(before={"argv": list(step.argv), "timeout": timeout})
-    if ctx.would("would run the hook"):
-        return
-    out = memory_file("oomguard-hook")
-    started = time.monotonic()
-    try:
-        journal.commit()  # what led here is on disk before a hook can act on the system
-        proc = subprocess.Popen(list(step.argv), stdin=subprocess.DEVNULL, stdout=out,
-                                stderr=subprocess.STDOUT, env=hook_environment(ctx),
-                                start_new_session=True, close_fds=True)
-        pfd = Pidfd.open(proc.pid)
-    except (OSError, OomguardError) as exc:
-        out.close()
-        ctx.finish("failed", None, f"could not start: {exc}")
-        _follow(ctx, step.exit_action(None))
-        return
-    timed_out = False
+    journal.commit()  # what led here is on disk before a hook can act on the system
 
-    def on_timeout() -> None:
-        nonlocal timed_out
-        if pfd.closed:
-            return  # it finished and was reaped: its pid may belong to someone else now
-        timed_out = True
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)  # the hook's own session, which it leads
-        except ProcessLookupError:
-            pass
-
-    def finished(_revents: int) -> None:
-        ctx.loop.remove_reader(pfd.fileno())
-        pfd.close()
-        status = proc.wait()
-        out.seek(0)
-        output = out.read(OUTPUT_LIMIT).decode("utf-8", "replace")
-        out.close()
-        code: int | None = None if timed_out or status < 0 else status
+    def finished(rec: dict[str, object]) -> None:
+        status, timed_out = rec.get("status"), bool(rec.get("timed_out"))
+        if not isinstance(status, int):  # it could not start
+            ctx.finish("failed", None, str(rec.get("output", "")))
+            _follow(ctx, step.exit_action(None))
+            return
         journal.add_evidence(ctx.incident_id, "exec-output",
                              {"argv": list(step.argv), "status": status,
-                              "timed_out": timed_out, "output": output})
-        action = step.exit_action(code)
-        result = "timeout" if timed_out else f"exit {status}"
-        ctx.finish(result, {"status": status, "then": action.value,
-                            "ms": (time.monotonic() - started) * 1000.0})
+                              "timed_out": timed_out, "output": rec.get("output", "")})
+        if rec.get("cancelled"):  # the incident closed or handed over while it ran
+            ctx.finish("interrupted", {"status": status}, "the incident moved on first")
+            return
+        action = step.exit_action(None if timed_out or status < 0 else status)
+        ctx.finish("timeout" if timed_out else f"exit {status}",
+                   {"status": status, "then": action.value, "ms": rec.get("ms")})
         _follow(ctx, action)
 
-    ctx.loop.add_reader(pfd.fileno(), finished)
-    ctx.later(timeout, on_timeout)
-
-    def cleanup() -> None:
-        if not pfd.closed:
-            ctx.loop.remove_reader(pfd.fileno())
-            on_timeout()
-            pfd.close()
-            proc.wait()
-            out.close()
-
-    ctx.on_close(cleanup)
+    hook = ctx.effects.spawn(step.argv, hook_environment(ctx), timeout, finished,
+                             what=f"run {step.argv[0] if step.argv else 'the hook'}")
+    if hook is not None:
+        ctx.on_close(hook.cancel)
 
 
 def _follow(ctx: StepContext, action: OnExit) -> None:
@@ -89,7 +48,7 @@ def _follow(ctx: StepContext, action: OnExit) -> None:
     elif action is OnExit.NEXT:
         ctx.done(Outcome.DONE)
     elif action is OnExit.KERNEL:
+        ctx.effects.hand_over("the hook said so")
         ctx.done(Outcome.HANDED_OVER)
-        ctx.episode.hand_over("the hook said so")
     else:
         ctx.episode.run_kind(action.value, ctx.done)

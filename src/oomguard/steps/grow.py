@@ -11,7 +11,7 @@ from oomguard.cgroup import MemoryCgroup
 from oomguard.errors import OomguardError
 from oomguard.ledger import Ledger
 from oomguard.policy import GrowStep
-from oomguard.steps.context import Outcome, StepContext
+from oomguard.steps.context import Effects, Outcome, StepContext
 from oomguard.units import format_size
 
 
@@ -42,11 +42,10 @@ def _grow(ctx: StepContext) -> None:
         ctx.log.info(f"{group.relpath}: at the grow ceiling {format_size(ceiling)}")
         ctx.fail("ceiling", f"at the ceiling {format_size(ceiling)}")
         return
-    if ctx.would(f"would grow to {format_size(new)}", after={"limit": new}):
-        return
     try:
         with ctx.journal.intent_first():
-            raise_limit(ctx.ledger, group, current, new, inc.id)
+            raise_limit(ctx.effects, group, current, new, inc.id,
+                        what=f"grow {group.relpath} to {format_size(new)}")
     except OomguardError as exc:
         ctx.fail("failed", str(exc))
         return
@@ -56,10 +55,12 @@ def _grow(ctx: StepContext) -> None:
     ctx.done(Outcome.RELIEF)
 
 
-def raise_limit(ledger: Ledger, group: MemoryCgroup, current: int, new: int,
-                incident_id: int | None) -> None:
+def raise_limit(effects: Effects, group: MemoryCgroup, current: int, new: int,
+                incident_id: int | None, what: str = "") -> None:
+    """Raise the hold level from `current` to `new`, through a step's effects."""
     for c in group.grow_changes(current, new):
-        ledger.apply(group, c.kind, group.relpath, c.before, c.after, incident_id, tag="grow")
+        effects.apply(group, c.kind, group.relpath, c.before, c.after, incident_id,
+                      tag="grow", what=what)
 
 
 def try_shrink(ledger: Ledger, group: MemoryCgroup, baseline: int | None) -> bool:

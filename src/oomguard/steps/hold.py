@@ -11,17 +11,18 @@ from __future__ import annotations
 
 from oomguard.cgroup import MemoryCgroup
 from oomguard.errors import OomguardError
-from oomguard.ledger import ActiveChange, Ledger
-from oomguard.steps.context import Outcome, StepContext
+from oomguard.ledger import ActiveChange
+from oomguard.steps.context import Changes, Outcome, StepContext
 
 
-def establish_hold(ledger: Ledger, group: MemoryCgroup, limit: int | None) -> None:
-    """Make OOMs of `group` wait for oomguard instead of the kernel's killer."""
+def establish_hold(ledger: Changes, group: MemoryCgroup, limit: int | None) -> None:
+    """Make OOMs of `group` wait for oomguard instead of the kernel's killer (`ledger`:
+    the Ledger at adoption, a step's effects in the hold step)."""
     for c in group.hold_changes(limit):
         ledger.apply(group, c.kind, group.relpath, c.before, c.after, tag="hold")
 
 
-def release_hold(ledger: Ledger, group: MemoryCgroup, incident_id: int) -> list[ActiveChange]:
+def release_hold(ledger: Changes, group: MemoryCgroup, incident_id: int) -> list[ActiveChange]:
     """Hand this OOM to the kernel: killer back on (v1) / hold lifted (v2) until the
     incident closes (the changes returned are the incident's, undone at its close)."""
     return [ledger.apply(group, c.kind, group.relpath, c.before, c.after, incident_id)
@@ -32,11 +33,9 @@ def hold(ctx: StepContext) -> None:
     group = ctx.group
     held = any(c.tag == "hold" for c in ctx.ledger.for_group(group)) or group.is_held()
     ctx.begin(before={"held": held})
-    if ctx.would("would keep the OOM pending"):
-        return
     if not held:
         try:
-            establish_hold(ctx.ledger, group, ctx.baseline_limit)
+            establish_hold(ctx.effects, group, ctx.baseline_limit)
         except OomguardError as exc:
             ctx.fail("failed", str(exc))
             return
@@ -46,9 +45,6 @@ def hold(ctx: StepContext) -> None:
 
 
 def kernel(ctx: StepContext) -> None:
-    if ctx.dry_run:
-        ctx.begin()
-        ctx.would("would hand over to the kernel")
-        return
+    # The hand-over writes its own "kernel" step row (Incident.hand_over).
+    ctx.effects.hand_over("the rule says so")
     ctx.done(Outcome.HANDED_OVER)
-    ctx.episode.hand_over("the rule says so")

@@ -18,7 +18,7 @@ from oomguard.steps.victims import targets_for
 
 
 def move(ctx: StepContext) -> None:
-    ledger, group, inc_id = ctx.ledger, ctx.group, ctx.incident_id
+    group, inc_id = ctx.group, ctx.incident_id
     step = ctx.options(MoveStep)
     dest = cgroup_at(group.hierarchies, step.target)
     targets = targets_for(ctx, step.to)
@@ -27,13 +27,13 @@ def move(ctx: StepContext) -> None:
     if not dest.exists():
         ctx.fail("failed", f"no cgroup {dest.relpath}")
         return
-    if ctx.would(f"would move {pids} to {dest.relpath}"):
-        return
+    what = f"move {pids} to {dest.relpath}"
     moved = []
     for cand in targets:
         try:
             target = pid_target(cand.sample.pid, read_stat(cand.sample.pid).start_ticks)
-            ledger.apply(dest, "move", target, group.relpath, dest.relpath, inc_id, tag="move")
+            ctx.effects.apply(dest, "move", target, group.relpath, dest.relpath, inc_id,
+                              tag="move", what=what)
             moved.append(cand.sample.pid)
         except OomguardError:
             continue

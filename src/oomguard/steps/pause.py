@@ -12,7 +12,7 @@ import time
 
 from oomguard.errors import OomguardError
 from oomguard.events.v2 import cgroup_events
-from oomguard.ledger import ActiveChange, Ledger, pid_target
+from oomguard.ledger import pid_target
 from oomguard.procs import read_stat
 from oomguard.steps.context import Outcome, StepContext
 
@@ -22,21 +22,20 @@ FREEZE_CONFIRM = 3.0
 
 
 def stop(ctx: StepContext) -> None:
-    ledger, group, inc = ctx.ledger, ctx.group, ctx.episode
+    group, inc = ctx.group, ctx.episode
     try:
         pids = [p for p in group.procs() if p not in ctx.never_pids]
     except OomguardError as exc:
         ctx.fail("failed", str(exc))
         return
     ctx.begin(before={"pids": pids})
-    if ctx.would(f"would stop {len(pids)} tasks"):
-        return
+    what = f"stop {len(pids)} tasks in {group.relpath}"
     stopped = []
     for pid in pids:
         try:
             target = pid_target(pid, read_stat(pid).start_ticks)
-            inc.changes.append(ledger.apply(group, "stop", target, "running", "stopped", inc.id,
-                                            tag="incident"))
+            inc.changes.append(ctx.effects.apply(group, "stop", target, "running", "stopped",
+                                                 inc.id, tag="incident", what=what))
             stopped.append(pid)
         except OomguardError:
             continue  # exited meanwhile
@@ -46,18 +45,17 @@ def stop(ctx: StepContext) -> None:
 
 
 def freeze(ctx: StepContext) -> None:
-    ledger, group, inc = ctx.ledger, ctx.group, ctx.episode
+    group, inc = ctx.group, ctx.episode
     ctx.begin()
-    if ctx.would("would freeze the group"):
-        return
     try:
         before = group.freezer_state()
         if before != "THAWED":
             ctx.finish("skipped", {"state": before}, "already frozen")
             ctx.done(Outcome.DONE)
             return
-        inc.changes.append(ledger.apply(group, "freeze", group.relpath, "THAWED", "FROZEN",
-                                        inc.id, tag="incident"))
+        inc.changes.append(ctx.effects.apply(group, "freeze", group.relpath, "THAWED",
+                                             "FROZEN", inc.id, tag="incident",
+                                             what=f"freeze {group.relpath}"))
     except OomguardError as exc:
         ctx.fail("failed", str(exc))
         return
@@ -126,28 +124,27 @@ def _confirm_frozen(ctx: StepContext) -> None:
     ctx.later(min(FREEZE_CONFIRM, left), lambda: finish(False))
 
 
-def resume(ledger: Ledger, changes: list[ActiveChange]) -> int:
-    """Continue and thaw what an incident paused; returns how many changes it undid."""
+def resume(ctx: StepContext, kinds: tuple[str, ...] = ("stop", "freeze"),
+           what: str = "") -> int:
+    """Undo what this incident paused (continue and thaw; `kinds`); how many changes."""
     undone = 0
-    for change in list(changes):
-        if change.kind in ("stop", "freeze") and change.id in ledger.active:
-            ledger.restore(change)
+    for change in list(ctx.episode.changes):
+        if change.kind in kinds and change.id in ctx.ledger.active:
+            ctx.effects.restore(change, what=what or f"continue the tasks of "
+                                                     f"{ctx.group.relpath}")
             undone += 1
     return undone
 
 
-def thaw_for_kill(ctx: StepContext) -> None:
-    """SIGKILL to a task in a FREEZING group freezes it instead: thaw before killing."""
-    for change in list(ctx.episode.changes):
-        if change.kind == "freeze" and change.id in ctx.ledger.active:
-            ctx.ledger.restore(change)
+def thaw_for_kill(ctx: StepContext, what: str) -> None:
+    """SIGKILL to a task in a FREEZING group freezes it instead: thaw before killing
+    (`what`: the kill, as a dry run says it)."""
+    resume(ctx, ("freeze",), what)
 
 
 def continue_(ctx: StepContext) -> None:
     ctx.begin()
-    if ctx.would("would continue the tasks"):
-        return
-    n = resume(ctx.ledger, ctx.episode.changes)
+    n = resume(ctx)
     ctx.finish("continued", {"undone": n})
     if n:
         ctx.log.info(f"continued {ctx.group.relpath}")

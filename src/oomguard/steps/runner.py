@@ -3,9 +3,13 @@ gets without asking for it.
 
 The runner, not each step: builds the step's context with its own dry_run
 (rule.dry_run_for: a step marked dry_run records what it would do and changes nothing,
-even in a rule that acts, and the reverse), runs the rule's `before_step` hook first
-(waited for, at most hook_timeout) and its `after_step` hook once the step is done
-(not waited for; see hooks.py for what they learn). The incident re-checks the kernel
+even in a rule that acts, and the reverse). A dry context's effects raise WouldChange at
+the step's first change instead of making it; `perform` catches it, logs
+"dry-run: would ..." once and finishes the step's journal row as "dry-run" with the
+would-be change, and the incident goes on as after a step that is DONE. No step checks
+dry-run itself. The runner also runs the rule's `before_step` hook first (waited for, at
+most hook_timeout) and its `after_step` hook once the step is done (not waited for; see
+hooks.py for what they learn); a dry step runs neither. The incident re-checks the kernel
 after each step and records its crash point.
 """
 
@@ -31,7 +35,7 @@ from oomguard.steps import (
     signal_step,
     snapshot,
 )
-from oomguard.steps.context import Done, Outcome, StepContext
+from oomguard.steps.context import Done, Outcome, StepContext, WouldChange
 
 StepFn = Callable[[StepContext], None]
 
@@ -50,6 +54,19 @@ STEPS: dict[StepKind, StepFn] = {
     StepKind.CORE: core_dump.core,
     StepKind.ASK: ask.ask,
 }
+
+
+def perform(ctx: StepContext) -> None:
+    """Run the context's step. In a dry run its first change ends it here: recorded in the
+    log and the journal ("dry-run", with the would-be change), never made."""
+    try:
+        STEPS[ctx.step.kind](ctx)
+    except WouldChange as would:
+        if ctx.finished:  # it had ended already (a step changes nothing after that)
+            return
+        ctx.log.info(f"dry-run: would {would.what}")
+        ctx.finish("dry-run", {"would": would.change}, f"would {would.what}")
+        ctx.done(Outcome.DONE)
 
 
 class Host(Protocol):
@@ -73,7 +90,7 @@ def run_step(host: Host, step: Step, done: Done, journal: Journal, log: Decision
     rule = host.rule
     dry = rule.dry_run_for(step)
     if dry or not (rule.before_step or rule.after_step):
-        STEPS[step.kind](host.context(step, dry, done))
+        perform(host.context(step, dry, done))
         return
     index = host.index  # already advanced past this step: its position from 1
     base = {"OOMGUARD_STEP": step.kind.value, "OOMGUARD_STEP_INDEX": str(index)}
@@ -101,7 +118,7 @@ def run_step(host: Host, step: Step, done: Done, journal: Journal, log: Decision
 
     ctx = host.context(step, dry, finished)
     if not rule.before_step:
-        STEPS[step.kind](ctx)
+        perform(ctx)
         return
     gen = host.generation
     saved = record("before")
@@ -110,7 +127,7 @@ def run_step(host: Host, step: Step, done: Done, journal: Journal, log: Decision
         saved(data)
         if data.get("cancelled") or host.generation != gen or not host.acting:
             return  # the incident moved on (closed, handed over) while the hook ran
-        STEPS[step.kind](ctx)
+        perform(ctx)
 
     env = hooks.hook_environment(ctx, {**base, "OOMGUARD_HOOK": "before"})
     hook = hooks.spawn(ctx.loop, rule.before_step, env, rule.hook_timeout, before_finished)
@@ -121,4 +138,4 @@ def run_step(host: Host, step: Step, done: Done, journal: Journal, log: Decision
 def run_kind(host: Host, kind: str, done: Done) -> None:
     """Run a step of `kind` with the rule's settings, no hooks (an exec's or ask's choice)."""
     step = make_step(StepKind(kind))
-    STEPS[step.kind](host.context(step, host.rule.dry_run_for(step), done))
+    perform(host.context(step, host.rule.dry_run_for(step), done))

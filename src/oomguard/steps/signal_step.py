@@ -82,8 +82,7 @@ def signal_step(ctx: StepContext) -> None:
         ctx.log.info(f"{group.relpath}: signal step sent nothing: {why}")
         ctx.fail("no-target", why)
         return
-    if ctx.would(f"would send {name} to {pids}"):
-        return
+    what = f"send {name} to {pids} in {group.relpath}"
     ctx.journal.commit()
     watched: list[tuple[Candidate, Pidfd]] = []
     sent_at = time.monotonic()
@@ -91,7 +90,14 @@ def signal_step(ctx: StepContext) -> None:
         pfd = open_verified(cand.sample)
         if pfd is None:
             continue
-        if pfd.send(signum):
+        try:
+            ok = ctx.effects.signal(pfd, signum, what=what)
+        except BaseException:  # a dry run's WouldChange too: no pidfd outlives the step
+            pfd.close()
+            for _, other in watched:
+                other.close()
+            raise
+        if ok:
             watched.append((cand, pfd))
         else:
             pfd.close()
