@@ -26,6 +26,7 @@ import select
 import sqlite3
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -124,16 +125,21 @@ class Fifo:
             self.path.unlink()
 
 
-def reaped_ms(journal: Path) -> list[float]:
-    """The journal's victims, oldest first: signal -> exit (ms) as oomguard measured it."""
+def journal_rows(journal: Path, sql: str) -> list[Any]:
+    """Rows of a run's journal, read-only; [] when it cannot be read (yet)."""
     try:
         db = sqlite3.connect(f"file:{journal}?mode=ro", uri=True)
         try:
-            rows = db.execute("SELECT reaped_ms FROM victims ORDER BY id").fetchall()
+            return db.execute(sql).fetchall()
         finally:
             db.close()
     except sqlite3.Error:
         return []
+
+
+def reaped_ms(journal: Path) -> list[float]:
+    """The journal's victims, oldest first: signal -> exit (ms) as oomguard measured it."""
+    rows = journal_rows(journal, "SELECT reaped_ms FROM victims ORDER BY id")
     return [float(r[0]) for r in rows if r[0] is not None]
 
 
@@ -141,14 +147,7 @@ def grow_gap(journal: Path, stamps: list[int]) -> int | None:
     """Index of the gap between stamps that holds the grow step's start (the journal's
     monotonic clock is the stamps' clock): the stall that the OOM and the raise caused,
     as opposed to the kernel's reclaim just before the OOM, which any handler sees."""
-    try:
-        db = sqlite3.connect(f"file:{journal}?mode=ro", uri=True)
-        try:
-            rows = db.execute("SELECT started_mono FROM steps WHERE kind = 'grow'").fetchall()
-        finally:
-            db.close()
-    except sqlite3.Error:
-        return None
+    rows = journal_rows(journal, "SELECT started_mono FROM steps WHERE kind = 'grow'")
     for (mono,) in rows:
         t = int(float(mono) * 1e9)
         if stamps[0] < t < stamps[-1]:
@@ -255,47 +254,73 @@ def once(h: Any, ctx: Any, mode: str, group: MemoryCgroup | None, i: int,
                 ctx.procs.stop(p)
 
 
+@dataclass
+class DaemonMode:
+    """A daemon mode (daemon, daemon_alt): its daemon, its group, and the hogs it was given
+    (how many, when the last ended), so that each hog waits for the last incident's close."""
+
+    daemon: Any
+    group: MemoryCgroup
+    ran: int = 0
+    last: float = 0.0
+
+    def wait_closed(self) -> None:
+        self.daemon.wait_closed(self.group.relpath, self.ran, self.last)
+
+    def one_more(self) -> None:
+        self.ran += 1
+        self.last = time.monotonic()
+
+
+def start_daemon(h: Any, ctx: Any, mode: str, env: dict[str, str] | None = None,
+                 trace: bool = False) -> DaemonMode | None:
+    """`mode`'s daemon with examples/policy.toml pointed at a 64 MiB group of its own,
+    watching; None (an error said) if it does not get there."""
+    group = ctx.group(f"defaults/{mode}", 64 * MiB)
+    daemon = h.Daemon(ctx, "defaults" + mode.removeprefix("daemon"),
+                      example_policy(h.ROOT, group.relpath), trace=trace, env=env)
+    daemon.start()
+    try:
+        secs, _ = daemon.wait_watching(1)
+    except RuntimeError as exc:
+        ctx.error(f"defaults {mode}: {exc}")
+        ctx.procs.stop(daemon.proc)
+        return None
+    h.log(f"defaults: {mode} with examples/policy.toml watching after {secs:.3f} s")
+    return DaemonMode(daemon, group)
+
+
 def scenario_defaults(h: Any, ctx: Any) -> None:
     """h: the harness module (its helpers and statistics); ctx: its Context."""
     n = ctx.args.n_defaults or (8 if ctx.quick else 15)
     kernel_g = ctx.group("defaults/kernel", 64 * MiB)
     kernel_g.set_oom_kill_disable(False)
-    daemon_g = ctx.group("defaults/daemon", 64 * MiB)
-    daemon = h.Daemon(ctx, "defaults", example_policy(h.ROOT, daemon_g.relpath),
-                      trace=ctx.args.trace)
-    daemon.start()
     modes = list(MODES)
-    try:
-        secs, _ = daemon.wait_watching(1)
-        h.log(f"defaults: daemon with examples/policy.toml watching after {secs:.3f} s")
-    except RuntimeError as exc:
-        ctx.error(f"defaults: {exc}")
-        ctx.procs.stop(daemon.proc)
-        daemon = None
+    daemons: dict[str, DaemonMode] = {}
+    started = start_daemon(h, ctx, "daemon", trace=ctx.args.trace)
+    if started is not None:
+        daemons["daemon"] = started
+    else:
         modes.remove("daemon")
-    daemon_alt = alt_g = None
     if getattr(ctx.args, "alt_src", None):
-        alt_g = ctx.group("defaults/daemon_alt", 64 * MiB)
-        daemon_alt = h.Daemon(ctx, "defaults_alt", example_policy(h.ROOT, alt_g.relpath),
-                              env=alt_env(ctx))
-        daemon_alt.start()
-        daemon_alt.wait_watching(1)
         modes += list(ALT_MODES)
+        started = start_daemon(h, ctx, "daemon_alt", env=alt_env(ctx))
+        if started is not None:
+            daemons["daemon_alt"] = started
+        else:
+            modes.remove("daemon_alt")
         h.log(f"defaults: *_alt modes import oomguard from {ctx.args.alt_src}")
-    ran_alt, last_alt = 0, 0.0
+    daemon = daemons["daemon"].daemon if "daemon" in daemons else None
     samples: dict[str, list[dict[str, Any]]] = {m: [] for m in modes}
-    ran = 0
-    last = 0.0
     h.log(f"defaults: {n} iterations x {len(modes)} modes, interleaved (load "
           f"{os.getloadavg()[0]:.2f})")
     for i in range(n):
         order = modes[i % len(modes):] + modes[: i % len(modes)]
         for mode in order:
-            if mode == "daemon":
-                daemon.wait_closed(daemon_g.relpath, ran, last)
-            if mode == "daemon_alt" and daemon_alt is not None and alt_g is not None:
-                daemon_alt.wait_closed(alt_g.relpath, ran_alt, last_alt)
-            g = {"kernel": kernel_g, "daemon": daemon_g, "daemon_alt": alt_g}.get(mode)
+            dm = daemons.get(mode)
+            if dm is not None:
+                dm.wait_closed()
+            g = kernel_g if mode == "kernel" else dm.group if dm is not None else None
             if mode == "kernel_fresh":  # a new group, as `run` (or systemd-run) makes one
                 g = ctx.group(f"defaults/fresh-{i}", 64 * MiB)
                 g.set_oom_kill_disable(False)
@@ -303,23 +328,16 @@ def scenario_defaults(h: Any, ctx: Any) -> None:
             if mode == "kernel_fresh" and g is not None:
                 with contextlib.suppress(CgroupError):
                     g.remove()
-            if mode == "daemon":
-                ran += 1
-                last = time.monotonic()
-            if mode == "daemon_alt":
-                ran_alt += 1
-                last_alt = time.monotonic()
+            if dm is not None:
+                dm.one_more()
             if "error" in s:
                 ctx.error(f"defaults {mode} iter {i}: {s['error']}")
             samples[mode].append(s)
             time.sleep(0.05)
-    for mode, d, g in (("daemon", daemon, daemon_g), ("daemon_alt", daemon_alt, alt_g)):
-        if d is None or g is None or mode not in samples:
-            continue
-        d.wait_closed(g.relpath, ran if mode == "daemon" else ran_alt,
-                      last if mode == "daemon" else last_alt)
+    for mode, dm in daemons.items():
+        dm.wait_closed()
         killed = [s for s in samples[mode] if "latency_ms" in s]
-        reaped = reaped_ms(d.journal)
+        reaped = reaped_ms(dm.daemon.journal)
         if len(reaped) == len(killed):  # one victim per hog, in order
             for s, r in zip(killed, reaped, strict=True):
                 s["to_signal_ms"] = s["latency_ms"] - r
@@ -348,9 +366,10 @@ def scenario_defaults(h: Any, ctx: Any) -> None:
             o = st["oom_stall"]
             h.log(f"  defaults {'  at OOM':9s} n={o['n']:3d} median {o['median_ms']:.3f} "
                   f"p95 {o['p95_ms']:.3f} max {o['max_ms']:.3f} ms (the gap holding the grow)")
-    if daemon_alt is not None and alt_g is not None:
-        daemon_alt.wait_closed(alt_g.relpath, ran_alt, last_alt)
-        daemon_alt.stop()
+    if "daemon_alt" in daemons:
+        daemons["daemon_alt"].wait_closed()
+        daemons["daemon_alt"].daemon.stop()
+    if getattr(ctx.args, "alt_src", None):
         for m in ALT_MODES:
             base = out["modes"].get(m.removesuffix("_alt"), {}).get("median_ms")
             ctx.results[f"default_{m}_vs_{m.removesuffix('_alt')}_ratio"] = h.ratio(
@@ -361,11 +380,11 @@ def scenario_defaults(h: Any, ctx: Any) -> None:
         ctx.results["default_daemon_alt_vs_kernel_ratio"] = h.ratio(
             out["modes"].get("daemon_alt", {}).get("median_ms"),
             out["modes"].get("kernel", {}).get("median_ms"))
-    if daemon is not None:
-        daemon.wait_closed(daemon_g.relpath, ran, last)
+    if "daemon" in daemons and daemon is not None:
+        daemons["daemon"].wait_closed()
         code = daemon.stop()
         out["daemon_exit_code"] = code
-        out["daemon_restored"] = not h.oom_kill_disabled(daemon_g)
+        out["daemon_restored"] = not h.oom_kill_disabled(daemons["daemon"].group)
         if daemon.trace is not None and daemon.trace.exists() and ctx.args.keep_tmp:
             out["daemon_trace_file"] = str(daemon.trace)
     ctx.results["defaults"] = out

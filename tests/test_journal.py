@@ -241,16 +241,20 @@ def test_intent_log_newest_first_and_restore(j: Journal) -> None:
     c3 = j.record_change("/b", "freeze", "/b", "0", "1")
     pending = j.pending_changes()
     assert [c.id for c in pending] == [c3, c2, c1]
-    assert pending[1] == Change(
+    # One type for an intent-log row: journal.Change is the incident history's ChangeRecord.
+    assert Change is ChangeRecord
+    assert pending[1] == ChangeRecord(
         id=c2,
         cgroup="/a",
         kind="stop",
         target="pid:123",
         before="running",
         after="stopped",
+        recorded_ts=pending[1].recorded_ts,
+        restored_ts=None,
         incident_id=None,
-        recorded_at=pending[1].recorded_at,
     )
+    assert pending[1].recorded_ts is not None
     j.mark_restored(c2)
     j.mark_restored(c2)  # twice is harmless
     assert [c.id for c in j.pending_changes()] == [c3, c1]

@@ -18,7 +18,7 @@ import os
 import sqlite3
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -173,18 +173,9 @@ class JournalError(OomguardError):
     """The journal could not be opened, read or written; the message names the file."""
 
 
-@dataclass(frozen=True, slots=True)
-class Change:
-    """One row of the intent log: `target` went from `before` to `after`."""
-
-    id: int
-    cgroup: str
-    kind: str
-    target: str
-    before: str
-    after: str
-    incident_id: int | None
-    recorded_at: float  # wall clock, seconds since the epoch
+# One row of the intent log, one type: what recovery undoes (pending_changes) and what an
+# incident's history shows are the same record.
+Change = ChangeRecord
 
 
 def default_journal_path() -> Path:
@@ -894,22 +885,9 @@ class Journal:
     def pending_changes(self) -> list[Change]:
         """Changes not yet restored, newest first: the order to undo them in."""
         rows = self._read(
-            "SELECT id, cgroup, kind, target, before_value, after_value, incident_id,"
-            " recorded_at FROM changes WHERE restored_at IS NULL ORDER BY id DESC"
+            f"SELECT {_CHANGE_COLUMNS} FROM changes WHERE restored_at IS NULL ORDER BY id DESC"
         )
-        return [
-            Change(
-                id=_int(r[0]),
-                cgroup=_py_text(r[1]),
-                kind=_py_text(r[2]),
-                target=_py_text(r[3]),
-                before=_py_text(r[4]),
-                after=_py_text(r[5]),
-                incident_id=None if r[6] is None else _int(r[6]),
-                recorded_at=_float(r[7]) or 0.0,
-            )
-            for r in rows
-        ]
+        return [_change(r) for r in rows]
 
     # -- queries ------------------------------------------------------------------
 
@@ -962,78 +940,72 @@ class Journal:
         return [_incident(r, kids[iid]) for iid, r in heads.items()]
 
     def _load_children(self, ids: list[int], kids: dict[int, _Children]) -> None:
+        """Each child table's rows of these incidents, in one loop over _CHILD_TABLES."""
         marks = ",".join("?" * len(ids))
-        for r in self._rows_for(
-            "SELECT incident_id, id, seq, kind, pid, result, before_json, after_json, detail,"
-            " duration_ms, started_at FROM steps WHERE incident_id IN ({}) ORDER BY seq",
-            marks,
-            ids,
-        ):
-            kids[_int(r[0])].steps.append(StepRecord(
-                id=_int(r[1]),
-                seq=_int(r[2]),
-                kind=_py_text(r[3]),
-                pid=_opt_int(r[4]),
-                result=_opt_text(r[5]),
-                before=_json_object(r[6]),
-                after=_json_object(r[7]),
-                detail=_py_text(r[8]),
-                duration_ms=_float(r[9]),
-                started_ts=_float(r[10]),
-            ))
-        for r in self._rows_for(
-            "SELECT incident_id, pid, comm, rss, signal, reaped_ms, at FROM victims"
-            " WHERE incident_id IN ({}) ORDER BY id",
-            marks,
-            ids,
-        ):
-            kids[_int(r[0])].victims.append(VictimRecord(
-                pid=_int(r[1]),
-                comm=_py_text(r[2]),
-                rss=_int(r[3]),
-                signal=_py_text(r[4]),
-                reaped_ms=_float(r[5]),
-                at_ts=_float(r[6]),
-            ))
-        for r in self._rows_for(
-            "SELECT incident_id, at, cgroup, kind, data_json FROM events"
-            " WHERE incident_id IN ({}) ORDER BY id",
-            marks,
-            ids,
-        ):
-            kids[_int(r[0])].events.append(EventRecord(
-                at_ts=_float(r[1]),
-                cgroup=_py_text(r[2]),
-                kind=_py_text(r[3]),
-                data=_json_object(r[4]),
-            ))
-        for r in self._rows_for(
-            "SELECT incident_id, kind, at, data_json FROM evidence"
-            " WHERE incident_id IN ({}) ORDER BY id",
-            marks,
-            ids,
-        ):
-            kids[_int(r[0])].evidence.append(EvidenceRecord(
-                kind=_py_text(r[1]), at_ts=_float(r[2]), data=_from_json(r[3])))
-        for r in self._rows_for(
-            "SELECT incident_id, id, cgroup, kind, target, before_value, after_value,"
-            " recorded_at, restored_at FROM changes WHERE incident_id IN ({}) ORDER BY id",
-            marks,
-            ids,
-        ):
-            kids[_int(r[0])].changes.append(ChangeRecord(
-                id=_int(r[1]),
-                cgroup=_py_text(r[2]),
-                kind=_py_text(r[3]),
-                target=_py_text(r[4]),
-                before=_py_text(r[5]),
-                after=_py_text(r[6]),
-                recorded_ts=_float(r[7]),
-                restored_ts=_float(r[8]),
-            ))
+        for attr, columns, table, order, make in _CHILD_TABLES:
+            sql = (f"SELECT incident_id, {columns} FROM {table}"
+                   f" WHERE incident_id IN ({marks}) ORDER BY {order}")
+            for r in self._read(sql, ids):
+                getattr(kids[_int(r[0])], attr).append(make(r[1:]))
 
-    def _rows_for(self, sql: str, marks: str, ids: Iterable[int]) -> list[tuple[object, ...]]:
-        return self._read(sql.format(marks), list(ids))
+
+# An intent-log row as ChangeRecord takes it (pending_changes, an incident's history).
+_CHANGE_COLUMNS = ("id, cgroup, kind, target, before_value, after_value, recorded_at,"
+                   " restored_at, incident_id")
+
+
+def _change(r: Sequence[object]) -> ChangeRecord:
+    return ChangeRecord(
+        id=_int(r[0]),
+        cgroup=_py_text(r[1]),
+        kind=_py_text(r[2]),
+        target=_py_text(r[3]),
+        before=_py_text(r[4]),
+        after=_py_text(r[5]),
+        recorded_ts=_float(r[6]),
+        restored_ts=_float(r[7]),
+        incident_id=_opt_int(r[8]),
+    )
+
+
+def _step(r: Sequence[object]) -> StepRecord:
+    return StepRecord(
+        id=_int(r[0]),
+        seq=_int(r[1]),
+        kind=_py_text(r[2]),
+        pid=_opt_int(r[3]),
+        result=_opt_text(r[4]),
+        before=_json_object(r[5]),
+        after=_json_object(r[6]),
+        detail=_py_text(r[7]),
+        duration_ms=_float(r[8]),
+        started_ts=_float(r[9]),
+    )
+
+
+def _victim(r: Sequence[object]) -> VictimRecord:
+    return VictimRecord(pid=_int(r[0]), comm=_py_text(r[1]), rss=_int(r[2]),
+                        signal=_py_text(r[3]), reaped_ms=_float(r[4]), at_ts=_float(r[5]))
+
+
+def _event(r: Sequence[object]) -> EventRecord:
+    return EventRecord(at_ts=_float(r[0]), cgroup=_py_text(r[1]), kind=_py_text(r[2]),
+                       data=_json_object(r[3]))
+
+
+def _evidence(r: Sequence[object]) -> EvidenceRecord:
+    return EvidenceRecord(kind=_py_text(r[0]), at_ts=_float(r[1]), data=_from_json(r[2]))
+
+
+# An incident's children: (_Children field, columns after incident_id, table, order, record).
+_CHILD_TABLES: tuple[tuple[str, str, str, str, Callable[[Sequence[object]], object]], ...] = (
+    ("steps", "id, seq, kind, pid, result, before_json, after_json, detail, duration_ms,"
+              " started_at", "steps", "seq", _step),
+    ("victims", "pid, comm, rss, signal, reaped_ms, at", "victims", "id", _victim),
+    ("events", "at, cgroup, kind, data_json", "events", "id", _event),
+    ("evidence", "kind, at, data_json", "evidence", "id", _evidence),
+    ("changes", _CHANGE_COLUMNS, "changes", "id", _change),
+)
 
 
 @dataclass(slots=True)

@@ -142,7 +142,9 @@ class EvidenceRecord:
 
 @dataclass(frozen=True, slots=True)
 class ChangeRecord:
-    """An intent-log row as an incident's history: `target` went from `before` to `after`."""
+    """One row of the intent log: `target` went from `before` to `after`. The one type for
+    it: what recovery undoes (`Journal.pending_changes`, also named `journal.Change`) and
+    an incident's history."""
 
     id: int
     cgroup: str
@@ -152,6 +154,7 @@ class ChangeRecord:
     after: str
     recorded_ts: float | None
     restored_ts: float | None  # None: never put back (yet)
+    incident_id: int | None = None  # the incident it belongs to; None: made at adoption
 
     @property
     def recorded_at(self) -> str | None:
