@@ -26,6 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from oomguard.cgroup import MemoryCgroup, resolve
+from oomguard.control import ControlServer, socket_path
 from oomguard.discovery import Discovery, plan_adoption
 from oomguard.engine import kill_until_restored, settled
 from oomguard.errors import OomguardError, UsageError
@@ -114,6 +115,7 @@ class Daemon:
         self.server: MetricsServer | None = None
         self._journal_retry: Timer | None = None
         self.system: SystemMonitor | None = None  # --system / [system]: system.py
+        self.control: ControlServer | None = None  # `oomguard top` asks here (control.py)
         session.journal.on_fault = self._journal_fault
 
     def check_not_inside(self, policy: Policy | None = None) -> None:
@@ -129,8 +131,9 @@ class Daemon:
     def adopt(self, group: MemoryCgroup, rule: Rule) -> None:
         engine, log = self.session.engine, self.session.log
         known = group.relpath in engine.watches
-        plan = None if known else plan_adoption(group, rule)  # read before anything changes
-        watch = engine.watch(group, rule)
+        with group.oneshot():  # the plan, the hold and the metrics read the same files
+            plan = None if known else plan_adoption(group, rule)  # before anything changes
+            watch = engine.watch(group, rule)
         if watch.relpath in engine.watches:
             self._take_over_hold(group, rule)
             if plan is not None:
@@ -180,7 +183,8 @@ class Daemon:
         recover(s.journal, s.hier, s.log.info, self._last_resort, _skip)
         if self.policy.rules:  # --system alone watches no cgroup: no inotify wakeups
             self.discovery = Discovery(s.hier, self.policy, s.loop, self.adopt, skip=_skip)
-            self.discovery.scan()
+            with s.log.batched():  # a line per adopted group, not a write(2) per line
+                self.discovery.scan()
         if self.policy.system is not None:  # whole-machine pressure (issue 12)
             self.system = SystemMonitor(s.engine, self.policy.system)
             self.system.start()
@@ -188,6 +192,10 @@ class Daemon:
             self.server = MetricsServer(self.metrics_addr, s.metrics)
             self.server.attach(s.loop)
             s.log.info(f"serving metrics at {self.server.url}")
+        if not self.dry_run:  # decisions by hand from `oomguard top`
+            self.control = ControlServer(socket_path(s.journal.path), s.engine, s.log.info)
+            if not self.control.attach(s.loop):
+                self.control = None
         s.engine.setup_desktop(self.policy.rules)  # D-Bus for `ask` steps, only if a rule asks
         s.engine.on_unwatched = lambda _w: self._health()
         self._health()
@@ -227,7 +235,7 @@ class Daemon:
         self.policy = policy
         changed = released = 0
         for watch in list(engine.watches.values()):
-            rule = policy.rule_for(watch.relpath)
+            rule = policy.rule_for(watch.relpath, watch.container)
             if rule is None:
                 engine.unwatch(watch)
                 released += 1
@@ -238,7 +246,8 @@ class Daemon:
         if self.discovery is not None:
             self.discovery.close()
         self.discovery = Discovery(s.hier, policy, s.loop, self.adopt, skip=_skip)
-        self.discovery.scan()
+        with s.log.batched():
+            self.discovery.scan()
         engine.setup_desktop(policy.rules)
         self._health()
         s.log.info(f"SIGHUP: policy reloaded from {self.config} ({len(policy.rules)} rules): "
@@ -275,6 +284,8 @@ class Daemon:
             self._journal_retry.cancel()
         if self.server is not None:
             self.server.close()
+        if self.control is not None:
+            self.control.close()
         if self.discovery is not None:
             self.discovery.close()
         if self.system is not None:

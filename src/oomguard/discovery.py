@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from oomguard.cgroup import Hierarchies, MemoryCgroup, cgroup_at
+from oomguard.containers import ContainerIdentity, default_index
 from oomguard.errors import OomguardError
 from oomguard.events.inotify import DirectoryWatcher
 from oomguard.events.loop import EventLoop
@@ -100,6 +101,16 @@ def plan_adoption(group: MemoryCgroup, rule: Rule) -> AdoptionPlan:
     )
 
 
+#: A group that looks like a container, with no rule yet because its names are not on the
+#: node yet, is considered again after these delays (seconds).
+NAME_RETRIES = (0.2, 1.0, 5.0)
+
+
+def _identity(policy: Policy, relpath: str) -> ContainerIdentity | None:
+    """Who the group is as a container, only when a rule asks (read once, cached)."""
+    return default_index().lookup(relpath) if policy.speaks_containers else None
+
+
 def walk(hier: Hierarchies, relpath: str, depth_limit: int | None) -> Iterator[str]:
     """`relpath` and the groups below it, down to `depth_limit` levels from the root."""
     depth = len(split_path(relpath))
@@ -139,7 +150,7 @@ def matching_groups(hier: Hierarchies, policy: Policy,
         for relpath in walk(hier, root, limit):
             if skip(relpath):
                 continue
-            rule = policy.rule_for(relpath)
+            rule = policy.rule_for(relpath, _identity(policy, relpath))
             group = cgroup_at(hier, relpath)
             if rule is not None and group.path.is_dir():
                 yield group, rule
@@ -158,6 +169,7 @@ class Discovery:
         self.watcher = DirectoryWatcher()
         loop.add_reader(self.watcher.fileno(), self._on_dir_event, self.watcher.poll_events)
         self._depth_limit = self._limits()
+        self.closed = False
 
     def _limits(self) -> int | None:
         return depth_limit(self.policy)
@@ -174,7 +186,7 @@ class Discovery:
         for root in [start] if start else self._roots():
             for relpath in self._walk(root):
                 group = cgroup_at(self.hier, relpath)
-                if not group.path.is_dir():
+                if not group.exists():
                     continue
                 if self._could_lead_to_match(relpath):
                     try:
@@ -188,11 +200,22 @@ class Discovery:
         depth = len(split_path(relpath))
         return self._depth_limit is None or depth < self._depth_limit
 
-    def _consider(self, group: MemoryCgroup) -> int:
+    def _again(self, group: MemoryCgroup, retry: int) -> None:
+        if not self.closed and group.path.is_dir():
+            default_index().forget(group.relpath)
+            self._consider(group, retry)
+
+    def _consider(self, group: MemoryCgroup, retry: int = 0) -> int:
         if self.skip(group.relpath):
             return 0
-        rule = self.policy.rule_for(group.relpath)
+        identity = _identity(self.policy, group.relpath)
+        rule = self.policy.rule_for(group.relpath, identity)
         if rule is None:
+            if identity is not None and identity.id and not identity.named and retry < len(
+                    NAME_RETRIES):
+                # A rule may want its names, which the runtime writes just after it made
+                # the cgroup (runc: state.json): consider the group again a little later.
+                self.loop.call_later(NAME_RETRIES[retry], lambda: self._again(group, retry + 1))
             return 0
         try:
             self.on_match(group, rule)
@@ -212,5 +235,6 @@ class Discovery:
             self.scan(relpath)
 
     def close(self) -> None:
+        self.closed = True
         self.loop.remove_reader(self.watcher.fileno())
         self.watcher.close()

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from oomguard.cgroup import Hierarchies, MemoryCgroup
+from oomguard.containers import default_index
 from oomguard.errors import CgroupError, OomguardError
 from oomguard.events.background import Background
 from oomguard.events.loop import EventLoop
@@ -27,7 +28,7 @@ from oomguard.obs.log import DecisionLog
 from oomguard.policy import AskStep, Rule, StepKind, Strategy, rank_for_rule
 from oomguard.procs import Pidfd, read_stat
 from oomguard.steps import hooks
-from oomguard.steps.grow import try_shrink
+from oomguard.steps.grow import ahead_margin, try_shrink
 from oomguard.steps.hold import establish_hold
 from oomguard.steps.victims import (
     NOTHING_EXTRA,
@@ -37,6 +38,7 @@ from oomguard.steps.victims import (
     sample_group,
     take_snapshot,
 )
+from oomguard.units import format_size
 from oomguard.watch import RemovalWatcher, Watch, close_all, open_thresholds
 
 if TYPE_CHECKING:
@@ -45,6 +47,10 @@ if TYPE_CHECKING:
     from oomguard.obs.metrics import Metrics
     from oomguard.procs.reader import ProcessSnapshot
 
+
+# A container's names are read at adoption; its runtime may write them just after it made
+# the cgroup (runc saves state.json after the cgroup): look again after these delays (s).
+CONTAINER_NAME_RETRIES = (0.2, 1.0, 5.0)
 
 # After a kill at shutdown, how long to let the memory come back before trying again.
 SHUTDOWN_RESTORE_WAITS = (0.0, 0.01, 0.05, 0.1, 0.25)
@@ -146,14 +152,37 @@ class Engine:
             self.removals.add(watch)
         if ranks_by_growth(rule) and not rule.dry_run:
             self._arm_growth(watch)
+        self.arm_ahead(watch)
         if rule.psi is not None:
             try:
                 watch.start_pressure(self.loop, self._on_pressure)
             except OomguardError as exc:
                 self.log.warning(f"{group.relpath}: no psi trigger: {exc}")
         self.watches[group.relpath] = watch
+        self._name(watch)
         self.report_cgroup(group)
         return watch
+
+    def _name(self, watch: Watch, retry: int = 0) -> None:
+        """Who the group is as a container, into every record (containers.py): read at
+        adoption and, while the runtime's state is not there yet, a few times after; never
+        while an incident is open (nothing is read between an OOM event and the kill)."""
+        if self.watches.get(watch.relpath) is not watch:
+            return
+        if watch.incident is not None and retry:
+            self.loop.call_later(CONTAINER_NAME_RETRIES[-1], lambda: self._name(watch, retry))
+            return
+        index = default_index()
+        found = index.refresh(watch.relpath) if retry else index.lookup(watch.relpath)
+        if found is None:
+            return
+        watch.container = found
+        self.log.name_group(watch.relpath, found)
+        if self.metrics is not None:
+            self.metrics.name_cgroup(watch.relpath, found)
+        if found.id and not found.named and retry < len(CONTAINER_NAME_RETRIES):
+            self.loop.call_later(CONTAINER_NAME_RETRIES[retry],
+                                 lambda: self._name(watch, retry + 1))
 
     def _adopt(self, watch: Watch, hold: bool = True) -> None:
         group, rule = watch.group, watch.rule
@@ -218,6 +247,7 @@ class Engine:
     def unwatch(self, watch: Watch, removed: bool = False) -> None:
         if self.watches.pop(watch.relpath, None) is None:
             return
+        self._disarm_ahead(watch)
         inc = watch.incident
         if isinstance(inc, Incident) and inc.state != "closed":
             inc.close("removed" if removed else "interrupted")
@@ -231,6 +261,8 @@ class Engine:
             self._restore_group(watch)
         if self.metrics is not None:
             self.metrics.forget_cgroup(watch.relpath)
+        self.log.name_group(watch.relpath, None)
+        default_index().forget(watch.relpath)
         if self.on_unwatched is not None:
             self.on_unwatched(watch)
 
@@ -253,14 +285,16 @@ class Engine:
         self.unwatch(watch, removed=True)
 
     # -- incidents ---------------------------------------------------------------------
-    def _on_oom(self, watch: Watch, count: int, when: float) -> None:
+    def _on_oom(self, watch: Watch, count: int, when: float,
+                ahead: dict[str, int] | None = None) -> None:
         inc = watch.incident
         if isinstance(inc, Incident) and inc.state != "closed":
-            inc.on_event(count)
+            if ahead is None:
+                inc.on_event(count)
             return
         self.journal.defer()  # one commit for the rows before the first change
         try:
-            inc = Incident(self, watch, when, count)
+            inc = Incident(self, watch, when, count, ahead)
             watch.incident = inc
             if self.ledger.guardian is not None:  # it beats while an incident is open
                 self.ledger.guardian.incident_opened(str(watch.group.path), inc.rule.deadline)
@@ -394,6 +428,75 @@ class Engine:
             self.journal.add_evidence(incident_id, "evidence-dir", {"path": str(directory)})
         return directory
 
+    # -- growing ahead of the OOM (v1) --------------------------------------------------
+    def arm_ahead(self, watch: Watch) -> None:
+        """A rule that grows grows *before* its group's OOM: a usage threshold a margin
+        below the limit (v1 memory.usage_in_bytes) opens an incident that runs only the
+        grow step, so the allocating task never sleeps in the OOM wait (`run --grow`:
+        from a 4-5 ms stall at the OOM to none). Re-armed whenever the limit moves.
+        Registered off the loop (an RCU grace period each, events/background.py)."""
+        rule, group = watch.rule, watch.group
+        margin = ahead_margin(rule, watch.baseline_limit)
+        if margin is None or rule.dry_run or not group.has_usage_thresholds:
+            return
+        try:
+            limit = group.limit()
+        except OomguardError:
+            return
+        if limit is None or (rule.grow_max is not None and limit >= rule.grow_max):
+            self._disarm_ahead(watch)  # nothing left to grow into
+            return
+        mark = max(limit - margin, 1)
+        if watch.ahead_mark == mark:
+            return
+        self._disarm_ahead(watch)
+        watch.ahead_mark = mark
+
+        def armed(result: object) -> None:
+            if isinstance(result, BaseException):
+                self.log.warning(f"{group.relpath}: cannot grow ahead of the OOM: {result}")
+                return
+            assert isinstance(result, ThresholdNotifier)
+            if self.watches.get(group.relpath) is not watch or watch.ahead_mark != mark:
+                result.close()  # let go of, or moved, meanwhile
+                return
+            watch.ahead = result
+            self.loop.add_reader(result.fileno(),
+                                 lambda _r: self._ahead_crossed(watch, result),
+                                 result.poll_events)
+            self.log.info(f"{group.relpath}: grows ahead of the OOM from {format_size(mark)} "
+                          f"({format_size(limit - mark)} below the limit)")
+
+        self.background.submit(lambda: ThresholdNotifier(group, mark), armed,
+                               lambda r: r.close() if isinstance(r, ThresholdNotifier) else None)
+
+    def _disarm_ahead(self, watch: Watch) -> None:
+        watch.ahead_mark = None
+        if watch.ahead is not None:
+            self.loop.remove_reader(watch.ahead.fileno())
+            watch.ahead.close()
+            watch.ahead = None
+
+    def _ahead_crossed(self, watch: Watch, notifier: ThresholdNotifier) -> None:
+        if not notifier.read().count or notifier is not watch.ahead:
+            return
+        mark, group = watch.ahead_mark, watch.group
+        if mark is None or (isinstance(watch.incident, Incident)
+                            and watch.incident.state != "closed"):
+            return
+        try:
+            usage = group.usage()
+            if usage < mark:
+                return  # crossed downwards
+            stat = group.read_kv("memory.stat")
+        except OomguardError:
+            return
+        cache = stat.get("total_inactive_file", 0) + stat.get("total_active_file", 0)
+        if usage - cache < mark:
+            return  # page cache: the kernel's reclaim makes room, no grow needed
+        self._on_oom(watch, 0, time.monotonic(), ahead={"usage": usage, "mark": mark,
+                                                        "cache": cache})
+
     # -- shrinking back after a grow ---------------------------------------------------
     def arm_shrink(self, watch: Watch) -> None:
         """Learn when usage falls back under the original limit: a v1 usage threshold
@@ -444,6 +547,7 @@ class Engine:
             if try_shrink(self.ledger, watch.group, watch.baseline_limit):
                 self.log.shrank(watch.relpath, before, watch.group.limit())
                 self._disarm_shrink(watch)
+                self.arm_ahead(watch)  # the limit is back: so is the mark below it
                 return
         except CgroupError as exc:
             self.log.warning(f"shrink of {watch.relpath} failed: {exc}")

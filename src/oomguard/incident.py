@@ -36,15 +36,24 @@ RECHECK_DELAYS = (0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128
 
 
 class Incident:
-    def __init__(self, engine: Engine, watch: Watch, first_event: float, count: int) -> None:
+    def __init__(self, engine: Engine, watch: Watch, first_event: float, count: int,
+                 ahead: dict[str, int] | None = None) -> None:
         self.engine = engine
         self.watch = watch
         self.group = watch.group
         self.rule: Rule = watch.rule
         self.dry_run = self.rule.dry_run
         self.first_event = first_event
-        self.id = engine.journal.open_incident(self.group.relpath, self.rule.name, self.dry_run)
-        engine.journal.add_event(self.id, self.group.relpath, "oom", {"count": count})
+        self.id = engine.journal.open_incident(self.group.relpath, self.rule.name, self.dry_run,
+                                               watch.container)
+        # Ahead of an OOM (engine.arm_ahead): usage near the limit, the grow step alone;
+        # should the OOM come anyway, the rule's steps from the start.
+        self.ahead = ahead is not None
+        self.steps: tuple[Step, ...] = (
+            tuple(st for st in self.rule.steps if st.kind is StepKind.GROW)[:1]
+            if self.ahead else self.rule.steps)
+        engine.journal.add_event(self.id, self.group.relpath, "ahead" if self.ahead else "oom",
+                                 dict(ahead) if ahead is not None else {"count": count})
         self.index = 0
         self.state = "acting"
         self.outcome = ""
@@ -57,7 +66,8 @@ class Incident:
         self._closers: list[Callable[[], None]] = []
         self._last_step: Step | None = None
         self._deadline = engine.loop.call_later(self.rule.deadline, self._on_deadline)
-        engine.log.incident_opened(self.group.relpath, self.id)
+        engine.log.incident_opened(self.group.relpath, self.id,
+                                   reason="ahead of the OOM" if self.ahead else "oom")
 
     # -- what steps get (steps/context.py) ---------------------------------------------
     @property
@@ -126,6 +136,11 @@ class Incident:
     def _advance(self) -> None:
         if self.state != "acting":
             return
+        if self.index >= len(self.steps) and self.ahead:
+            if not self.under_oom():
+                self.close("not grown")  # at the ceiling, or the grow was refused
+                return
+            self.ahead, self.steps, self.index = False, self.rule.steps, 0  # an OOM now
         # Re-check the kernel before each next step, except right after `hold`, which
         # took no time and changed nothing about memory (a read saved on the hot path).
         just_held = self._last_step is not None and self._last_step.kind is StepKind.HOLD
@@ -133,13 +148,13 @@ class Incident:
                 and not self.under_oom()):
             self._resolved()
             return
-        if self.index >= len(self.rule.steps):
+        if self.index >= len(self.steps):
             if self.dry_run:
                 self.close("dry-run")
             else:
                 self.hand_over("no step resolved it")
             return
-        step = self.rule.steps[self.index]
+        step = self.steps[self.index]
         self.index += 1
         self._last_step = step
         self.generation += 1
@@ -152,6 +167,9 @@ class Incident:
             crash_point(f"step:{self._last_step.kind.value}")
         if outcome is Outcome.HANDED_OVER:
             return  # the step handed over; hand_over() drives the rest
+        if outcome is Outcome.RELIEF and self._last_step is not None and (
+                self._last_step.kind is StepKind.GROW):
+            self.engine.arm_ahead(self.watch)  # the next mark, below the new limit
         if outcome is Outcome.RELIEF and not self.dry_run and not self.paused():
             self.await_relief(self._resolved, self._retry_or_advance)
         else:

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from oomguard.cgroup import MemoryCgroup
+from oomguard.containers import ContainerIdentity
 from oomguard.errors import OomguardError, Unsupported
 from oomguard.events.inotify import DirectoryWatcher
 from oomguard.events.loop import EventLoop
@@ -44,6 +45,9 @@ class Watch:
     shrink_threshold: ThresholdNotifier | None = None
     exit_watchers: list[Pidfd] = field(default_factory=list)
     shrink_armed: bool = False  # waiting to take a grow back (threshold, task exits)
+    ahead: ThresholdNotifier | None = None  # grow ahead of the OOM: usage near the limit
+    ahead_mark: int | None = None  # where `ahead` is (or is being) registered
+    container: ContainerIdentity | None = None  # who the group is (containers.py), if known
 
     @property
     def relpath(self) -> str:

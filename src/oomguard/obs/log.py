@@ -27,14 +27,17 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import TextIO
 
+from oomguard.containers import ContainerIdentity
 from oomguard.escape import printable
 from oomguard.units import format_size
 
 FORMATS = ("text", "json")
 PREFIX = "oomguard: "
+BATCH_LINES = 256  # lines per write(2) inside `Log.batched()`
 
 
 def format_ms(ms: float) -> str:
@@ -225,6 +228,17 @@ class DecisionLog:
         # caller did not pass the incident still carries it (`--log-format json` readers
         # join on it).
         self._open: dict[str, int] = {}
+        # Who each watched group is as a container (containers.py): every line about the
+        # group carries it, text as " [shop/web-7d9f/app (burstable)]", JSON as "container".
+        self._containers: dict[str, ContainerIdentity] = {}
+        self._pending: list[str] | None = None  # lines held by `batched()`
+
+    def name_group(self, cgroup: str, identity: ContainerIdentity | None) -> None:
+        """Name `cgroup` in every line about it from now on (None: forget it)."""
+        if identity is None:
+            self._containers.pop(cgroup, None)
+        else:
+            self._containers[cgroup] = identity
 
     @property
     def stream(self) -> TextIO:
@@ -234,6 +248,12 @@ class DecisionLog:
     def decision(self, event: str, **fields: object) -> None:
         """Log `event` with `fields`: one text line, or one JSON object with every field."""
         text = format_text(event, fields)
+        cgroup = fields.get("cgroup")
+        known = self._containers.get(cgroup) if isinstance(cgroup, str) else None
+        if known is not None:
+            text += f" [{printable(known.label())}]"
+            if "container" not in fields:
+                fields = {**fields, "container": known.to_json()}
         if self.fmt == "json":
             record: dict[str, object] = {"ts": round(self._clock(), 6), "event": event,
                                          "msg": text}
@@ -246,12 +266,35 @@ class DecisionLog:
         self._write(line + "\n")
 
     def _write(self, line: str) -> None:
+        pending = self._pending
+        if pending is not None:
+            pending.append(line)
+            if len(pending) < BATCH_LINES:
+                return
+            line = "".join(pending)
+            pending.clear()
         try:
             stream = self.stream
             stream.write(line)
             stream.flush()
         except (OSError, ValueError):  # closed stderr must not stop the handler
             self.dropped += 1
+
+    @contextmanager
+    def batched(self) -> Iterator[None]:
+        """Lines written in BATCH_LINES at a time inside the block (a start-up that adopts
+        10,000 groups logs a line for each: one write(2) each cost more than the rest of
+        the line's work). Only outside the event handling: an incident's lines go at once."""
+        if self._pending is not None:
+            yield
+            return
+        self._pending = []
+        try:
+            yield
+        finally:
+            pending, self._pending = self._pending, None
+            if pending:
+                self._write("".join(pending))
 
     # -- the standard decisions --------------------------------------------------------
     def killed(

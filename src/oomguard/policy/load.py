@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+from oomguard.containers import QOS_CLASSES
 from oomguard.errors import ConfigError
 from oomguard.policy.match import ProcessMatcher, compile_glob, normalize_path, process_matcher
 from oomguard.policy.model import (
@@ -150,6 +151,16 @@ def _memory(value: object) -> int:
     return size
 
 
+def _grow_ahead(value: object) -> int:
+    """A margin like "8M", or "off" (0): grow only at the OOM."""
+    if value == "off" or value is False:
+        return 0
+    try:
+        return _size(value)
+    except _Invalid:
+        raise _Invalid(f'expected a margin like "8M", or "off", got {_show(value)}') from None
+
+
 def _duration(positive: bool) -> Callable[[object], float]:
     def parse(value: object) -> float:
         if isinstance(value, bool) or not isinstance(value, int | float | str):
@@ -229,7 +240,7 @@ def parse_signal(value: object) -> int:
 # ---------------------------------------------------------------------------------------------
 # Process matchers: "regex" or {comm="re", cmdline="re", exe="re", uid=0 or [0, 1000]}
 
-_MATCHER_KEYS = ("comm", "cmdline", "exe", "uid")
+_MATCHER_KEYS = ("comm", "cmdline", "exe", "uid", "container_init")
 
 
 def _regex(value: object) -> str:
@@ -271,7 +282,12 @@ def _matcher(value: object) -> ProcessMatcher:
             problems.append((f".{key}", f"unknown key; expected {_one_of(_MATCHER_KEYS)}{hint}"))
             continue
         try:
-            parsed[key] = _uids(item) if key == "uid" else _regex(item)
+            if key == "uid":
+                parsed[key] = _uids(item)
+            elif key == "container_init":
+                parsed[key] = _boolean(item)
+            else:
+                parsed[key] = _regex(item)
         except _Invalid as error:
             problems.append((f".{key}", error.problems[0][1]))
     if not value:
@@ -285,6 +301,7 @@ def _matcher(value: object) -> ProcessMatcher:
         cmdline=parsed.get("cmdline"),
         exe=parsed.get("exe"),
         uids=parsed.get("uid", ()),
+        container_init=parsed.get("container_init"),
     )
 
 
@@ -300,6 +317,46 @@ def _matchers(value: object) -> tuple[ProcessMatcher, ...]:
     if problems:
         raise _Invalid.many(problems)
     return tuple(matchers)
+
+
+# ---------------------------------------------------------------------------------------------
+# Container conditions: namespace/pod/container = "glob" or ["glob", ...], qos = "burstable"
+# or a list, annotations = {"io.kubernetes.pod.name" = "web-*"}
+
+
+def _name_globs(value: object) -> tuple[str, ...]:
+    items = value if isinstance(value, list) else [value]
+    if not items:
+        raise _Invalid('expected a glob like "shop" or "web-*", or a list of them, '
+                       "got an empty list")
+    for item in items:
+        if not isinstance(item, str) or not item:
+            raise _Invalid(f'expected a glob like "shop" or "web-*", got {_show(item)}')
+    return tuple(items)
+
+
+def _qos(value: object) -> tuple[str, ...]:
+    items = value if isinstance(value, list) else [value]
+    if not items:
+        raise _Invalid(f"expected one of {_one_of(QOS_CLASSES)} or a list, got an empty list")
+    out: list[str] = []
+    for item in items:
+        name = item.lower() if isinstance(item, str) else item
+        if name not in QOS_CLASSES:
+            hint = _suggest(name, QOS_CLASSES) if isinstance(name, str) else ""
+            raise _Invalid(f"expected one of {_one_of(QOS_CLASSES)}, got {_show(item)}{hint}")
+        out.append(name)
+    return tuple(dict.fromkeys(out))
+
+
+def _annotation_globs(value: object) -> tuple[tuple[str, str], ...]:
+    if not isinstance(value, dict) or not value:
+        raise _Invalid('expected a table like {"io.kubernetes.pod.name" = "web-*"}, '
+                       f"got {_show(value)}")
+    for key, item in value.items():
+        if not isinstance(item, str) or not item:
+            raise _Invalid(f"expected a glob string, got {_show(item)}", f".{key}")
+    return tuple(sorted(value.items()))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -549,6 +606,7 @@ _RULE_KEYS: dict[str, Callable[[object], Any]] = {
     "grow_step": _size,
     "grow_max": _size,
     "grow_budget": _count(0),
+    "grow_ahead": _grow_ahead,
     "strategy": _strategy,
     "protect": _matchers,
     "prefer": _matchers,
@@ -563,8 +621,14 @@ _RULE_KEYS: dict[str, Callable[[object], Any]] = {
     "before_step": _argv,
     "after_step": _argv,
     "hook_timeout": _duration(positive=True),
+    "namespace": _name_globs,
+    "pod": _name_globs,
+    "container": _name_globs,
+    "qos": _qos,
+    "annotations": _annotation_globs,
 }
-_RULE_ONLY = ("name", "match")
+_CONTAINER_KEYS = ("namespace", "pod", "container", "qos", "annotations")
+_RULE_ONLY = ("name", "match", *_CONTAINER_KEYS)
 _DEFAULTS_KEYS = tuple(key for key in _RULE_KEYS if key not in _RULE_ONLY)
 _APPENDED = ("protect", "prefer", "avoid")  # [defaults] entries come first, the rule's follow
 _TOP_KEYS = ("defaults", "rule", "system")
@@ -771,7 +835,8 @@ def parse_policy(text: str, source: str) -> Policy:
                     f"rule #{globs[glob]} has the same match "
                     f"{json.dumps(match)} and comes first, so this rule is never used",
                 )
-            globs.setdefault(glob, index)
+            if not any(key in table for key in _CONTAINER_KEYS):  # those narrow the match
+                globs.setdefault(glob, index)
         rule = _build_rule(index, table, defaults, report, check_relations=defaults_ok)
         if rule is not None:
             rules.append(rule)

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, TypeAlias
 
-from oomguard.policy.match import PathGlob, ProcessMatcher, compile_glob
+from oomguard.containers import ContainerIdentity
+from oomguard.policy.match import PathGlob, ProcessMatcher, compile_glob, container_matches
 from oomguard.units import format_size
 
 if TYPE_CHECKING:
@@ -289,6 +290,10 @@ class Rule:
     grow_step: int = 64 << 20
     grow_max: int | None = None  # absolute ceiling the grows may reach; None = no ceiling
     grow_budget: int = 4  # grows per incident
+    # Grow before the OOM (v1): when usage that page cache cannot give back comes within
+    # this margin of the limit, the grow step runs then, so the allocating task never
+    # waits in the OOM wait. None: auto (limit/8, at least 4M); 0: only at the OOM.
+    grow_ahead: int | None = None
     strategy: Strategy = Strategy.AUTO
     protect: tuple[ProcessMatcher, ...] = ()
     prefer: tuple[ProcessMatcher, ...] = ()
@@ -303,13 +308,33 @@ class Rule:
     before_step: tuple[str, ...] = ()  # argv run before every step (waited for, hook_timeout)
     after_step: tuple[str, ...] = ()  # argv run after every step (not waited for)
     hook_timeout: float = DEFAULT_HOOK_TIMEOUT
+    # What the group must be as a container (containers.py), besides its path: globs on the
+    # pod's namespace and name and the container's name, QoS classes, and OCI annotations
+    # (key, glob). Empty: anything. A rule with any of them never matches a group that is
+    # not a container, or whose names were not found on the node.
+    namespace: tuple[str, ...] = ()
+    pod: tuple[str, ...] = ()
+    container: tuple[str, ...] = ()
+    qos: tuple[str, ...] = ()
+    annotations: tuple[tuple[str, str], ...] = ()
     glob: PathGlob = field(init=False, repr=False, compare=False, hash=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "glob", compile_glob(self.match))
 
-    def matches(self, cgroup_relpath: str) -> bool:
-        return self.glob.matches(cgroup_relpath)
+    @property
+    def speaks_containers(self) -> bool:
+        """Does the rule look at what the group is as a container?"""
+        return bool(self.namespace or self.pod or self.container or self.qos
+                    or self.annotations)
+
+    def matches(self, cgroup_relpath: str, container: ContainerIdentity | None = None) -> bool:
+        if not self.glob.matches(cgroup_relpath):
+            return False
+        if not self.speaks_containers:
+            return True
+        return container is not None and container_matches(
+            container, self.namespace, self.pod, self.container, self.qos, self.annotations)
 
     # Per-step resolution of the options a step may leave to its rule. Each takes any step:
     # a step whose type has no such option gets the rule's value.
@@ -357,12 +382,19 @@ class Policy:
     source: str = "<defaults>"
     system: SystemSpec | None = None  # [system]: whole-machine pressure (policy/system.py)
 
-    def rule_for(self, cgroup_relpath: str) -> Rule | None:
-        """The first rule whose glob matches the path (relative to the cgroup mount)."""
+    def rule_for(self, cgroup_relpath: str,
+                 container: ContainerIdentity | None = None) -> Rule | None:
+        """The first rule whose glob matches the path (relative to the cgroup mount) and,
+        for a rule that speaks containers, whose conditions `container` meets."""
         for rule in self.rules:
-            if rule.matches(cgroup_relpath):
+            if rule.matches(cgroup_relpath, container):
                 return rule
         return None
+
+    @property
+    def speaks_containers(self) -> bool:
+        """Does any rule need a group's container identity to decide?"""
+        return any(rule.speaks_containers for rule in self.rules)
 
 
 DEFAULT_STEPS: tuple[Step, ...] = (

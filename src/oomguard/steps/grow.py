@@ -10,7 +10,7 @@ from __future__ import annotations
 from oomguard.cgroup import MemoryCgroup
 from oomguard.errors import OomguardError
 from oomguard.ledger import Ledger
-from oomguard.policy import GrowStep
+from oomguard.policy import GrowStep, Rule, StepKind
 from oomguard.steps.context import Effects, Outcome, StepContext
 from oomguard.units import format_size
 
@@ -61,6 +61,21 @@ def raise_limit(effects: Effects, group: MemoryCgroup, current: int, new: int,
     for c in group.grow_changes(current, new):
         effects.apply(group, c.kind, group.relpath, c.before, c.after, incident_id,
                       tag="grow", what=what)
+
+
+# The automatic grow-ahead margin: an eighth of the limit, at least this much (v1 checks
+# its usage thresholds every 128 pages charged, and oomguard needs ~1 ms to act).
+AHEAD_MIN = 4 << 20
+
+
+def ahead_margin(rule: Rule, limit: int | None) -> int | None:
+    """How far below the limit a rule that grows grows ahead of the OOM; None: it does not
+    (no grow step, or `grow_ahead = "off"`)."""
+    if rule.grow_ahead == 0 or not any(s.kind is StepKind.GROW for s in rule.steps):
+        return None
+    if rule.grow_ahead is not None:
+        return rule.grow_ahead
+    return max(AHEAD_MIN, (limit or 0) // 8)
 
 
 def try_shrink(ledger: Ledger, group: MemoryCgroup, baseline: int | None) -> bool:
