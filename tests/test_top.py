@@ -15,11 +15,13 @@ from pathlib import Path
 import pytest
 
 from oomguard.cgroup import MemoryCgroup
+from oomguard.control import KEPT
 from oomguard.journal import Journal
-from oomguard.top_model import DAEMON_OWNS, KEPT, RULE
+from oomguard.top_model import DAEMON_OWNS, DAEMON_STOPS, RULE
 from oomguard.workloads import LEAK, STEADY
 
 from conftest import Spawn, task_state, wait_until
+from journal_helpers import rule
 
 pytestmark = [
     # The held OOM it grows by hand is v1's (oom_kill_disable and the OOM wait); on v2
@@ -213,7 +215,9 @@ def test_growth_psi_and_frozen_columns(memcg: MemoryCgroup, spawn: Spawn,
         # GROWTH, PSI (none on a v1 group: "-"), KILLS, TASKS, STATE
         m = pane.wait_for_re(r"\+(\d+(?:\.\d)?)M/s +- +0 +1 held(?! frozen)", timeout=10)
         rate = float(m.group(1))
-        assert 2 <= rate <= 6, m.group(0)  # 5M/s at most; python's own time on top
+        # 5M/s on average; a half-second window sees 2 or 3 of its 1M steps (and the page
+        # tables and the interpreter's own pages come on top).
+        assert 2 <= rate <= 10, m.group(0)
         assert memcg.hierarchies.freezer_v1 is not None, "the v1 freezer is mounted here"
         memcg.freeze()
         try:
@@ -309,3 +313,63 @@ def test_quitting_continues_what_top_stopped(memcg: MemoryCgroup, spawn: Spawn,
             assert j.incidents()[-1].outcome == "continued by hand"
     finally:
         memcg.set_oom_kill_disable(False)
+
+
+# A daemon that holds the OOM for 30 s: its exec step waits, the deadline is far.
+_HOLDS = ('steps = ["hold", { kind = "exec", argv = ["/bin/sleep", "30"], timeout = "30s" }, '
+          '"kill"]\ndeadline = "30s"')
+
+
+def test_a_running_daemon_grows_when_top_asks(memcg: MemoryCgroup, spawn: Spawn, top: tuple,
+                                              run_daemon) -> None:  # type: ignore[no-untyped-def,type-arg]
+    start, journal = top
+    d = run_daemon(rule(memcg, _HOLDS), journal=journal)
+    sock = Path(str(journal) + ".sock")
+    assert sock.is_socket() and sock.stat().st_mode & 0o777 == 0o600
+    hog = spawn(LEAK, 1 << 20, 96 << 20)
+    wait_until(lambda: task_state(hog.pid) == "D" and memcg.oom_state().under_oom,
+               what="the daemon holds the hog in the OOM wait")
+    pane = start(memcg)
+    pane.wait_for("UNDER_OOM held")
+    pane.keys("z")
+    pane.wait_for(DAEMON_STOPS)  # not asked of a daemon: one line, nothing stopped
+    assert task_state(hog.pid) == "D"
+    pane.keys("g")
+    pane.wait_for(f"daemon: {memcg.relpath}: limit 64M -> 128M")
+    wait_until(lambda: _dead(hog.pid), what="the hog resumed and finished its 96M")
+    d.wait_for(f"by hand (top): {memcg.relpath}: limit 64M -> 128M")
+    with Journal(journal) as j:
+        (inc,) = [i for i in j.incidents() if i.rule == RULE]
+    assert inc.outcome == "grown by hand" and [s.kind for s in inc.steps] == ["grow"]
+    (change,) = [c for c in inc.changes if c.kind == "limit"]
+    assert {"change": change.id, "kind": "limit", "value": str(128 << 20)} in [
+        e.data for e in inc.events if e.kind == KEPT]
+    pane.keys("q")
+    assert d.stop() == 0
+    assert memcg.limit() == 128 << 20  # kept: the daemon's exit did not put 64M back
+    assert not memcg.oom_state().kill_disabled  # and it let go of its hold
+    assert not sock.exists()
+
+
+def test_a_running_daemon_kills_when_top_asks(memcg: MemoryCgroup, spawn: Spawn, top: tuple,
+                                              run_daemon) -> None:  # type: ignore[no-untyped-def,type-arg]
+    start, journal = top
+    d = run_daemon(rule(memcg, _HOLDS), journal=journal)
+    hog = spawn(LEAK, 1 << 20, 96 << 20)
+    wait_until(lambda: task_state(hog.pid) == "D" and memcg.oom_state().under_oom,
+               what="the daemon holds the hog in the OOM wait")
+    pane = start(memcg)
+    pane.wait_for("UNDER_OOM held")
+    pane.keys("x")
+    pane.wait_for_re(rf"kill pid {hog.pid} \S+ \d+M\? x again")
+    pane.keys("x")
+    pane.wait_for_re(rf"daemon: killed pid {hog.pid} \S+ \d+M")
+    assert hog.wait(timeout=10) == -9
+    wait_until(lambda: not memcg.oom_state().under_oom, what="under_oom back to 0")
+    with Journal(journal) as j:
+        (inc,) = [i for i in j.incidents() if i.rule == RULE]
+    assert inc.outcome == "killed by hand"
+    assert [(v.pid, v.signal) for v in inc.victims] == [(hog.pid, "SIGKILL")]
+    d.wait_for(f"by hand (top): killed pid {hog.pid}")
+    pane.keys("q")
+    assert d.stop() == 0

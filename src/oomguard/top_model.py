@@ -26,20 +26,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from oomguard.cgroup import MemoryCgroup, root
+from oomguard.control import RULE, ask, keep
 from oomguard.errors import CgroupError, OomguardError
 from oomguard.events.v1 import OomNotifier
 from oomguard.events.v2 import memory_events
 from oomguard.journal import Journal
 from oomguard.journal_records import IncidentRecord
-from oomguard.ledger import ActiveChange, Ledger, pid_target, write_change
+from oomguard.ledger import Ledger, pid_target, write_change
 from oomguard.procs.pidfd import Pidfd
 from oomguard.procs.reader import read_stat, read_task
 from oomguard.units import format_size
 
 SORTS = ("use%", "usage", "tree")
-RULE = "by hand (top)"
 DAEMON_OWNS = "a daemon handles this journal's groups: use it"
-KEPT = "kept"  # event kind: a change by hand meant to stay (its row closed, not undone)
+# stop/continue are not asked of a daemon: its incidents stop and continue on their own.
+DAEMON_STOPS = "a daemon handles this journal's groups: stop/continue only without one"
 
 
 @dataclass(frozen=True)
@@ -337,7 +338,7 @@ class DaemonOwns(OomguardError):
 
 
 @contextmanager
-def _journal_lock(journal_path: Path) -> Iterator[None]:
+def _journal_lock(journal_path: Path, refusal: str = DAEMON_OWNS) -> Iterator[None]:
     """The daemon's own lock (daemon._lock_journal), held for the length of one action so
     that a daemon starting meanwhile waits rather than fights over the same groups."""
     journal_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -346,7 +347,7 @@ def _journal_lock(journal_path: Path) -> Iterator[None]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise DaemonOwns(DAEMON_OWNS) from None
+            raise DaemonOwns(refusal) from None
         yield
     finally:
         os.close(fd)
@@ -378,14 +379,6 @@ def _act(journal_path: Path, group: MemoryCgroup, kind: str, detail: str,
             j.commit()
 
 
-def keep(j: Journal, ledger: Ledger, change: ActiveChange, iid: int) -> None:
-    """Close a change's intent row without undoing it: the value stays, by decision."""
-    j.add_event(iid, change.group.relpath, KEPT,
-                {"change": change.id, "kind": change.kind, "value": change.after})
-    ledger.forget(change)
-    j.mark_restored(change.id)  # the row is closed: nothing for a recovery to undo
-
-
 def _limit_or_none(group: MemoryCgroup) -> int | None:
     try:
         return group.limit()
@@ -402,9 +395,20 @@ def grow(journal_path: Path, group: MemoryCgroup, by: int) -> str:
         return f"{group.relpath} has no limit to grow"
     new = current + by
     changes = [(c.kind, c.before, c.after) for c in group.grow_changes(current, new)]
-    _act(journal_path, group, "grow", f"by hand: +{format_size(by)}", changes,
-         "grown by hand")
+    try:
+        _act(journal_path, group, "grow", f"by hand: +{format_size(by)}", changes,
+             "grown by hand")
+    except DaemonOwns:
+        return _ask_daemon(journal_path, {"op": "grow", "cgroup": group.relpath, "by": by})
     return f"{group.relpath}: limit {format_size(current)} -> {format_size(new)}"
+
+
+def _ask_daemon(journal_path: Path, request: dict[str, object]) -> str:
+    """The daemon that holds the journal acts instead (control.py), or one line refuses."""
+    line = ask(journal_path, request)
+    if line is None:
+        raise DaemonOwns(DAEMON_OWNS)
+    return line
 
 
 def hand_to_kernel(journal_path: Path, group: MemoryCgroup) -> str:
@@ -412,15 +416,18 @@ def hand_to_kernel(journal_path: Path, group: MemoryCgroup) -> str:
     changes = [(c.kind, c.before, c.after) for c in group.release_changes()]
     if not changes:
         return f"{group.relpath} is not held: nothing to hand over"
-    _act(journal_path, group, "kernel", "by hand: to the kernel", changes,
-         "handed to the kernel by hand")
+    try:
+        _act(journal_path, group, "kernel", "by hand: to the kernel", changes,
+             "handed to the kernel by hand")
+    except DaemonOwns:
+        return _ask_daemon(journal_path, {"op": "kernel", "cgroup": group.relpath})
     return f"{group.relpath}: handed to the kernel's killer"
 
 
 def stop(journal_path: Path, group: MemoryCgroup) -> str:
     """SIGSTOP every process of the group, each through the ledger (kind "stop", target
     pid:N:start): the rows stay open, so `cont`, or a daemon's recovery, continues them."""
-    with _journal_lock(journal_path), Journal(journal_path) as j:
+    with _journal_lock(journal_path, DAEMON_STOPS), Journal(journal_path) as j:
         ledger = Ledger(j)
         pending = {c.target for c in j.pending_changes() if c.kind == "stop"}
         targets = []
@@ -454,7 +461,7 @@ def stop(journal_path: Path, group: MemoryCgroup) -> str:
 
 def cont(journal_path: Path, group: MemoryCgroup) -> str:
     """SIGCONT what oomguard stopped in the group (the journal's open "stop" rows)."""
-    with _journal_lock(journal_path), Journal(journal_path) as j:
+    with _journal_lock(journal_path, DAEMON_STOPS), Journal(journal_path) as j:
         rows = [c for c in j.pending_changes() if c.kind == "stop" and c.cgroup == group.relpath]
         if not rows:
             return f"{group.relpath}: nothing stopped by oomguard"
@@ -505,6 +512,14 @@ def kill(journal_path: Path, group: MemoryCgroup, victim: Victim,
     hit), as an incident of one kill step with its victim row."""
     if _freezer(group) != "THAWED":  # SIGKILL to a FREEZING v1 task freezes it instead
         return f"{group.relpath} is frozen: thaw it before killing"
+    try:
+        return _kill(journal_path, group, victim, wait)
+    except DaemonOwns:
+        return _ask_daemon(journal_path, {"op": "kill", "cgroup": group.relpath,
+                                          "pid": victim.pid, "start": victim.start_ticks})
+
+
+def _kill(journal_path: Path, group: MemoryCgroup, victim: Victim, wait: float) -> str:
     with _journal_lock(journal_path), Journal(journal_path) as j:
         pfd = Pidfd.open_if_same(victim.pid, victim.start_ticks)
         if pfd is None:
