@@ -37,7 +37,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 
 INCIDENT_KEYS = ["id", "cgroup", "rule", "dry_run", "opened_at", "opened_ts", "closed_at",
                  "closed_ts", "outcome", "latency_ms", "steps", "victims", "events", "evidence",
-                 "changes"]
+                 "changes", "container"]
 STEP_KEYS = ["id", "seq", "kind", "pid", "result", "before", "after", "detail", "duration_ms",
              "started_at", "started_ts"]
 VICTIM_KEYS = ["pid", "comm", "rss", "signal", "reaped_ms", "at"]

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
+from oomguard.containers import ContainerIdentity
 from oomguard.errors import OomguardError
 from oomguard.journal_format import format_incident_detail, format_incident_line
 from oomguard.journal_records import (
@@ -54,7 +55,7 @@ __all__ = [
     "set_aside_if_damaged",
 ]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 # Long enough to ride out a checkpoint or a CLI `mark_restored`; short enough that a
 # stuck second writer cannot hold an OOM'd cgroup for long.
 BUSY_TIMEOUT_MS = 1000
@@ -131,7 +132,11 @@ _SCHEMA_V1 = (
 )
 
 # Migrations: _MIGRATIONS[n] takes a database at user_version n to n + 1.
-_MIGRATIONS: dict[int, Sequence[str]] = {0: _SCHEMA_V1}
+_MIGRATIONS: dict[int, Sequence[str]] = {
+    0: _SCHEMA_V1,
+    # v2: who the group is as a container (containers.ContainerIdentity.to_json), or NULL
+    1: ("ALTER TABLE incidents ADD COLUMN container_json TEXT",),
+}
 
 _INSERT_STEP = (
     "INSERT INTO steps (id, incident_id, seq, kind, pid, started_at, started_mono, before_json,"
@@ -726,11 +731,14 @@ class Journal:
 
     # -- incidents ----------------------------------------------------------------
 
-    def open_incident(self, cgroup: str, rule: str, dry_run: bool) -> int:
+    def open_incident(self, cgroup: str, rule: str, dry_run: bool,
+                      container: ContainerIdentity | None = None) -> int:
         return self._insert(
             "incidents",
-            "INSERT INTO incidents (id, cgroup, rule, dry_run, opened_at) VALUES (?, ?, ?, ?, ?)",
-            (_db_text(cgroup), _db_text(rule), int(dry_run), time.time()),
+            "INSERT INTO incidents (id, cgroup, rule, dry_run, opened_at, container_json)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (_db_text(cgroup), _db_text(rule), int(dry_run), time.time(),
+             None if container is None else _to_json(container.to_json())),
         )
 
     def close_incident(self, incident_id: int, outcome: str, latency_ms: float | None) -> None:
@@ -912,8 +920,8 @@ class Journal:
             prefix = cgroup.rstrip("/")
             where.append("(cgroup = ? OR (cgroup > ? AND cgroup < ?))")
             params += [_db_text(prefix or "/"), _db_text(prefix + "/"), _db_text(prefix + "0")]
-        sql = "SELECT id, cgroup, rule, dry_run, opened_at, closed_at, outcome, latency_ms"
-        sql += " FROM incidents"
+        sql = ("SELECT id, cgroup, rule, dry_run, opened_at, closed_at, outcome, latency_ms,"
+               " container_json FROM incidents")
         if where:
             sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY id DESC LIMIT ?"
@@ -924,8 +932,8 @@ class Journal:
 
     def incident(self, incident_id: int) -> IncidentRecord | None:
         rows = self._read(
-            "SELECT id, cgroup, rule, dry_run, opened_at, closed_at, outcome, latency_ms"
-            " FROM incidents WHERE id = ?",
+            "SELECT id, cgroup, rule, dry_run, opened_at, closed_at, outcome, latency_ms,"
+            " container_json FROM incidents WHERE id = ?",
             (incident_id,),
         )
         loaded = self._load(rows)
@@ -1034,6 +1042,7 @@ def _incident(r: tuple[object, ...], kids: _Children) -> IncidentRecord:
         events=tuple(kids.events),
         evidence=tuple(kids.evidence),
         changes=tuple(kids.changes),
+        container=ContainerIdentity.from_json(_from_json(r[8])) if r[8] is not None else None,
     )
 
 

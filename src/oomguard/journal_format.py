@@ -136,8 +136,9 @@ def format_incident_line(d: IncidentRecord) -> str:
         who = f"victims: {shown}" + (f" +{more} more" if more > 0 else "")
     else:
         who = "no victims"
+    where = _text(d.cgroup) + (f" [{_text(d.container.label())}]" if d.container else "")
     return (
-        f"#{d.id}  {_when(d.opened_at)}  {_text(d.cgroup)}  "
+        f"#{d.id}  {_when(d.opened_at)}  {where}  "
         f"{state}  {_ms(d.latency_ms)}  {who}"
     )
 
@@ -221,13 +222,19 @@ def _header(d: IncidentRecord) -> list[str]:
                "with the settling time)"
     latency = (f"{_ms(d.latency_ms)}  (the OOM event -> resolved: how long the group was "
                "out of memory)" if d.latency_ms is not None else "-  (not resolved)")
-    return [
+    head = [
         f"incident {d.id}  cgroup {_text(d.cgroup)}  rule {_text(d.rule)}{dry}",
         f"  opened   {_when(d.opened_at)[:-1]}{_clock(d.opened_at)[8:]}",
         f"  closed   {_clock(d.closed_at) if d.closed_at else 'still open'}{span}",
         f"  outcome  {_text(d.outcome) if d.outcome is not None else 'open'}",
         f"  latency  {latency}",
     ]
+    if d.container is not None:
+        c = d.container
+        ids = "  ".join(f"{k} {_text(v)}" for k, v in (("pod uid", c.pod_uid),
+                        ("runtime", c.runtime), ("id", c.short_id)) if v)
+        head.append(f"  container  {_text(c.label())}" + (f"  ({ids})" if ids else ""))
+    return head
 
 
 def _step_lines(s: StepRecord, width: int) -> list[str]:

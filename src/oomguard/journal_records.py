@@ -16,6 +16,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+from oomguard.containers import ContainerIdentity
+
 __all__ = [
     "ChangeRecord",
     "EventRecord",
@@ -196,6 +198,7 @@ class IncidentRecord:
     events: tuple[EventRecord, ...] = ()
     evidence: tuple[EvidenceRecord, ...] = ()
     changes: tuple[ChangeRecord, ...] = ()
+    container: ContainerIdentity | None = None  # who the group was as a container, if known
 
     @property
     def opened_at(self) -> str | None:
@@ -231,6 +234,7 @@ class IncidentRecord:
             "events": [e.to_json() for e in self.events],
             "evidence": [e.to_json() for e in self.evidence],
             "changes": [c.to_json() for c in self.changes],
+            "container": None if self.container is None else self.container.to_json(),
         }
 
     def __getitem__(self, key: str) -> object:

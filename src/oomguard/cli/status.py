@@ -10,6 +10,7 @@ from typing import Any
 
 from oomguard.cgroup import MemoryCgroup, MemoryFigures, V2MemoryCgroup, resolve, root
 from oomguard.cli.output import emit_json, table
+from oomguard.containers import ContainerIndex
 from oomguard.errors import CgroupError
 from oomguard.units import format_size
 
@@ -78,8 +79,17 @@ def _limit_text(g: MemoryCgroup, f: MemoryFigures) -> str:
 
 def run(args: argparse.Namespace) -> int:
     rows = _collect(args.cgroups)
+    index = ContainerIndex()  # names read from the runtimes' state on this node, bounded
+    who = {g.relpath: index.lookup(g.relpath) for g, _f in rows}
     if args.json:
-        emit_json([as_dict(g, f) for g, f in rows])
+        out = []
+        for g, f in rows:
+            entry = as_dict(g, f)
+            known = who[g.relpath]
+            if known is not None:
+                entry["container"] = known.to_json()
+            out.append(entry)
+        emit_json(out)
         return 0
     body = []
     for g, f in rows:
@@ -89,6 +99,11 @@ def run(args: argparse.Namespace) -> int:
             "-" if pct is None else f"{pct:.1f}%", "yes" if _under_oom(g, f) else "no",
             "-" if f.oom.oom is None else f.oom.oom, f.oom.oom_kill, f.nr_procs,
         ])
-    print(table(["CGROUP", "USAGE", "LIMIT", "USE%", "UNDER_OOM", "OOMS", "KILLS", "TASKS"],
-                body, last_free=False))
+    headers = ["CGROUP", "USAGE", "LIMIT", "USE%", "UNDER_OOM", "OOMS", "KILLS", "TASKS"]
+    if any(who.values()):  # a CONTAINER column only where there are containers
+        headers.append("CONTAINER")
+        for row, (g, _f) in zip(body, rows, strict=True):
+            known = who[g.relpath]
+            row.append(known.label() if known is not None else "-")  # table() escapes
+    print(table(headers, body, last_free=False))
     return 0

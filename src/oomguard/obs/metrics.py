@@ -29,9 +29,12 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
+    from oomguard.containers import ContainerIdentity
     from oomguard.events.loop import EventLoop, Timer
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+#: Distinct (namespace, pod, container) label sets counted before the rest go to "_other".
+MAX_CONTAINER_SERIES = 1000
 
 # 0.5 ms to 30 s: a held OOM resolved by a kill takes milliseconds, a grow that
 # waits for a victim to exit or a grace period before SIGKILL takes seconds, and
@@ -169,6 +172,18 @@ class Metrics:
         self.limit = _Family(
             "oomguard_cgroup_memory_limit_bytes", "gauge",
             "Memory limit of a watched cgroup (+Inf when unlimited).", ("cgroup",))
+        # Containers (containers.py): names only, never ids or paths, so the series are
+        # bounded by what runs on the node; past MAX_CONTAINER_SERIES label sets the rest
+        # count under namespace="_other".
+        self.container_victims = _Family(
+            "oomguard_container_victims_total", "counter",
+            "Processes killed by oomguard, by Kubernetes namespace, pod and container.",
+            ("namespace", "pod", "container"))
+        self.container_info = _Family(
+            "oomguard_cgroup_container_info", "gauge",
+            "1 for each watched cgroup that is a container: its names (join on cgroup).",
+            ("cgroup", "namespace", "pod", "container", "qos"))
+        self._containers: dict[str, tuple[str, str, str, str]] = {}
         self.resolution = _Histogram(
             "oomguard_resolution_seconds",
             "Time from an incident's first kernel event to its resolution.", buckets)
@@ -196,6 +211,26 @@ class Metrics:
     def victim(self, cgroup: str) -> None:
         with self._lock:
             self.victims.inc(cgroup)
+            known = self._containers.get(cgroup)
+            if known is not None:
+                names = known[:3]
+                if (self.container_victims.key(names) not in self.container_victims.values
+                        and len(self.container_victims.values) >= MAX_CONTAINER_SERIES):
+                    names = ("_other", "", "")
+                self.container_victims.inc(*names)
+
+    def name_cgroup(self, cgroup: str, identity: ContainerIdentity) -> None:
+        """`cgroup` is this container (or pod): its names label what is counted for it."""
+        namespace, pod, container = identity.metric_labels()
+        if not (namespace or pod or container):
+            return  # a container with no names: the cgroup label already says all there is
+        labels = (namespace, pod, container, identity.qos)
+        with self._lock:
+            old = self._containers.get(cgroup)
+            if old is not None and old != labels:
+                self.container_info.remove(cgroup, *old)
+            self._containers[cgroup] = labels
+            self.container_info.set(1.0, cgroup, *labels)
 
     def set_cgroup(self, cgroup: str, usage: int | None, limit: int | None) -> None:
         """Usage and limit in bytes; `limit=None` means no limit ("max"), exported as +Inf."""
@@ -211,6 +246,9 @@ class Metrics:
         with self._lock:
             self.usage.remove(cgroup)
             self.limit.remove(cgroup)
+            old = self._containers.pop(cgroup, None)
+            if old is not None:
+                self.container_info.remove(cgroup, *old)
 
     def set_health(self, watched: int, loop_lag_s: float, last_event_ts: float) -> None:
         """Handler health: cgroups watched, event-loop lag, wall time of the last kernel event."""
@@ -235,6 +273,8 @@ class Metrics:
             self.incidents.render(out)
             self.actions.render(out)
             self.victims.render(out)
+            self.container_victims.render(out)
+            self.container_info.render(out)
             self.resolution.render(out)
             self.usage.render(out)
             self.limit.render(out)

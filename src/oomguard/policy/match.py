@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import fnmatch
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+
+from oomguard.containers import ContainerIdentity
 
 _DOUBLE_STAR = "**"
 
@@ -83,6 +86,8 @@ class ProcessMatcher:
     `anywhere` (from a plain string in the config) matches comm OR cmdline OR exe; the other fields
     must all match when given (re.search). `uids` matches when the uid is one of them.
     `label` is how the entry is shown to a person, e.g. "'leak'" or "comm='java' uid=1000".
+    `container_init` (when not None) matches a process that is (True) or is not (False) the
+    first process of its pid namespace: a container's PID 1, whose death ends the container.
     """
 
     label: str
@@ -91,8 +96,12 @@ class ProcessMatcher:
     cmdline: re.Pattern[str] | None = None
     exe: re.Pattern[str] | None = None
     uids: frozenset[int] = frozenset()
+    container_init: bool | None = None
 
-    def matches(self, comm: str, cmdline: str, exe: str, uid: int) -> bool:
+    def matches(self, comm: str, cmdline: str, exe: str, uid: int,
+                container_init: bool = False) -> bool:
+        if self.container_init is not None and self.container_init != container_init:
+            return False
         if self.anywhere is not None and not (
             self.anywhere.search(comm) or self.anywhere.search(cmdline) or self.anywhere.search(exe)
         ):
@@ -114,6 +123,7 @@ def process_matcher(
     exe: str | None = None,
     uids: frozenset[int] | set[int] | tuple[int, ...] = (),
     label: str | None = None,
+    container_init: bool | None = None,
 ) -> ProcessMatcher:
     """Build a matcher from regex strings (re.error propagates for invalid ones)."""
     if label is None:
@@ -126,6 +136,8 @@ def process_matcher(
                 if value is not None
             ]
             parts += [f"uid={uid}" for uid in sorted(uids)]
+            if container_init is not None:
+                parts.append(f"container_init={str(container_init).lower()}")
             label = " ".join(parts) or "<everything>"
     return ProcessMatcher(
         label=label,
@@ -134,4 +146,31 @@ def process_matcher(
         cmdline=None if cmdline is None else re.compile(cmdline),
         exe=None if exe is None else re.compile(exe),
         uids=frozenset(uids),
+        container_init=container_init,
     )
+
+
+def container_matches(
+    identity: ContainerIdentity,
+    namespace: Sequence[str] = (),
+    pod: Sequence[str] = (),
+    container: Sequence[str] = (),
+    qos: Sequence[str] = (),
+    annotations: Sequence[tuple[str, str]] = (),
+) -> bool:
+    """Does a container identity meet a rule's conditions? Each non-empty one must: names
+    and annotation values by glob (fnmatch, case-sensitive), QoS by class name."""
+
+    def any_glob(globs: Sequence[str], value: str) -> bool:
+        return not globs or (bool(value) and any(fnmatch.fnmatchcase(value, g) for g in globs))
+
+    if qos and identity.qos not in qos:
+        return False
+    if not (any_glob(namespace, identity.namespace) and any_glob(pod, identity.pod)
+            and any_glob(container, identity.container)):
+        return False
+    for key, glob in annotations:
+        value = identity.annotations.get(key)
+        if value is None or not fnmatch.fnmatchcase(value, glob):
+            return False
+    return True

@@ -41,6 +41,7 @@ class ProcSample:
     grown_over: float = 0.0  # seconds that history spans; 0.0 if there is none
     state: str = ""  # the /proc state letter when sampled (D: asleep in the kernel)
     start_ticks: int = 0  # identity with pid (the pid-reuse check compares it); 0: unknown
+    container_init: bool = False  # pid 1 of its own pid namespace (NSpid ends in 1)
 
 
 @dataclass(frozen=True)
@@ -51,7 +52,8 @@ class Candidate:
 
 
 def matches(matcher: ProcessMatcher, sample: ProcSample) -> bool:
-    return matcher.matches(sample.comm, sample.cmdline, sample.exe, sample.uid)
+    return matcher.matches(sample.comm, sample.cmdline, sample.exe, sample.uid,
+                           sample.container_init)
 
 
 def is_untouchable(sample: ProcSample, never_pids: frozenset[int] = frozenset()) -> bool:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 
+from oomguard.containers import default_index
 from oomguard.errors import OomguardError
 from oomguard.policy import AskStep, KillStep
 from oomguard.policy.model import ASK_ACTIONS
@@ -48,6 +49,13 @@ def _body(ctx: StepContext, timeout: float) -> str:
             "or oomguard goes on with its rule.")
 
 
+def _container(relpath: str) -> str:
+    """" (container shop/web-7d9f/app (burstable))" when the group is one (read at its
+    adoption; nothing is read here). The desktop escapes the text it shows."""
+    known = default_index().peek(relpath)
+    return f" (container {known.label()})" if known is not None else ""
+
+
 def ask(ctx: StepContext) -> None:
     step, group, inc = ctx.options(AskStep), ctx.group, ctx.episode
     keys = step.actions or ASK_ACTIONS
@@ -82,7 +90,8 @@ def ask(ctx: StepContext) -> None:
         ctx.done(Outcome.DONE)
 
     handle = ctx.effects.ask(desktop, [step.bus] if step.bus else None,
-                             f"Out of memory in {group.relpath}", _body(ctx, timeout),
+                             f"Out of memory in {group.relpath}{_container(group.relpath)}",
+                             _body(ctx, timeout),
                              _labels(ctx, keys), timeout, answer,
                              what=f"ask the desktop about {group.relpath}")
     if handle is None:

@@ -73,7 +73,19 @@ def to_sample(t: Task) -> ProcSample:
         pid=t.pid, ppid=t.ppid, uid=t.uid, comm=t.comm, cmdline=" ".join(t.args or []),
         exe=t.exe, rss_anon=t.rss_anon, rss=t.rss, start_time=t.start_time,
         oom_score=t.oom_score, state=t.state, start_ticks=t.start_ticks,
+        container_init=is_namespace_init(t.status),
     )
+
+
+def is_namespace_init(status: bytes) -> bool:
+    """From /proc/PID/status as read: is the task pid 1 of a pid namespace below the host's
+    ("NSpid:\t4242\t1")? The host's own init (a single field) is not."""
+    at = status.find(b"\nNSpid:")
+    if at < 0:
+        return False
+    end = status.find(b"\n", at + 1)
+    fields = status[at + 7: end if end >= 0 else None].split()
+    return len(fields) > 1 and fields[-1] == b"1"
 
 
 def samples_of(snapshot: ProcessSnapshot, growth: GrowthTracker | None = None,
