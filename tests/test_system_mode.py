@@ -209,6 +209,7 @@ def test_monitor_dry_run_opens_a_system_incident_and_names_the_largest(
 HOG = r"""
 import ctypes, os, sys, time
 name, prefill, step, every, cap = sys.argv[1], *map(float, sys.argv[2:6])
+open("/proc/self/oom_score_adj", "w").write("0")  # pytest runs at -1000 in the VM
 ctypes.CDLL(None).prctl(15, name.encode(), 0, 0, 0)
 chunks, have = [], 0
 while have < prefill:
@@ -224,6 +225,7 @@ time.sleep(120)
 BOMB = r"""
 import ctypes, os, sys, time
 open(sys.argv[1] + "/cgroup.procs", "w").write(str(os.getpid()))
+open("/proc/self/oom_score_adj", "w").write("0")  # pytest runs at -1000 in the VM
 ctypes.CDLL(None).prctl(15, b"bomb", 0, 0, 0)
 print("ready", flush=True)
 while True:
@@ -305,9 +307,17 @@ class Hogs:
 
 @pytest.fixture
 def hogs() -> Iterator[Hogs]:
+    """The workload's processes; pytest itself at oom_score_adj -1000 meanwhile, so that
+    neither oomguard nor the kernel's killer (should oomguard fail) takes the runner."""
+    adj = Path("/proc/self/oom_score_adj")
+    before = adj.read_text().strip()
+    adj.write_text("-1000")
     h = Hogs()
-    yield h
-    h.close()
+    try:
+        yield h
+    finally:
+        h.close()
+        adj.write_text(before)
 
 
 def headroom_mib(margin: float) -> float:
