@@ -77,3 +77,22 @@ def test_page_cache_near_the_limit_grows_nothing(memcg: MemoryCgroup, spawn: Spa
     assert int(memcg.read("memory.max_usage_in_bytes")) > 60 * MiB  # it came near the limit
     assert memcg.limit() == 64 * MiB  # page cache: reclaim made room, nothing grew
     assert incidents(d.journal) == []
+
+
+def test_margin_only_where_growing_early_is_what_the_rule_does_at_the_oom() -> None:
+    # (no fixture needs the kernel here, but the module's autouse skip applies on v2 too)
+    from oomguard.policy import GrowStep, PlainStep, Rule, StepKind
+    from oomguard.steps.grow import ahead_margin
+
+    hold, snap, stop = (PlainStep(StepKind.HOLD), PlainStep(StepKind.SNAPSHOT),
+                        PlainStep(StepKind.STOP))
+    base = Rule(name="t", match="/x", steps=(hold, snap, GrowStep()))
+    assert ahead_margin(base, 64 * MiB) == 8 * MiB
+    assert ahead_margin(base, 16 * MiB) == 4 * MiB  # at least 4M
+    assert ahead_margin(Rule(name="t", match="/x", steps=(hold, stop, GrowStep())),
+                        64 * MiB) is None  # "stop, then grow" is a decision at the OOM
+    explicit = Rule(name="t", match="/x", steps=(hold, stop, GrowStep()), grow_ahead=2 * MiB)
+    assert ahead_margin(explicit, 64 * MiB) == 2 * MiB
+    off = Rule(name="t", match="/x", steps=(hold, GrowStep()), grow_ahead=0)
+    assert ahead_margin(off, 64 * MiB) is None
+    assert ahead_margin(Rule(name="t", match="/x", steps=(hold,)), 64 * MiB) is None

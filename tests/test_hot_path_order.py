@@ -116,7 +116,7 @@ def test_grow_writes_only_the_intent_row_before_the_limit(
     limit = memcg.limit()
     assert limit is not None
     rule = Rule(name="t", match=memcg.relpath, settle=0.05, grow_step=16 << 20,
-                grow_max=limit + (64 << 20),
+                grow_max=limit + (64 << 20), grow_ahead=0,  # the grow at the OOM
                 steps=(PlainStep(StepKind.HOLD), PlainStep(StepKind.SNAPSHOT), GrowStep()))
     session.engine.watch(memcg, rule)
     closed: list[object] = []

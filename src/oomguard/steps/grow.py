@@ -68,13 +68,21 @@ def raise_limit(effects: Effects, group: MemoryCgroup, current: int, new: int,
 AHEAD_MIN = 4 << 20
 
 
+# Steps that may come before the grow for it to run ahead by default: they only record.
+_BEFORE_AHEAD = (StepKind.HOLD, StepKind.SNAPSHOT)
+
+
 def ahead_margin(rule: Rule, limit: int | None) -> int | None:
     """How far below the limit a rule that grows grows ahead of the OOM; None: it does not
-    (no grow step, or `grow_ahead = "off"`)."""
-    if rule.grow_ahead == 0 or not any(s.kind is StepKind.GROW for s in rule.steps):
+    (no grow step, or `grow_ahead = "off"`, or by default a step before the grow that
+    does something at the OOM: a stop, an ask, a signal... the user wants that first)."""
+    kinds = [s.kind for s in rule.steps]
+    if rule.grow_ahead == 0 or StepKind.GROW not in kinds:
         return None
     if rule.grow_ahead is not None:
         return rule.grow_ahead
+    if any(k not in _BEFORE_AHEAD for k in kinds[:kinds.index(StepKind.GROW)]):
+        return None
     return max(AHEAD_MIN, (limit or 0) // 8)
 
 
