@@ -16,6 +16,7 @@ import gc
 import re
 import signal
 import subprocess
+import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -46,6 +47,7 @@ from oomguard.session import Session
 from oomguard.units import MIN_MEMORY, format_size
 
 RUN_PARENT = "/oomguard.run"
+AHEAD_WAIT = 0.1  # s: at most this long for --grow's threshold before the command starts
 
 
 def add_parser(sub: Any) -> None:
@@ -216,6 +218,12 @@ def _supervise(session: Session, group: MemoryCgroup, rule: Rule, command: list[
     # (usage thresholds cost the kernel a few ms each) is forwarded, not fatal to run.
     session.on_signals(forward)
     watch = engine.watch(group, rule, hold=False)
+    # --grow grows ahead of the OOM (engine.arm_ahead): its usage threshold is registered
+    # off the loop (an RCU grace period, ~15 ms); a command quick to fill its limit would
+    # otherwise meet the OOM, and its stall, first. Bounded: the grow at the OOM remains.
+    ready_by = time.monotonic() + AHEAD_WAIT
+    while watch.ahead_mark is not None and watch.ahead is None and time.monotonic() < ready_by:
+        loop.run_once(max(0.0, ready_by - time.monotonic()))
     # Start-up's objects (the policy, the modules' own) never become garbage: out of the
     # collector's sight, a collection on the way to a kill walks only what the incident
     # made (a full one over start-up's ~18,000 objects: 17-30 ms, measured at load 6).
