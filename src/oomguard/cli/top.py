@@ -177,7 +177,7 @@ class _Screen:
         sort = top_model.SORTS[self.sort]
         head = f"oomguard top  sort:{sort}  every {self.interval:g}s  grow:{format_size(self.by)}"
         self._put(0, head, w, curses.A_BOLD)
-        self._put(1, f"{'CGROUP':40} {'USAGE':>7} {'LIMIT':>7} {'USE':{BAR + 6}} "
+        self._put(1, f"{'CGROUP':40} {'USAGE':>7} {'LIMIT':>7} {'USE':{BAR + 7}} "
                      f"{'GROWTH':>8} {'PSI':>5} {'KILLS':>5} {'TASKS':>5} STATE", w,
                   curses.A_UNDERLINE)
         incidents = self.view.recent(INCIDENTS)
@@ -188,7 +188,7 @@ class _Screen:
                 name = ("  " * r.depth + r.group.relpath.rsplit("/", 1)[-1])[:40]
             else:  # a full path: its tail tells groups apart
                 name = r.group.relpath[-40:]
-            pct = f"{100 * r.ratio:5.1f}%" if r.limit else "    - "
+            pct = f" {100 * r.ratio:5.1f}%" if r.limit else "     - "
             line = (f"{name:40} {format_size(r.usage):>7} {format_size(r.limit):>7} "
                     f"{bar(r.ratio, BAR)}{pct} {top_model.format_rate(r.growth):>8} "
                     f"{'-' if r.psi is None else f'{r.psi:.1f}':>5} {r.oom_kills:>5} "
