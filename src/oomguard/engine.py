@@ -293,15 +293,19 @@ class Engine:
                 inc.on_event(count)
             return
         self.journal.defer()  # one commit for the rows before the first change
-        try:
-            inc = Incident(self, watch, when, count, ahead)
-            watch.incident = inc
-            if self.ledger.guardian is not None:  # it beats while an incident is open
-                self.ledger.guardian.incident_opened(str(watch.group.path), inc.rule.deadline)
-            crash_point("incident-open")
-            inc.start()
-        finally:
-            self.journal.commit()
+        # The lines of the way to the first action ("incident opened", "holding") go out
+        # together once it is taken: a write(2) each to a terminal cost the kill ~0.1 ms.
+        with self.log.batched():
+            try:
+                inc = Incident(self, watch, when, count, ahead)
+                watch.incident = inc
+                if self.ledger.guardian is not None:  # it beats while an incident is open
+                    self.ledger.guardian.incident_opened(str(watch.group.path),
+                                                         inc.rule.deadline)
+                crash_point("incident-open")
+                inc.start()
+            finally:
+                self.journal.commit()
 
     def incident_closed(self, inc: Incident, latency_ms: float | None) -> None:
         self.incidents_closed += 1
