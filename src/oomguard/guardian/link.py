@@ -65,6 +65,23 @@ def undo_of(change: ActiveChange) -> tuple[str, str] | None:
     return None
 
 
+# Room for every hold of a 10,000-group start-up (~1 KiB of socket memory per message):
+# the handler then never waits for the guardian to be scheduled (at load 6 it did, for
+# seconds), and the guardian catches up on its own core.
+SEND_BUFFER = 16 << 20
+SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32)
+
+
+def _widen_send_buffer(sock: socket.socket) -> None:
+    """SO_SNDBUFFORCE as root (past net.core.wmem_max), else as much as SO_SNDBUF gives."""
+    for option in (SO_SNDBUFFORCE, socket.SO_SNDBUF):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, option, SEND_BUFFER)
+            return
+        except OSError:
+            continue
+
+
 class GuardianLink:
     def __init__(self, report: Path, log: Callable[[str], None]) -> None:
         self.report = report
@@ -94,6 +111,7 @@ class GuardianLink:
         finally:
             theirs.close()
         ours.setblocking(False)
+        _widen_send_buffer(ours)
         self._sock = ours
         self._pidfd = os.pidfd_open(self.proc.pid)
         self._broken = False
