@@ -242,7 +242,7 @@ def test_x_twice_kills_the_largest_process_by_pidfd(memcg: MemoryCgroup, spawn: 
         pane = start(memcg)
         pane.wait_for("UNDER_OOM held")
         pane.keys("x")
-        pane.wait_for_re(rf"kill pid {hog_pid} \S+ \d+M\? x again")  # asks first, names whom
+        pane.wait_for_re(rf"kill pid {hog_pid} \S+ \d+M \(1/2\)\? x again")  # names whom
         time.sleep(0.5)
         assert task_state(hog_pid) == "D" and memcg.oom_state().under_oom  # not yet
         pane.keys("x")
@@ -256,6 +256,31 @@ def test_x_twice_kills_the_largest_process_by_pidfd(memcg: MemoryCgroup, spawn: 
         assert [(s.kind, s.result, s.pid) for s in inc.steps] == [("kill", "done", hog_pid)]
         assert [(v.pid, v.signal) for v in inc.victims] == [(hog_pid, "SIGKILL")]
         pane.wait_for("[killed by hand] kill:done")
+        pane.keys("q")
+    finally:
+        memcg.set_oom_kill_disable(False)
+
+
+def test_n_names_the_next_process_and_x_kills_that_one(
+        memcg: MemoryCgroup, spawn: Spawn, top: tuple) -> None:  # type: ignore[type-arg]
+    start, journal = top
+    small = spawn(STEADY, 4 << 20)
+    assert small.stdout is not None and small.stdout.readline() == b"ready\n"
+    hog_pid = _held_hog(memcg, spawn)
+    try:
+        pane = start(memcg)
+        pane.wait_for("UNDER_OOM held")
+        pane.keys("x")
+        pane.wait_for_re(rf"kill pid {hog_pid} \S+ \d+M \(1/2\)\? x again to kill, n next")
+        pane.keys("n")
+        pane.wait_for_re(rf"kill pid {small.pid} \S+ \d+(\.\d)?M \(2/2\)\? x again")
+        pane.keys("x")
+        pane.wait_for_re(rf"killed pid {small.pid} \S+ \d+(\.\d)?M \(exited in ")
+        assert small.wait(timeout=10) == -9
+        assert task_state(hog_pid) == "D" and memcg.oom_state().under_oom  # not the hog
+        with Journal(journal) as j:
+            (inc,) = j.incidents()
+        assert [(v.pid, v.signal) for v in inc.victims] == [(small.pid, "SIGKILL")]
         pane.keys("q")
     finally:
         memcg.set_oom_kill_disable(False)
@@ -361,7 +386,7 @@ def test_a_running_daemon_kills_when_top_asks(memcg: MemoryCgroup, spawn: Spawn,
     pane = start(memcg)
     pane.wait_for("UNDER_OOM held")
     pane.keys("x")
-    pane.wait_for_re(rf"kill pid {hog.pid} \S+ \d+M\? x again")
+    pane.wait_for_re(rf"kill pid {hog.pid} \S+ \d+M \(1/1\)\? x again")
     pane.keys("x")
     pane.wait_for_re(rf"daemon: killed pid {hog.pid} \S+ \d+M")
     assert hog.wait(timeout=10) == -9

@@ -28,6 +28,7 @@ from pathlib import Path
 from oomguard.cgroup import MemoryCgroup, root
 from oomguard.control import RULE, ask, keep
 from oomguard.errors import CgroupError, OomguardError
+from oomguard.escape import printable
 from oomguard.events.v1 import OomNotifier
 from oomguard.events.v2 import memory_events
 from oomguard.journal import Journal
@@ -488,22 +489,25 @@ class Victim:
     rss: int
 
     def describe(self) -> str:
-        from oomguard.escape import printable
-
         return f"pid {self.pid} {printable(self.comm)} {format_size(self.rss)}"
 
 
-def largest(group: MemoryCgroup) -> Victim | None:
-    """The group's process with the most resident memory."""
-    best: Victim | None = None
+def candidates(group: MemoryCgroup) -> list[Victim]:
+    """The group's processes, the most resident memory first (then the lower pid)."""
+    found = []
     for pid in group.procs():
         try:
             t = read_task(pid)
         except OomguardError:
-            continue
-        if best is None or t.rss > best.rss:
-            best = Victim(t.pid, t.start_ticks, t.comm, t.rss)
-    return best
+            continue  # exited while we looked
+        found.append(Victim(t.pid, t.start_ticks, t.comm, t.rss))
+    return sorted(found, key=lambda v: (-v.rss, v.pid))
+
+
+def largest(group: MemoryCgroup) -> Victim | None:
+    """The group's process with the most resident memory."""
+    found = candidates(group)
+    return found[0] if found else None
 
 
 def kill(journal_path: Path, group: MemoryCgroup, victim: Victim,

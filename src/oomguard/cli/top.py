@@ -2,10 +2,11 @@
 
 Keys: up/down (or k/j) select, s cycles the sort (use%, usage, tree), g grows the selected
 held group by --grow, K hands it to the kernel's killer, x (twice) kills the selected group's
-largest process, z stops the group's processes and c continues them, q quits (continuing
-what this top stopped). An action is journaled like the daemon's and refused while a daemon
-holds the journal. The screen is redrawn when a key is pressed, when a shown group runs out
-of memory and when the journal changes; the numbers are re-read every --interval.
+largest process (n between the two names the next one), z stops the group's processes and
+c continues them, q quits (continuing what this top stopped). An action is journaled like
+the daemon's; while a daemon holds the journal, g, K and x are asked of it over its control
+socket. The screen is redrawn when a key is pressed, when a shown group runs out of memory
+and when the journal changes; the numbers are re-read every --interval.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-HELP = ("q quit  s sort  up/down select  g grow  K to the kernel  x kill largest  z stop  "
+HELP = ("q quit  s sort  up/down select  g grow  K to the kernel  x kill (n: next)  z stop  "
         "c continue")
 
 
@@ -74,7 +75,8 @@ class _Screen:
         self.status = HELP
         self.rates = top_model.Rates(gap=min(0.25, interval / 2))
         self.view = top_model.JournalView(journal)
-        self.armed: tuple[str, top_model.Victim] | None = None  # x pressed once: whom
+        # x pressed once: the group, its processes (largest first), the one named.
+        self.armed: tuple[str, list[top_model.Victim], int] | None = None
         self.stopped: dict[str, MemoryCgroup] = {}  # groups this top stopped: continued at q
 
     def loop(self) -> None:
@@ -127,8 +129,11 @@ class _Screen:
 
         from oomguard import top_model
 
-        armed, self.armed = self.armed, None  # any key but a second x disarms the kill
-        if key in (curses.KEY_DOWN, ord("j")):
+        armed, self.armed = self.armed, None  # any key but x or n disarms the kill
+        if key == ord("n") and armed is not None:  # name the next process instead
+            group_path, victims, i = armed
+            self._arm(group_path, victims, (i + 1) % len(victims))
+        elif key in (curses.KEY_DOWN, ord("j")):
             self.selected += 1
             self.selected_path = None
         elif key in (curses.KEY_UP, ord("k")):
@@ -151,14 +156,13 @@ class _Screen:
                     self.status = top_model.cont(self.journal, group)
                     self.stopped.pop(group.relpath, None)
                 elif armed is not None and armed[0] == group.relpath:
-                    self.status = top_model.kill(self.journal, group, armed[1])
+                    self.status = top_model.kill(self.journal, group, armed[1][armed[2]])
                 else:
-                    victim = top_model.largest(group)
-                    if victim is None:
+                    victims = top_model.candidates(group)
+                    if not victims:
                         self.status = f"{group.relpath}: no process to kill"
                     else:
-                        self.armed = (group.relpath, victim)
-                        self.status = f"kill {victim.describe()}? x again to kill, any key not"
+                        self._arm(group.relpath, victims, 0)
                         return
             except OomguardError as exc:
                 self.status = str(exc)
@@ -166,6 +170,11 @@ class _Screen:
                 self.status += f" [{time.monotonic() - started:.1f} s]"
         elif key == curses.KEY_RESIZE:
             pass  # redrawn below at the new size
+
+    def _arm(self, group_path: str, victims: list[Any], i: int) -> None:
+        self.armed = (group_path, victims, i)
+        self.status = (f"kill {victims[i].describe()} ({i + 1}/{len(victims)})? x again to "
+                       f"kill, n next, any key not")
 
     def _draw(self, rows: list[Any]) -> None:
         import curses
