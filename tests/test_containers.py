@@ -341,6 +341,15 @@ class Pod:
     relpath: str
     uid: str
     start: Callable[..., Container]
+    go: Path  # a file here (seen as /go/go inside) lets a container started by `waiting` go on
+
+    def waiting(self, args: list[str]) -> list[str]:
+        """args run once the test creates `go`/go, as the container's PID 1 (exec)."""
+        quoted = " ".join("'" + a.replace("'", "'\\''") + "'" for a in args)
+        return ["/bin/sh", "-c", f"while [ ! -e /go/go ]; do sleep 0.05; done; exec {quoted}"]
+
+    def release(self) -> None:
+        (self.go / "go").write_text("go")
 
 
 @pytest.fixture
@@ -355,6 +364,8 @@ def pod(rootfs: Path, tmp_path: Path) -> Iterator[Pod]:
     # The QoS parent exists before the daemon starts (as the kubelet's does on a node).
     (HIER.memory.mount_point / relpath.lstrip("/")).parent.mkdir(parents=True, exist_ok=True)
     started: list[Container] = []
+    go = tmp_path / "go"
+    go.mkdir()
 
     def start(name: str, args: list[str], *, pod_name: str = "web-1",
               namespace: str = "shop") -> Container:
@@ -367,6 +378,9 @@ def pod(rootfs: Path, tmp_path: Path) -> Iterator[Pod]:
         spec["process"].update(terminal=False, args=args, cwd="/",
                                env=["PATH=/bin:/usr/bin", "PYTHONDONTWRITEBYTECODE=1"])
         spec["mounts"].append({"destination": "/usr", "type": "bind", "source": "/usr",
+                               "options": ["rbind", "ro"]})
+        # /go: where the test says "start now" (a file appears) to a container that waits
+        spec["mounts"].append({"destination": "/go", "type": "bind", "source": str(go),
                                "options": ["rbind", "ro"]})
         linux = spec["linux"]
         linux["namespaces"] = [n for n in linux["namespaces"] if n["type"] != "network"]
@@ -391,7 +405,7 @@ def pod(rootfs: Path, tmp_path: Path) -> Iterator[Pod]:
         return container
 
     try:
-        yield Pod(base, relpath, uid, start)
+        yield Pod(base, relpath, uid, start, go)
     finally:
         for c in started:
             _delete_container(c.id)
@@ -435,8 +449,14 @@ def test_leaker_container_handled_steady_container_untouched(pod: Pod, run_daemo
                    "--log-format", "json")
     d.wait_for("serving metrics at")
     url = re.search(r'serving metrics at (http://[^\s"\\]+)', d.log).group(1)  # type: ignore[union-attr]
-    # started after the daemon: its names are read once runc has written its state
-    leaker = pod.start("leaker", [PYTHON, "-c", LEAK, str(MiB)])
+    # Started after the daemon, into the watched pod: adopted once runc wrote its state
+    # (50-250 ms after the cgroup here). It waits for that before it leaks: an OOM before
+    # the names are known would be the kernel's (the rule asks for them).
+    leaker = pod.start("leaker", pod.waiting([PYTHON, "-c", LEAK, str(MiB)]))
+    d.wait_for(f"adopted {leaker.relpath}")
+    pod.release()
+    wait_until(lambda: "python" in Path(f"/proc/{leaker.init_pid}/cmdline").read_text(),
+               what="the leaker's exec")
     leaker_pid = leaker.init_pid
     wait_until(lambda: any(i.closed_at for i in incidents(d.journal)), 60,
                what=f"an incident to close; log:\n{d.log}")
@@ -503,7 +523,9 @@ def test_two_processes_in_one_container_keep_pid_1(pod: Pod, run_daemon) -> None
     d = run_daemon(_policy(pod.base, 'steps = ["hold", "snapshot", "kill"]\n'
                                      'strategy = "largest"\ngrace = "500ms"\n'
                                      'settle = "200ms"\navoid = [{container_init = true}]'))
-    c = pod.start("app", [PYTHON, "-c", PARENT, str(30 * MiB), LEAK])
+    c = pod.start("app", pod.waiting([PYTHON, "-c", PARENT, str(30 * MiB), LEAK]))
+    d.wait_for(f"adopted {c.relpath}")  # in a pod made after the daemon started
+    pod.release()
     init = c.init_pid
     wait_until(lambda: any(i.closed_at for i in incidents(d.journal)), 60,
                what=f"an incident to close; log:\n{d.log}")

@@ -102,8 +102,10 @@ def plan_adoption(group: MemoryCgroup, rule: Rule) -> AdoptionPlan:
 
 
 #: A group that looks like a container, with no rule yet because its names are not on the
-#: node yet, is considered again after these delays (seconds).
-NAME_RETRIES = (0.2, 1.0, 5.0)
+#: node yet, is considered again after these delays (seconds). runc writes state.json
+#: 50-250 ms after it made the cgroup here (containerd's and CRI-O's bundles exist before):
+#: until then an OOM in it is the kernel's (seen: a leaker filling 64M in 0.3 s).
+NAME_RETRIES = (0.05, 0.1, 0.2, 0.4, 1.0, 5.0)
 
 
 def _identity(policy: Policy, relpath: str) -> ContainerIdentity | None:

@@ -50,7 +50,7 @@ if TYPE_CHECKING:
 
 # A container's names are read at adoption; its runtime may write them just after it made
 # the cgroup (runc saves state.json after the cgroup): look again after these delays (s).
-CONTAINER_NAME_RETRIES = (0.2, 1.0, 5.0)
+CONTAINER_NAME_RETRIES = (0.1, 0.3, 1.0, 5.0)
 
 # After a kill at shutdown, how long to let the memory come back before trying again.
 SHUTDOWN_RESTORE_WAITS = (0.0, 0.01, 0.05, 0.1, 0.25)
