@@ -1,0 +1,449 @@
+"""System mode side by side: oomguard --system, earlyoom (defaults), nohang (packaged config).
+
+Global memory pressure ONLY in the VM: run as `bench/run --only system` (or
+`bench/system.py`), which boots the cgroup v2 VM (tests/vm/run-in-vm.sh, emulated,
+OOMGUARD_VM_MEM, default 1536 MiB, no swap) and runs this file inside with --in-vm; the
+guest sees the host's /, so the host's earlyoom and nohang packages are there.
+
+In one boot, for each tool in turn: start it, measure its idle cost (voluntary and
+involuntary context switches of all its threads over --idle-s seconds, i.e. wake-ups,
+and its RSS), then run the same workloads, each beside two bystanders ('sshd' 32 MiB and
+'steady' 64 MiB):
+- fast: one leaker, 16 MiB chunks as fast as it can;
+- slow: a leaker filled fast to 2.5x the level, then 4 MiB every 0.2 s;
+- bomb: a fork bomb of 6 MiB children in a leaf cgroup (pids.max bounds it);
+- bigsteady: a big process that stopped growing, beside a small leaker (8 MiB / 0.1 s).
+A 2 ms sampler reads MemAvailable and watches every workload pid by pidfd; each hog
+writes a monotonic stamp on SIGTERM (then exits), so "to signal" is the first stamp or
+exit after the tool's own SIGTERM level was crossed (oomguard and earlyoom 10%, nohang's
+packaged 5%), "to memory back" the first sample above that level again. Who died is
+read from the pidfds; the kernel's own kills from dmesg.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+PY = sys.executable
+MiB = 1 << 20
+
+HOG = r"""
+import ctypes, mmap, os, signal, sys, time
+name, prefill, step, every, cap = sys.argv[1], *map(float, sys.argv[2:6])
+open("/proc/self/oom_score_adj", "w").write("0")  # the bench runs at -1000
+ctypes.CDLL(None).prctl(15, name.encode(), 0, 0, 0)
+def term(_s, _f):
+    os.write(1, b"T %d\n" % time.monotonic_ns()); os._exit(143)
+signal.signal(signal.SIGTERM, term)
+chunks, have = [], 0
+def take(mib):
+    m = mmap.mmap(-1, int(mib) << 20, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    m.madvise(23)  # MADV_POPULATE_WRITE: no fault per page (fast under emulation)
+    chunks.append(m)
+while have < prefill:
+    take(16); have += 16
+os.write(1, b"ready\n")
+while have < cap:
+    if step:
+        take(step); have += step
+    time.sleep(every)
+time.sleep(300)
+"""
+
+BOMB = r"""
+import ctypes, os, signal, sys, time
+open(sys.argv[1] + "/cgroup.procs", "w").write(str(os.getpid()))
+open("/proc/self/oom_score_adj", "w").write("0")  # the bench runs at -1000
+ctypes.CDLL(None).prctl(15, b"bomb", 0, 0, 0)
+def term(_s, _f):
+    os.write(1, b"T %d\n" % time.monotonic_ns()); os._exit(143)
+signal.signal(signal.SIGTERM, term)
+os.write(1, b"ready\n")
+while True:
+    try:
+        pid = os.fork()
+    except OSError:
+        time.sleep(0.01); continue
+    if pid == 0:
+        import mmap
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        m = mmap.mmap(-1, 6 << 20, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        m.madvise(23)
+        time.sleep(300)
+        os._exit(0)
+"""
+
+TOOLS = {
+    # name: (argv, its SIGTERM level in % of MemTotal, a line that says it runs)
+    "oomguard": ([PY, "-m", "oomguard", "daemon", "--system", "--journal", "{tmp}/j.db"],
+                 10.0, "watching"),
+    "earlyoom": (["earlyoom"], 10.0, "mem avail"),
+    "nohang": (["nohang", "--monitor", "-c", "/etc/nohang/nohang.conf"], 5.0,
+               "Monitoring has started"),
+}
+WORKLOADS = ("fast", "slow", "bomb", "bigsteady")
+BOMB_GROUP = Path("/sys/fs/cgroup/oomguard-bench-bomb")
+
+
+def log(msg: str) -> None:
+    print(f"bench/system: {msg}", file=sys.stderr, flush=True)
+
+
+def meminfo() -> tuple[int, int]:
+    with open("/proc/meminfo", "rb") as f:
+        text = f.read().decode()
+    values = {}
+    for line in text.splitlines():
+        key, _, rest = line.partition(":")
+        values[key] = int(rest.split()[0]) * 1024
+    return values["MemTotal"], values["MemAvailable"]
+
+
+def kernel_kills() -> int:
+    out = subprocess.run(["dmesg"], capture_output=True, text=True).stdout
+    return out.count("Killed process")
+
+
+def tree_pids(pid: int) -> list[int]:
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        try:
+            for tid in os.listdir(f"/proc/{p}/task"):
+                kids = Path(f"/proc/{p}/task/{tid}/children").read_text().split()
+                todo += [int(k) for k in kids]
+        except OSError:
+            pass
+    return out
+
+
+def switches(pid: int) -> int:
+    """Voluntary + involuntary context switches of every thread: its wake-ups."""
+    total = 0
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return 0
+    for tid in tids:
+        try:
+            for line in Path(f"/proc/{pid}/task/{tid}/status").read_text().splitlines():
+                if line.startswith(("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches")):
+                    total += int(line.split()[1])
+        except OSError:
+            pass
+    return total
+
+
+def rss(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+class Hog:
+    def __init__(self, role: str, argv: list[str]) -> None:
+        self.role = role
+        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE)
+        self.pidfd = os.pidfd_open(self.proc.pid)
+        self.exit_at: float | None = None
+        self.term_at: float | None = None
+        assert self.proc.stdout is not None
+        os.set_blocking(self.proc.stdout.fileno(), False)
+        self._buf = b""
+
+    def ready(self, timeout: float = 120.0) -> None:
+        end = time.monotonic() + timeout
+        while b"ready" not in self._buf and time.monotonic() < end:
+            select.select([self.proc.stdout], [], [], 0.1)
+            self.read()
+
+    def read(self) -> None:
+        assert self.proc.stdout is not None
+        try:
+            chunk = os.read(self.proc.stdout.fileno(), 4096)
+        except BlockingIOError:
+            return
+        self._buf += chunk
+        for line in self._buf.split(b"\n"):
+            if line.startswith(b"T ") and self.term_at is None:
+                self.term_at = int(line.split()[1]) / 1e9
+
+    def poll(self, now: float) -> None:
+        if self.exit_at is None and select.select([self.pidfd], [], [], 0)[0]:
+            self.exit_at = now
+            self.read()
+
+    def signal_at(self) -> float | None:
+        stamps = [t for t in (self.term_at, self.exit_at) if t is not None]
+        return min(stamps) if stamps else None
+
+    def end(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.proc.wait()
+        os.close(self.pidfd)
+
+
+def hog(role: str, name: str, prefill: float, step: float = 0, every: float = 0.05,
+        cap: float = 0, wait: bool = True) -> Hog:
+    h = Hog(role, [PY, "-c", HOG, name, str(prefill), str(step), str(every), str(cap)])
+    if wait:
+        h.ready()
+    return h
+
+
+def headroom(margin: float, level_pct: float) -> float:
+    total, avail = meminfo()
+    return max(0.0, (avail - margin * level_pct / 100.0 * total) / MiB)
+
+
+def clean_bomb() -> None:
+    if BOMB_GROUP.exists():
+        (BOMB_GROUP / "cgroup.kill").write_text("1")
+        end = time.monotonic() + 10
+        while (BOMB_GROUP / "cgroup.procs").read_text().split() and time.monotonic() < end:
+            time.sleep(0.05)
+        BOMB_GROUP.rmdir()
+
+
+BALLAST = Path("/dev/shm/oomguard-bench-ballast")
+
+
+def set_ballast(room: int) -> None:
+    """A tmpfs file (shmem, owned by no process: no killer takes it) that leaves `room`
+    bytes above the 10% level: a workload fills that, not the whole VM."""
+    BALLAST.unlink(missing_ok=True)
+    total, avail = meminfo()
+    size = avail - int(0.10 * total) - room
+    fd = os.open(BALLAST, os.O_CREAT | os.O_RDWR, 0o600)
+    try:
+        if size > 0:
+            os.posix_fallocate(fd, 0, size)
+    finally:
+        os.close(fd)
+
+
+def run_workload(tool: str, level_pct: float, name: str, limit_s: float) -> dict[str, Any]:
+    total, _ = meminfo()
+    level = total * level_pct / 100.0
+    set_ballast(600 * MiB)
+    kk = kernel_kills()
+    hogs = [hog("bystander", "sshd", 32), hog("bystander", "steady", 64)]
+    right: set[str] = set()
+    if name == "fast":
+        hogs.append(hog("leaker", "fastleak", 0, 16, 0.0, headroom(0.3, 10.0), wait=False))
+        right = {"leaker"}
+    elif name == "slow":
+        hogs.append(hog("leaker", "slowleak", headroom(2.5, 10.0), 4, 0.2,
+                        headroom(0.3, 10.0)))
+        right = {"leaker"}
+    elif name == "bigsteady":
+        hogs.append(hog("bystander", "bigsteady", headroom(2.2, 10.0)))
+        hogs.append(hog("leaker", "smallleak", 0, 8, 0.1, headroom(0.3, 10.0), wait=False))
+        right = {"leaker"}
+    elif name == "bomb":
+        clean_bomb()
+        BOMB_GROUP.mkdir()
+        (BOMB_GROUP / "pids.max").write_text(str(int(headroom(0.3, 10.0) / 6) + 20))
+        h = Hog("bomb", [PY, "-c", BOMB, str(BOMB_GROUP)])
+        h.ready()
+        hogs.append(h)
+        right = {"bomb"}
+    crossed = back = None
+    min_avail = total
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < limit_s:
+        now = time.monotonic()
+        _, avail = meminfo()
+        min_avail = min(min_avail, avail)
+        if crossed is None and avail <= level:
+            crossed = now
+        if crossed is not None and back is None and avail > level:
+            back = now
+        for h in hogs:
+            h.poll(now)
+            h.read()
+        bomb_empty = (name == "bomb" and BOMB_GROUP.exists()
+                      and not (BOMB_GROUP / "cgroup.procs").read_text().split())
+        done = any(h.exit_at for h in hogs if h.role in right) and back is not None
+        if done and (name != "bomb" or bomb_empty):
+            break
+        time.sleep(0.002)
+    time.sleep(0.5)
+    for h in hogs:
+        h.poll(time.monotonic())
+    bomb_left = 0
+    if name == "bomb" and BOMB_GROUP.exists():
+        bomb_left = len((BOMB_GROUP / "cgroup.procs").read_text().split())
+    died = [h for h in hogs if h.exit_at is not None]
+    first = min(died, key=lambda h: h.signal_at() or 1e18) if died else None
+    sig = first.signal_at() if first else None
+    result = {
+        "tool": tool, "workload": name, "level_pct": level_pct,
+        "to_signal_ms": round((sig - crossed) * 1000, 1) if sig and crossed else None,
+        "to_memory_back_ms": round((back - crossed) * 1000, 1) if back and crossed else None,
+        "overshoot_mib": round((level - min_avail) / MiB, 1),
+        "chosen": first.proc.args[3] if first and first.role != "bomb" else
+                  ("bomb" if first else None),
+        "right": bool(first and first.role in right),
+        "others_died": [h.proc.args[3] for h in died
+                        if h is not first and h.role == "bystander"],
+        "bomb_left": bomb_left,
+        "kernel_kills": kernel_kills() - kk,
+        "signalled_by_term": bool(first and first.term_at),
+    }
+    for h in hogs:
+        h.end()
+    if name == "bomb":
+        clean_bomb()
+    BALLAST.unlink(missing_ok=True)
+    time.sleep(1.0)
+    return result
+
+
+def run_tool(tool: str, idle_s: float, reps: int, limit_s: float) -> dict[str, Any]:
+    argv, level_pct, ready_line = TOOLS[tool]
+    tmp = tempfile.mkdtemp(prefix=f"bench-{tool}-")
+    argv = [a.replace("{tmp}", tmp) for a in argv]
+    logf = open(f"{tmp}/log", "w+b")  # noqa: SIM115 (closed below)
+    proc = subprocess.Popen(argv, stdout=logf, stderr=subprocess.STDOUT)
+    end = time.monotonic() + 60
+    while time.monotonic() < end:
+        if ready_line.encode() in Path(f"{tmp}/log").read_bytes() or proc.poll() is not None:
+            break
+        time.sleep(0.1)
+    time.sleep(1.0)
+    pids = tree_pids(proc.pid)
+    before = {p: switches(p) for p in pids}
+    time.sleep(idle_s)
+    wakeups = sum(switches(p) - before[p] for p in pids) / idle_s
+    main_wakeups = (switches(proc.pid) - before[proc.pid]) / idle_s
+    out: dict[str, Any] = {
+        "tool": tool, "level_pct": level_pct, "pids": len(pids),
+        "idle_wakeups_per_s": round(wakeups, 2),
+        "idle_wakeups_main_per_s": round(main_wakeups, 2),
+        "rss_mib": round(sum(rss(p) for p in pids) / MiB, 1),
+        "rss_main_mib": round(rss(proc.pid) / MiB, 1),
+        "runs": [],
+    }
+    log(f"{tool}: idle {out['idle_wakeups_per_s']}/s, RSS {out['rss_mib']} MiB")
+    for _ in range(reps):
+        for w in WORKLOADS:
+            r = run_workload(tool, level_pct, w, limit_s)
+            log(f"{tool} {w}: {r}")
+            out["runs"].append(r)
+            if proc.poll() is not None:
+                log(f"{tool} died: {proc.returncode}")
+                break
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    logf.seek(0)
+    out["log_tail"] = logf.read().decode("utf-8", "replace").splitlines()[-15:]
+    logf.close()
+    return out
+
+
+def in_vm(args: argparse.Namespace) -> int:
+    # The bench itself is no candidate for anyone (its hogs set themselves back to 0).
+    Path("/proc/self/oom_score_adj").write_text("-1000")
+    results: dict[str, Any] = {"tools": [], "meta": {}}
+    total, avail = meminfo()
+    results["meta"] = {"mem_total_mib": total // MiB, "mem_available_mib": avail // MiB,
+                       "kernel": os.uname().release, "emulated": True,
+                       "earlyoom": subprocess.run(["earlyoom", "-v"], capture_output=True,
+                                                  text=True).stdout.strip(),
+                       "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    for tool in args.tools.split(","):
+        results["tools"].append(run_tool(tool, args.idle_s, args.reps, args.limit_s))
+        Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
+    log(f"wrote {args.json}")
+    return 0
+
+
+def table(results: dict[str, Any]) -> str:
+    """The markdown table for docs/benchmarks.md."""
+    lines = ["| tool | workload | to signal ms | to memory back ms | past the level MiB | "
+             "chosen (right?) | others killed | kernel kills |",
+             "|---|---|---|---|---|---|---|---|"]
+    for t in results["tools"]:
+        for r in t["runs"]:
+            others = ", ".join(r["others_died"]) or "none"
+            if r["workload"] == "bomb" and r["bomb_left"]:
+                others += f"; {r['bomb_left']} bomb procs left"
+            lines.append(f"| {t['tool']} ({r['level_pct']:g}%) | {r['workload']} | "
+                         f"{r['to_signal_ms']} | {r['to_memory_back_ms']} | "
+                         f"{max(0.0, r['overshoot_mib'])} | {r['chosen']} "
+                         f"({'yes' if r['right'] else 'no'}) | {others} | "
+                         f"{r['kernel_kills']} |")
+    lines += ["", "| tool | idle wake-ups/s (all its processes) | main process | RSS MiB |",
+              "|---|---|---|---|"]
+    for t in results["tools"]:
+        lines.append(f"| {t['tool']} | {t['idle_wakeups_per_s']} | "
+                     f"{t['idle_wakeups_main_per_s']} | {t['rss_mib']} |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--in-vm", action="store_true", help="(inside the VM) run the workloads")
+    p.add_argument("--tools", default="oomguard,earlyoom,nohang")
+    p.add_argument("--reps", type=int, default=1)
+    p.add_argument("--idle-s", type=float, default=10.0)
+    p.add_argument("--limit-s", type=float, default=40.0, help="per workload run")
+    p.add_argument("--json", default=str(HERE / "results" / "results-system.json"))
+    p.add_argument("--table", metavar="JSON", help="print the markdown table of a result")
+    args = p.parse_args()
+    if args.table:
+        print(table(json.loads(Path(args.table).read_text())))
+        return 0
+    if args.in_vm:
+        if os.environ.get("OOMGUARD_IN_VM") != "1":
+            raise SystemExit("bench/system.py: --in-vm only inside the VM (global memory "
+                             "pressure never on the host)")
+        return in_vm(args)
+    import shutil
+    tools = [t for t in args.tools.split(",") if t == "oomguard" or shutil.which(t)]
+    missing = sorted(set(args.tools.split(",")) - set(tools))
+    if missing:  # not installed here on purpose: their packages start services on systemd
+        log(f"not installed, left out: {', '.join(missing)} (apt-get install "
+            f"{' '.join(missing)}; the VM sees the host's packages)")
+    args.tools = ",".join(tools)
+    out = Path(args.json).resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OOMGUARD_VM_MEM": os.environ.get("OOMGUARD_VM_MEM", "1536")}
+    cmd = [str(ROOT / "tests/vm/run-in-vm.sh"), "--rw", str(out.parent), "--",
+           PY, str(Path(__file__).resolve()), "--in-vm", "--tools", args.tools,
+           "--reps", str(args.reps), "--idle-s", str(args.idle_s),
+           "--limit-s", str(args.limit_s), "--json", str(out)]
+    rc = subprocess.call(cmd, env=env, cwd=str(ROOT))
+    if rc == 0 and out.exists():
+        print(table(json.loads(out.read_text())))
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())
