@@ -121,7 +121,7 @@ def walk(hier: Hierarchies, relpath: str, depth_limit: int | None) -> Iterator[s
         return
     group = cgroup_at(hier, relpath)
     try:
-        names = sorted(e.name for e in os.scandir(group.path) if e.is_dir())
+        names = sorted(e.name for e in os.scandir(group.dir) if e.is_dir())
     except OSError:
         return
     for name in names:
@@ -192,7 +192,7 @@ class Discovery:
                     continue
                 if self._could_lead_to_match(relpath):
                     try:
-                        self.watcher.watch(str(group.path))
+                        self.watcher.watch(group.dir)
                     except OSError:
                         pass  # vanished, or out of inotify watches: still adopt what we see
                 found += self._consider(group)

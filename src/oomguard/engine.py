@@ -300,7 +300,7 @@ class Engine:
                 inc = Incident(self, watch, when, count, ahead)
                 watch.incident = inc
                 if self.ledger.guardian is not None:  # it beats while an incident is open
-                    self.ledger.guardian.incident_opened(str(watch.group.path),
+                    self.ledger.guardian.incident_opened(watch.group.dir,
                                                          inc.rule.deadline)
                 crash_point("incident-open")
                 inc.start()
@@ -317,7 +317,7 @@ class Engine:
         if inc.watch.incident is inc:
             inc.watch.incident = None
         if self.ledger.guardian is not None:
-            self.ledger.guardian.incident_closed(str(inc.group.path))
+            self.ledger.guardian.incident_closed(inc.group.dir)
         self._rehold(inc.watch)
         self.try_shrink(inc.watch)
         if inc.watch.relpath in self.watches:

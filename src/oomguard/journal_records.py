@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
 
 from oomguard.containers import ContainerIdentity
 
@@ -33,6 +32,8 @@ def iso_utc(ts: float | None) -> str | None:
     """ISO 8601 UTC with milliseconds ("2024-05-01T12:00:03.123Z") for a wall-clock time."""
     if ts is None:
         return None
+    from datetime import UTC, datetime  # for output only: not in the daemon's memory
+
     text = datetime.fromtimestamp(ts, tz=UTC).isoformat(timespec="milliseconds")
     return text.replace("+00:00", "Z")
 

@@ -81,7 +81,7 @@ def write_change(group: MemoryCgroup, kind: str, target: str, value: str) -> Non
         raise ValueError(f"unknown change kind {kind!r}")
 
 
-@dataclass
+@dataclass(slots=True)
 class ActiveChange:
     id: int
     group: MemoryCgroup

@@ -32,7 +32,7 @@ OnRemoved = Callable[["Watch"], None]
 OnPressure = Callable[["Watch", dict[str, float]], None]
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)  # slots: one per watched group, 10,000 of them
 class Watch:
     group: MemoryCgroup
     rule: Rule

@@ -14,6 +14,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar
 
 from oomguard.cgroup import files
@@ -91,8 +92,11 @@ class MemoryCgroup(ABC):
         self.hierarchies = hierarchies
         self.mount = mount
         self.relpath = "/" + relpath.strip("/") if relpath.strip("/") else "/"
-        self.path = mount.mount_point / self.relpath.lstrip("/")
-        self.dir = str(self.path)  # for joins in the hot paths (see files.read_text)
+        rel, top = self.relpath.lstrip("/"), str(mount.mount_point)
+        # The directory as a string, for joins in the hot paths (see files.read_text); the
+        # Path only when asked for (~0.4 KiB each, for every one of 10,000 groups).
+        self.dir = top if not rel else f"{top.rstrip('/')}/{rel}"
+        self._path: Path | None = None
         # Within `oneshot()`: each control file's text as first read, until a write.
         self._oneshot: dict[str, str] | None = None
 
@@ -110,14 +114,20 @@ class MemoryCgroup(ABC):
         finally:
             self._oneshot = None
 
+    @property
+    def path(self) -> Path:
+        if self._path is None:
+            self._path = Path(self.dir)
+        return self._path
+
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.relpath}>"
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, MemoryCgroup) and other.path == self.path
+        return isinstance(other, MemoryCgroup) and other.dir == self.dir
 
     def __hash__(self) -> int:
-        return hash(self.path)
+        return hash(self.dir)
 
     # -- plumbing ------------------------------------------------------------
     def read(self, name: str) -> str:

@@ -14,34 +14,57 @@ from __future__ import annotations
 
 import contextlib
 import os
+import queue
+import threading
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from oomguard.events.loop import EventLoop
 
 Then = Callable[[Any], None]
+Job = tuple[Callable[[], object], Then, Then]
 
 
 class Background:
+    """A few worker threads (plain `threading`: concurrent.futures would bring the logging
+    package, ~2 MiB of every daemon's memory, for what a queue does)."""
+
     def __init__(self, loop: EventLoop, workers: int = 8) -> None:
         self._loop = loop
         self._efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._done: deque[tuple[Then, Then, object]] = deque()
-        self._pool: ThreadPoolExecutor | None = None
+        self._jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
+        self._threads: list[threading.Thread] = []
+        self._idle = 0  # workers waiting for a job
+        self._lock = threading.Lock()
         self._workers = workers
+        self._closed = False
         self.pending = 0
         loop.add_reader(self._efd, self._deliver)
 
     def submit(self, work: Callable[[], object], then: Then, discard: Then) -> None:
         """Run `work()` on a worker; `then(result or exception)` on the loop, or
         `discard(result)` if the loop is gone by then."""
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(self._workers, thread_name_prefix="oomguard-reg")
         self.pending += 1
+        with self._lock:  # a new worker only while none waits for work
+            start = self._idle == 0 and len(self._threads) < self._workers
+        if start:
+            t = threading.Thread(target=self._work, name="oomguard-reg", daemon=True)
+            self._threads.append(t)
+            t.start()
+        self._jobs.put((work, then, discard))
 
-        def run() -> None:
+    def _work(self) -> None:
+        while True:
+            with self._lock:
+                self._idle += 1
+            job = self._jobs.get()
+            with self._lock:
+                self._idle -= 1
+            if job is None:
+                return
+            work, then, discard = job
             try:
                 result: object = work()
             except Exception as exc:  # handed to the loop as the result
@@ -49,8 +72,6 @@ class Background:
             self._done.append((then, discard, result))
             with contextlib.suppress(OSError):
                 os.eventfd_write(self._efd, 1)
-
-        self._pool.submit(run)
 
     def _deliver(self, _revents: int) -> None:
         with contextlib.suppress(BlockingIOError):
@@ -61,9 +82,19 @@ class Background:
             then(result)
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-            self._pool = None
+        """Drop the jobs not started, wait for those running, discard their results."""
+        if not self._closed:
+            self._closed = True
+            with contextlib.suppress(queue.Empty):
+                while True:  # cancel what no worker took yet
+                    job = self._jobs.get_nowait()
+                    if job is not None:
+                        self.pending -= 1
+            for _ in self._threads:
+                self._jobs.put(None)
+            for t in self._threads:
+                t.join()
+            self._threads.clear()
         while self._done:
             _then, discard, result = self._done.popleft()
             if not isinstance(result, BaseException):

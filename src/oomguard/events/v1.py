@@ -30,6 +30,8 @@ class EventfdRegistration:
     """One eventfd registered on one control file of one v1 memory cgroup."""
 
     poll_events = select.EPOLLIN
+    # One (or four, with the growth marks) per watched group: no __dict__ each.
+    __slots__ = ("_control_fd", "_efd", "cgroup", "control_file")
 
     def __init__(self, cgroup: MemoryCgroup, control_file: str, args: str = "",
                  keep_control_fd: bool = True) -> None:
@@ -90,12 +92,16 @@ class OomNotifier(EventfdRegistration):
     Registration itself fires at once if the group is already under OOM.
     """
 
+    __slots__ = ()
+
     def __init__(self, cgroup: MemoryCgroup, keep_control_fd: bool = True) -> None:
         super().__init__(cgroup, "memory.oom_control", keep_control_fd=keep_control_fd)
 
 
 class ThresholdNotifier(EventfdRegistration):
     """Fires when usage (or memory+swap usage) crosses `threshold` bytes either way."""
+
+    __slots__ = ("threshold",)
 
     def __init__(self, cgroup: MemoryCgroup, threshold: int, memsw: bool = False,
                  keep_control_fd: bool = True) -> None:
@@ -106,6 +112,8 @@ class ThresholdNotifier(EventfdRegistration):
 
 class PressureLevelNotifier(EventfdRegistration):
     """Reclaim pressure: level low|medium|critical, mode default|hierarchy|local."""
+
+    __slots__ = ("level",)
 
     def __init__(self, cgroup: MemoryCgroup, level: str = "critical", mode: str = "") -> None:
         if level not in ("low", "medium", "critical"):

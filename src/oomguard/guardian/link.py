@@ -207,7 +207,7 @@ class GuardianLink:
         if undo is None:
             return
         file, value = undo
-        oomdir = str(change.group.path) if change.kind == "oom_kill_disable" else ""
+        oomdir = change.group.dir if change.kind == "oom_kill_disable" else ""
         fds: list[int] = []
         pidfd = -1
         if change.kind == "stop":

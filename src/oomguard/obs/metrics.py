@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import ipaddress
 import math
 import select
 import socket
@@ -76,6 +75,8 @@ def _label_text(labels: Labels) -> str:
 
 
 def _to_label_str(value: object) -> str:
+    if isinstance(value, str) and value.isascii():
+        return value  # the caller's own string (a cgroup path): no copy per watched group
     if isinstance(value, bytes):
         return value.decode("utf-8", "backslashreplace")
     text = str(value)
@@ -306,6 +307,8 @@ def parse_metrics_addr(text: str) -> tuple[str, int]:
             raise ValueError(f'expected "[IPV6]:PORT", got {text!r}')
         host, port_text = raw[1:end], raw[end + 2 :]
         try:
+            import ipaddress  # only to parse --metrics: not in every daemon's memory
+
             ipaddress.IPv6Address(host)
         except ValueError:
             raise ValueError(f"not an IPv6 address: {host!r}") from None
@@ -343,6 +346,8 @@ def check_metrics_addr(text: str) -> tuple[str, int]:
 
 def _listen(host: str, port: int, backlog: int) -> socket.socket:
     try:
+        import ipaddress
+
         family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
         sockaddr: tuple[str, int] = (host, port)
     except ValueError:  # a host name: take the first address it resolves to
