@@ -399,9 +399,9 @@ def pod(rootfs: Path, tmp_path: Path) -> Iterator[Pod]:
             r = subprocess.run([str(RUNC), "run", "--detach", "--bundle", str(bundle), cid],
                                stdin=subprocess.DEVNULL, stdout=out, stderr=out, timeout=30)
         assert r.returncode == 0, f"runc run: {(bundle / 'output').read_text()}"
-        limit = HIER.memory.mount_point / container.relpath.lstrip("/") / "memory.limit_in_bytes"
-        if limit.exists():  # v1: the limit is in place before anything allocates
-            assert int(limit.read_text()) == 64 * MiB
+        group = HIER.memory.mount_point / container.relpath.lstrip("/")
+        limit = group / ("memory.limit_in_bytes" if HIER.memory_version == 1 else "memory.max")
+        assert int(limit.read_text()) == 64 * MiB  # before anything in it allocates
         return container
 
     try:
@@ -542,5 +542,17 @@ def test_two_processes_in_one_container_keep_pid_1(pod: Pod, run_daemon) -> None
     assert "shop/web-1/app" in d.log
     assert step.result == "killed"
     # The cgroup was really the container's own, limited by runc.
-    assert int((mount / c.relpath.lstrip("/") / "memory.limit_in_bytes").read_text()) == 64 * MiB
+    limit = "memory.limit_in_bytes" if HIER.memory_version == 1 else "memory.max"
+    assert int((mount / c.relpath.lstrip("/") / limit).read_text()) == 64 * MiB
     assert d.stop() == 0
+
+
+def test_desktop_notice_names_the_pod() -> None:
+    from oomguard.containers import default_index
+    from oomguard.steps.ask import _container
+
+    path = f"/kubepods/besteffort/pod{UID}"
+    assert _container(path) == ""  # nothing is read at the notice: only what adoption found
+    default_index().lookup(path)  # what the engine does when it adopts the group
+    assert _container(path) == f" (container pod {UID} (besteffort))"
+    default_index().forget(path)
