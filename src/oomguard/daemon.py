@@ -26,6 +26,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from oomguard.cgroup import MemoryCgroup, resolve
+from oomguard.cgroup.base import FileChange
+from oomguard.containers import default_index
 from oomguard.control import ControlServer, socket_path
 from oomguard.discovery import Discovery, plan_adoption
 from oomguard.engine import kill_until_restored, settled
@@ -41,6 +43,7 @@ from oomguard.policy.model import default_rule
 from oomguard.policy.system import SystemSpec
 from oomguard.session import Session
 from oomguard.system import SystemMonitor
+from oomguard.watch import Watch
 
 MCL_CURRENT, MCL_FUTURE, MCL_ONFAULT = 1, 2, 4
 # While the journal cannot be written, how often to try writing what waits in memory.
@@ -112,6 +115,8 @@ class Daemon:
         self.dry_run = dry_run
         self.own_cgroup = resolve(f"pid:{os.getpid()}", session.hier)
         self.discovery: Discovery | None = None
+        # While the start-up scan runs: the adoption holds to make after it (hold_all).
+        self._holds_later: list[tuple[Watch, list[FileChange]]] | None = None
         self.server: MetricsServer | None = None
         self._journal_retry: Timer | None = None
         self.system: SystemMonitor | None = None  # --system / [system]: system.py
@@ -123,17 +128,31 @@ class Daemon:
         parts = own.strip("/").split("/") if own != "/" else []
         for i in range(len(parts) + 1):
             path = "/" + "/".join(parts[:i])
-            rule = (policy or self.policy).rule_for(path)
+            pol = policy or self.policy
+            # A rule may match by container names (namespace, QoS...): oomguard's own pod
+            # too, so ask with the names, as discovery will.
+            who = default_index().lookup(path) if pol.speaks_containers else None
+            rule = pol.rule_for(path, who)
             if rule is not None and path != "/":
                 raise UsageError(f"daemon: refusing to run inside {own}: rule "
                                  f"{rule.name!r} watches {path}")
 
     def adopt(self, group: MemoryCgroup, rule: Rule) -> None:
         engine, log = self.session.engine, self.session.log
+        own = self.own_cgroup.relpath
+        if group.relpath != "/" and (own == group.relpath or own.startswith(
+                group.relpath + "/")):
+            # Matched only now (names read late, a reload): never hold oomguard's own group.
+            log.warning(f"{group.relpath}: not adopted by rule {rule.name}: oomguard runs "
+                        "in it, and a held OOM there would wait for oomguard itself")
+            return
         known = group.relpath in engine.watches
+        batch = self._holds_later
         with group.oneshot():  # the plan, the hold and the metrics read the same files
             plan = None if known else plan_adoption(group, rule)  # before anything changes
-            watch = engine.watch(group, rule)
+            watch = engine.watch(group, rule, hold=batch is None)
+            if batch is not None and not known and watch.relpath in engine.watches:
+                batch.append((watch, engine.hold_changes(watch)))
         if watch.relpath in engine.watches:
             self._take_over_hold(group, rule)
             if plan is not None:
@@ -183,8 +202,15 @@ class Daemon:
         recover(s.journal, s.hier, s.log.info, self._last_resort, _skip)
         if self.policy.rules:  # --system alone watches no cgroup: no inotify wakeups
             self.discovery = Discovery(s.hier, self.policy, s.loop, self.adopt, skip=_skip)
-            with s.log.batched():  # a line per adopted group, not a write(2) per line
-                self.discovery.scan()
+            # The start-up's holds are made together after the scan: their intents in
+            # one commit instead of one each (Engine.hold_all).
+            self._holds_later = []
+            try:
+                with s.log.batched():  # a line per adopted group, not a write(2) per line
+                    self.discovery.scan()
+            finally:
+                planned, self._holds_later = self._holds_later, None
+                s.engine.hold_all(planned)
         if self.policy.system is not None:  # whole-machine pressure (issue 12)
             self.system = SystemMonitor(s.engine, self.policy.system)
             self.system.start()

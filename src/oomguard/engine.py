@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from oomguard.cgroup import Hierarchies, MemoryCgroup
+from oomguard.cgroup.base import FileChange
 from oomguard.containers import default_index
 from oomguard.errors import CgroupError, OomguardError
 from oomguard.events.background import Background
@@ -209,12 +210,24 @@ class Engine:
     def hold(self, watch: Watch) -> None:
         """The adoption hold, if the rule holds and it is not there yet. An OOM pending
         before the hold is the kernel's (its killer is still on), and is signalled."""
+        group = watch.group
+        for c in self.hold_changes(watch):
+            self.ledger.apply(group, c.kind, group.relpath, c.before, c.after, tag="hold")
+
+    def hold_changes(self, watch: Watch) -> list[FileChange]:
+        """What the adoption hold of `watch` would write ([] if none is due)."""
         rule = watch.rule
         if rule.dry_run or not any(s.kind is StepKind.HOLD for s in rule.steps):
-            return
+            return []
         if any(c.tag == "hold" for c in self.ledger.for_group(watch.group)):
-            return
-        establish_hold(self.ledger, watch.group, watch.baseline_limit)
+            return []
+        return watch.group.hold_changes(watch.baseline_limit)
+
+    def hold_all(self, planned: list[tuple[Watch, list[FileChange]]]) -> int:
+        """The adoption holds of a start-up's groups, their intents in one commit
+        (`Ledger.apply_many`); the watches were registered with hold=False."""
+        changes = [(w.group, c) for w, cs in planned if w.relpath in self.watches for c in cs]
+        return len(self.ledger.apply_many(changes, tag="hold"))
 
     def _arm_growth(self, watch: Watch) -> None:
         """Growth sampling's usage thresholds, registered off the loop (each waits for an

@@ -136,10 +136,10 @@ class Keeper:
         for extra in fds[1:]:
             os.close(extra)
         if op == "add":
-            hold = Hold(f, pidfd)
-            self.holds[hold.id] = hold
-            if hold.oomdir:
-                self._watch_oom(hold.oomdir, hold.deadline)
+            self._add(Hold(f, pidfd))
+        elif op == "adds":  # several holds with no fd (a start-up's): 7 fields each
+            for i in range(1, len(f) - 6, 7):
+                self._add(Hold(["add", *f[i:i + 7]], -1))
         elif op == "del":
             for text in f[1:]:
                 gone = self.holds.pop(int(text), None)
@@ -167,6 +167,11 @@ class Keeper:
             self.last_beat = time.monotonic()
         elif pidfd >= 0:
             os.close(pidfd)
+
+    def _add(self, hold: Hold) -> None:
+        self.holds[hold.id] = hold
+        if hold.oomdir:
+            self._watch_oom(hold.oomdir, hold.deadline)
 
     # -- the guardian's own view of v1 OOMs -----------------------------------------
     def _watch_oom(self, directory: str, deadline: float) -> None:

@@ -82,6 +82,9 @@ def _widen_send_buffer(sock: socket.socket) -> None:
             continue
 
 
+ADDS_PER_MESSAGE = 200  # holds per "adds" message: well under the guardian's 64 KiB read
+
+
 class GuardianLink:
     def __init__(self, report: Path, log: Callable[[str], None]) -> None:
         self.report = report
@@ -201,6 +204,29 @@ class GuardianLink:
         self._sent[change.id] = change
         self._deadlines[change.id] = deadline
         self._send_add(change)
+
+    def added_many(self, changes: list[ActiveChange],
+                   deadline_for: Callable[[ActiveChange], float]) -> None:
+        """`added` for many changes with no fd to pass (a start-up's holds), a few hundred
+        per message: one send each cost the start-up of 10,000 groups ~0.3 s."""
+        fields: list[object] = []
+        for change in changes:
+            undo = undo_of(change)
+            if undo is None or change.kind == "stop":
+                if change.kind == "stop":
+                    self.added(change, deadline_for(change))
+                continue
+            deadline = deadline_for(change)
+            self._sent[change.id] = change
+            self._deadlines[change.id] = deadline
+            oomdir = change.group.dir if change.kind == "oom_kill_disable" else ""
+            fields += [change.id, _RANK.get(change.kind, 0), change.kind, undo[0], undo[1],
+                       deadline, oomdir]
+            if len(fields) >= ADDS_PER_MESSAGE * 7:
+                self._send("adds", *fields)
+                fields = []
+        if fields:
+            self._send("adds", *fields)
 
     def _send_add(self, change: ActiveChange) -> None:
         undo = undo_of(change)
