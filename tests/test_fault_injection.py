@@ -523,3 +523,30 @@ def test_storm_handler_killed_mid_storm(test_parent: MemoryCgroup, memcg: Memory
     finally:
         for g in groups:
             destroy(g)
+
+
+def test_startup_holds_of_many_groups_are_all_guarded(test_parent: MemoryCgroup,
+                                                      run_daemon) -> None:
+    """A start-up's holds go to the guardian in messages of 200 ("adds", after one journal
+    commit for all): 450 groups, three messages; the handler's death releases every one."""
+    base = new_group(test_parent, "t", suffix="many")
+    try:
+        groups = []
+        for i in range(450):
+            g = base.child(f"g{i:03d}")
+            g.create()
+            g.set_limits(24 * MiB, 24 * MiB if g.version == 1 else None)
+            groups.append(g)
+        befores = [before_of(g) for g in groups]
+        d = run_daemon(f'[[rule]]\nname = "many"\nmatch = "{base.relpath}/*"\n'
+                       'steps = ["hold", "kill"]\n')
+        d.wait_for("watching 450 cgroups", timeout=60)
+        assert all(holding(g) for g in groups)
+        dfd = os.pidfd_open(d.proc.pid)
+        kill_by_pidfd(dfd)  # the handler alone: its guardian stays
+        assert readable(dfd, 5)
+        os.close(dfd)
+        wait_released(groups, befores, time.monotonic())
+        assert not any(holding(g) for g in groups)
+    finally:
+        destroy(base)
