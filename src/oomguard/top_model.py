@@ -24,13 +24,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from oomguard.cgroup import MemoryCgroup, root
 from oomguard.control import RULE, ask, keep
 from oomguard.errors import CgroupError, OomguardError
 from oomguard.escape import printable
 from oomguard.events.v1 import OomNotifier
-from oomguard.events.v2 import memory_events
+from oomguard.events.v2 import cgroup_events, memory_events
 from oomguard.journal import Journal
 from oomguard.journal_records import IncidentRecord
 from oomguard.ledger import Ledger, pid_target, write_change
@@ -229,21 +230,31 @@ _IN_Q_OVERFLOW = 0x00004000
 _INOTIFY_HEADER = struct.Struct("iIII")
 
 
+class _Notifier(Protocol):
+    def fileno(self) -> int: ...
+
+    def read(self) -> object: ...
+
+    def close(self) -> None: ...
+
+
 class Wakeups:
     """What the screen sleeps on between two refreshes of the numbers.
 
-    `wait(timeout)` returns why it woke: "key" (the terminal has input), "oom" (a shown
-    group's OOM notification: v1 eventfd on memory.oom_control, v2 POLLPRI on
-    memory.events), "journal" (a write to the journal: a new incident, a step), or nothing
-    when the timeout passed. A group whose notification cannot be registered (not root, a
-    removed group) is simply refreshed with the numbers."""
+    `wait(timeout)` returns why it woke: "key" (the terminal has input; "hangup" when it
+    is gone), "cgroup" (a shown
+    group's notification: v1 the OOM eventfd on memory.oom_control; v2 POLLPRI on
+    memory.events and cgroup.events, so an OOM kill, the group emptied or frozen), "journal"
+    (a write to the journal: a new incident, a step), or nothing when the timeout passed.
+    A group whose notification cannot be registered (not root, a removed group, out of fds)
+    is simply refreshed with the numbers."""
 
     def __init__(self, journal_path: Path, stdin: int = 0) -> None:
         self._poll = select.poll()
         self._stdin = stdin
         self._poll.register(stdin, select.POLLIN)
-        self._groups: dict[str, object] = {}  # relpath -> notifier (fileno/read/close)
-        self._by_fd: dict[int, object] = {}
+        self._groups: dict[str, list[_Notifier]] = {}  # relpath -> its notifiers
+        self._by_fd: dict[int, _Notifier] = {}
         self._journal_names = {journal_path.name + sfx for sfx in ("", "-wal", "-journal")}
         self._inotify = -1
         libc = ctypes.CDLL(None, use_errno=True)
@@ -257,51 +268,54 @@ class Wakeups:
                 os.close(fd)  # no directory yet: the journal is read with the numbers
 
     def track(self, groups: list[MemoryCgroup]) -> None:
-        """Watch exactly these groups' OOM notifications."""
+        """Watch exactly these groups' notifications."""
         wanted = {g.relpath: g for g in groups}
         for path in [p for p in self._groups if p not in wanted]:
             self._drop(path)
         for path, group in wanted.items():
             if path in self._groups:
                 continue
+            made: list[_Notifier] = []
             try:
                 if group.version == 1:
-                    n: object = OomNotifier(group, keep_control_fd=False)
+                    made.append(OomNotifier(group, keep_control_fd=False))
                     events = select.POLLIN
                 else:
-                    n = memory_events(group.path)
+                    made.append(memory_events(group.path))
+                    made.append(cgroup_events(group.path))
                     events = select.POLLPRI | select.POLLERR
             except (OomguardError, OSError):
-                self._groups[path] = None  # not watchable: refreshed with the numbers
+                for n in made:
+                    n.close()
+                self._groups[path] = []  # not watchable: refreshed with the numbers
                 continue
-            fd = n.fileno()  # type: ignore[attr-defined]
-            self._groups[path] = n
-            self._by_fd[fd] = n
-            self._poll.register(fd, events)
+            self._groups[path] = made
+            for n in made:
+                self._by_fd[n.fileno()] = n
+                self._poll.register(n.fileno(), events)
 
     def _drop(self, path: str) -> None:
-        n = self._groups.pop(path, None)
-        if n is not None:
-            fd = n.fileno()  # type: ignore[attr-defined]
-            self._by_fd.pop(fd, None)
-            self._poll.unregister(fd)
-            n.close()  # type: ignore[attr-defined]
+        for n in self._groups.pop(path, []):
+            self._by_fd.pop(n.fileno(), None)
+            self._poll.unregister(n.fileno())
+            n.close()
 
     @property
     def watched(self) -> int:
-        return sum(n is not None for n in self._groups.values())
+        return sum(bool(made) for made in self._groups.values())
 
     def wait(self, timeout: float) -> set[str]:
         why: set[str] = set()
-        for fd, _ev in self._poll.poll(max(0, int(timeout * 1000))):
+        for fd, ev in self._poll.poll(max(0, int(timeout * 1000))):
             if fd == self._stdin:
-                why.add("key")
+                hangup = ev & (select.POLLHUP | select.POLLERR | select.POLLNVAL)
+                why.add("hangup" if hangup else "key")
             elif fd == self._inotify:
                 if self._journal_changed():
                     why.add("journal")
             elif fd in self._by_fd:
-                self._by_fd[fd].read()  # type: ignore[attr-defined]  # re-arms it
-                why.add("oom")
+                self._by_fd[fd].read()  # re-arms it
+                why.add("cgroup")
         return why
 
     def _journal_changed(self) -> bool:

@@ -101,9 +101,11 @@ class _Screen:
                 # refresh of the numbers: nothing is redrawn in between (a write to another
                 # file in the journal's directory wakes the poll, not the screen).
                 deadline = time.monotonic() + self.interval
-                while not wake.wait(deadline - time.monotonic()):
+                while not (why := wake.wait(deadline - time.monotonic())):
                     if time.monotonic() >= deadline:
                         break
+                if "hangup" in why:  # the terminal is gone: poll would return at once
+                    return
                 while (key := self.scr.getch()) != -1:
                     if key in (ord("q"), ord("Q")):
                         return
