@@ -20,7 +20,7 @@ from oomguard.journal import Journal
 from oomguard.top_model import DAEMON_OWNS, DAEMON_STOPS, RULE
 from oomguard.workloads import LEAK, STEADY
 
-from conftest import Spawn, task_state, wait_until
+from conftest import AS_NOBODY, Spawn, task_state, wait_until
 from journal_helpers import rule
 
 pytestmark = [
@@ -418,6 +418,63 @@ def test_a_running_daemon_kills_when_top_asks(memcg: MemoryCgroup, spawn: Spawn,
     assert [(v.pid, v.signal) for v in inc.victims] == [(hog.pid, "SIGKILL")]
     d.wait_for(f"by hand (top): killed pid {hog.pid}")
     pane.keys("q")
+    assert d.stop() == 0
+
+
+def _ask_raw(path: Path, payload: bytes) -> dict[str, object]:
+    import json
+    import socket
+
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as sock:
+        sock.settimeout(10)
+        sock.connect(str(path))
+        sock.send(payload)
+        return json.loads(sock.recv(4096))  # type: ignore[no-any-return]
+
+
+_PEER = """
+import socket, sys
+s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+s.settimeout(10)
+try:
+    s.connect(sys.argv[1])
+    s.send(b'{"op": "kernel", "cgroup": "%s"}' % sys.argv[2].encode())
+    print("reply" if s.recv(4096) else "closed")
+except OSError as e:
+    print("closed" if e.errno in (32, 104) else f"error {e.errno}")
+"""
+
+
+@V1
+def test_control_socket_survives_bad_requests_and_other_users(
+        memcg: MemoryCgroup, run_daemon, nobody_dir: Path,  # type: ignore[no-untyped-def]
+        nobody_python: str) -> None:
+    journal = nobody_dir / "journal.db"  # a directory uid 65534 can reach
+    d = run_daemon(rule(memcg, 'steps = ["hold", "kill"]'), journal=journal)
+    sock = Path(str(journal) + ".sock")
+    for payload, line in [
+        (b"not json", "Expecting value"),
+        (b"[1, 2]", "a request is a JSON object"),
+        (b'{"op": "grow", "cgroup": "/no/such"}', "/no/such is not a group the daemon watches"),
+        (b'{"op": "frob", "cgroup": "%s"}' % memcg.relpath.encode(), "unknown op 'frob'"),
+        (b'{"op": "grow", "cgroup": "%s", "by": -1}' % memcg.relpath.encode(),
+         "by must be a number of bytes above 0"),
+        (b'{"op": "kill", "cgroup": "%s", "pid": 1, "start": 0}' % memcg.relpath.encode(),
+         "pid 1 is not in"),
+    ]:
+        reply = _ask_raw(sock, payload)
+        assert line in str(reply["line"]), (payload, reply)
+    # Another user: the socket is 0600; opened up, the daemon still closes on that peer.
+    os.chmod(sock, 0o666)
+    out = subprocess.run([*AS_NOBODY, nobody_python, "-c", _PEER, str(sock), memcg.relpath],
+                         capture_output=True, text=True, timeout=30)
+    assert out.stdout.strip() == "closed", (out.stdout, out.stderr)
+    assert memcg.oom_state().kill_disabled  # the hold was not handed over
+    assert d.proc.poll() is None
+    # and it still serves its own user after all that
+    reply = _ask_raw(sock, b'{"op": "kernel", "cgroup": "%s"}' % memcg.relpath.encode())
+    assert reply == {"ok": True, "line": f"{memcg.relpath}: handed to the kernel's killer"}
+    assert not memcg.oom_state().kill_disabled
     assert d.stop() == 0
 
 
