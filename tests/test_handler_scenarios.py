@@ -402,3 +402,45 @@ def test_growth_strategy_kills_the_grower_not_the_largest(memcg: MemoryCgroup, s
     assert big.poll() is None
     rss = {v.pid: v.rss for v in inc.victims}
     assert rss[grower.pid] < 34 * MiB  # it was not the largest
+
+
+@pytest.mark.v1(reason="the pod-like layout and the daemon placed in it are set up with v1 "
+                "task files; the guard itself is backend-neutral")
+def test_daemon_never_adopts_its_own_pod(test_parent: MemoryCgroup, tmp_path: Path) -> None:
+    """A rule by QoS class matches oomguard's own pod (a DaemonSet's pod is Guaranteed or
+    Burstable too): it is skipped with a line, never held (a held OOM there would wait
+    for oomguard itself). Names come late, so the start-up check by path cannot see it."""
+    from oomguard.cgroup.transient import destroy, new_group
+    from oomguard.procs import spawn_in
+
+    base = new_group(test_parent, "t", suffix="ownpod")
+    pod = base.child("kubepods").child("burstable").child(
+        "pod0c5e1b9a-1111-4222-8333-944445555666")
+    try:
+        for g in (base.child("kubepods"), base.child("kubepods").child("burstable"), pod):
+            g.create()
+            g.set_limits(256 * MiB, 256 * MiB)
+        policy = tmp_path / "p.toml"
+        policy.write_text(f'[[rule]]\nname = "pods"\nmatch = "{base.relpath}/**"\n'
+                          'qos = "burstable"\nsteps = ["hold", "kill"]\n')
+        import sys
+
+        d = spawn_in([pod.path], [sys.executable, "-m", "oomguard", "daemon", "--config",
+                                  str(policy), "--journal", str(tmp_path / "j.db")],
+                     stderr=subprocess.PIPE, stdout=subprocess.DEVNULL)
+        try:
+            wait_until(lambda: d.poll() is not None or pod.oom_state().kill_disabled
+                       or _log_has(tmp_path, d), 20, what="the daemon to decide")
+            time.sleep(0.5)
+            assert d.poll() is None  # it runs (not refused: the rule is by QoS, not path)
+            assert not pod.oom_state().kill_disabled  # and did not hold its own pod
+        finally:
+            d.send_signal(signal.SIGTERM)
+            _, err = d.communicate(timeout=30)
+        assert f"{pod.relpath}: not adopted by rule pods: oomguard runs in it" in err.decode()
+    finally:
+        destroy(base)
+
+
+def _log_has(tmp_path: Path, d: subprocess.Popen[bytes]) -> bool:
+    return (tmp_path / "j.db").exists() and d.poll() is None and time.sleep(1.0) is None

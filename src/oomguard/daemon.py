@@ -27,7 +27,6 @@ from pathlib import Path
 
 from oomguard.cgroup import MemoryCgroup, resolve
 from oomguard.cgroup.base import FileChange
-from oomguard.containers import default_index
 from oomguard.control import ControlServer, socket_path
 from oomguard.discovery import Discovery, plan_adoption
 from oomguard.engine import kill_until_restored, settled
@@ -128,11 +127,10 @@ class Daemon:
         parts = own.strip("/").split("/") if own != "/" else []
         for i in range(len(parts) + 1):
             path = "/" + "/".join(parts[:i])
-            pol = policy or self.policy
-            # A rule may match by container names (namespace, QoS...): oomguard's own pod
-            # too, so ask with the names, as discovery will.
-            who = default_index().lookup(path) if pol.speaks_containers else None
-            rule = pol.rule_for(path, who)
+            # By path only: a rule that matches by container names (a QoS class, a
+            # namespace) is not refused here, its adoption of oomguard's own pod is
+            # (`adopt`: logged and skipped), so that "every Guaranteed pod" can be said.
+            rule = (policy or self.policy).rule_for(path)
             if rule is not None and path != "/":
                 raise UsageError(f"daemon: refusing to run inside {own}: rule "
                                  f"{rule.name!r} watches {path}")
