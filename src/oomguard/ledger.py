@@ -116,17 +116,7 @@ class Ledger:
         self.journal.commit()  # the intent is on disk before the change is made
         if self.guardian is not None:  # and the guardian knows how to undo it
             self.guardian.added(change, self.deadline_for(group))
-        try:
-            write_change(group, kind, target, after)
-        except BaseException:
-            # Nothing changed, so there is nothing to restore.
-            self.journal.mark_restored(change_id)
-            if self.guardian is not None:
-                self.guardian.removed(change_id)
-            raise
-        crash_point(f"change:{kind}")
-        self.active[change_id] = change
-        self._by_group.setdefault(group.relpath, {})[change_id] = change
+        self._make(change)
         return change
 
     def apply_many(self, changes: Sequence[tuple[MemoryCgroup, FileChange]],
@@ -148,19 +138,24 @@ class Ledger:
             self.guardian.added_many(planned, lambda ch: self.deadline_for(ch.group))
         applied = []
         for change in planned:
-            group, change_id = change.group, change.id
-            try:
-                write_change(group, change.kind, group.relpath, change.after)
-            except CgroupError:
-                self.journal.mark_restored(change_id)
-                if self.guardian is not None:
-                    self.guardian.removed(change_id)
-                continue
-            crash_point(f"change:{change.kind}")
-            self.active[change_id] = change
-            self._by_group.setdefault(group.relpath, {})[change_id] = change
-            applied.append(change)
+            with contextlib.suppress(CgroupError):
+                self._make(change)
+                applied.append(change)
         return applied
+
+    def _make(self, change: ActiveChange) -> None:
+        """Write a change whose intent is recorded (and told to the guardian); if the
+        write fails nothing changed: its row is marked restored and the error raised."""
+        try:
+            write_change(change.group, change.kind, change.target, change.after)
+        except BaseException:
+            self.journal.mark_restored(change.id)
+            if self.guardian is not None:
+                self.guardian.removed(change.id)
+            raise
+        crash_point(f"change:{change.kind}")
+        self.active[change.id] = change
+        self._by_group.setdefault(change.group.relpath, {})[change.id] = change
 
     def forget(self, change: ActiveChange) -> None:
         """Drop a change that needs no undoing (its group is gone, or it was undone)."""
