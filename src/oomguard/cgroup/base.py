@@ -51,6 +51,22 @@ def as_text(value: int | None) -> str:
     return "max" if value is None else str(value)
 
 
+#: Bounds of one look at a group's subtree (`MemoryCgroup.subtree_procs`).
+SUBTREE_MAX_TASKS = 4096
+SUBTREE_MAX_GROUPS = 512
+
+
+@dataclass(frozen=True)
+class Subtree:
+    """The processes of a group and its descendants, each with the relpath of the group it
+    is a member of (cgroup.procs lists only a group's own members, on v1 and v2 alike).
+    `groups`: how many groups were read; `cut`: why the walk stopped early ("" if not)."""
+
+    members: list[tuple[int, str]]
+    groups: int = 1
+    cut: str = ""
+
+
 @dataclass(frozen=True)
 class MemoryFigures:
     """One consistent reading for `status`."""
@@ -220,6 +236,67 @@ class MemoryCgroup(ABC):
     # -- membership ------------------------------------------------------------
     def procs(self) -> list[int]:
         return files.parse_pids(self.read("cgroup.procs"))
+
+    def subtree_procs(self, max_tasks: int | None = None,
+                      max_groups: int | None = None) -> Subtree:
+        """Every process of this group and of its descendants, parents first (breadth
+        first), bounded: at most `max_tasks` processes and `max_groups` groups read.
+
+        A leaf group (the common case) costs today's read of cgroup.procs and one stat of
+        its directory: cgroupfs (kernfs) keeps a directory's link count at 2 + its
+        subdirectories, so st_nlink == 2 says "no children" without listing it. Only a
+        group with children is listed, and each child stat'ed the same way. A group that
+        vanishes meanwhile is skipped; this group's own read errors are raised."""
+        max_tasks = SUBTREE_MAX_TASKS if max_tasks is None else max_tasks
+        max_groups = SUBTREE_MAX_GROUPS if max_groups is None else max_groups
+        home = self.relpath
+        pids = self.procs()
+        try:
+            leaf = os.stat(self.dir).st_nlink <= 2
+        except OSError:
+            leaf = True
+        if leaf:
+            if len(pids) > max_tasks:
+                return Subtree([(p, home) for p in pids[:max_tasks]], 1,
+                               f"more than {max_tasks} tasks")
+            return Subtree([(p, home) for p in pids])
+        members = [(p, home) for p in pids[:max_tasks]]
+        cut = f"more than {max_tasks} tasks" if len(pids) > max_tasks else ""
+        groups = 1
+        queue = [(self.dir, home.rstrip("/"))]
+        at = 0
+        while at < len(queue) and not cut:
+            parent_dir, parent_rel = queue[at]
+            at += 1
+            try:
+                with os.scandir(parent_dir) as entries:
+                    kids = sorted((e.name, e.path) for e in entries
+                                  if e.is_dir(follow_symlinks=False))
+            except OSError:
+                continue  # removed meanwhile
+            for name, path in kids:
+                if groups >= max_groups:
+                    cut = f"more than {max_groups} groups"
+                    break
+                try:
+                    text = files.read_text(path, "cgroup.procs")
+                except CgroupError:
+                    continue  # removed meanwhile
+                groups += 1
+                rel = f"{parent_rel}/{name}"
+                found = files.parse_pids(text)
+                room = max_tasks - len(members)
+                if len(found) > room:
+                    members.extend((p, rel) for p in found[:room])
+                    cut = f"more than {max_tasks} tasks"
+                    break
+                members.extend((p, rel) for p in found)
+                try:
+                    if os.stat(path).st_nlink > 2:
+                        queue.append((path, rel))
+                except OSError:
+                    continue
+        return Subtree(members, groups, cut)
 
     @abstractmethod
     def tasks(self) -> list[int]: ...

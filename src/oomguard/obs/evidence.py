@@ -240,6 +240,9 @@ def listing_at_oom(look: ProcessSnapshot) -> list[dict[str, object]]:
         {"pid": t.pid, "ppid": t.ppid, "uid": t.uid, "state": t.state, "vsz": t.vsz,
          "rss": t.rss, "rss_anon": t.rss_anon, "comm": t.comm, "args": t.args}
         for t in look]
+    if look.groups > 1:  # a subtree's look: which group each task is a member of
+        for row, t in zip(rows, look, strict=True):
+            row["cgroup"] = t.cgroup
     rows.sort(key=lambda row: -int(str(row["rss"])))
     return rows
 
@@ -254,6 +257,8 @@ def at_oom(group: MemoryCgroup, look: ProcessSnapshot) -> dict[str, object]:
     except OomguardError as exc:
         data["error"] = str(exc)
     data["ps"] = listing_at_oom(look)
+    if look.groups > 1 or look.cut:
+        data["subtree"] = {"groups": look.groups, **({"cut": look.cut} if look.cut else {})}
     return data
 
 

@@ -42,6 +42,12 @@ class ProcSample:
     state: str = ""  # the /proc state letter when sampled (D: asleep in the kernel)
     start_ticks: int = 0  # identity with pid (the pid-reuse check compares it); 0: unknown
     container_init: bool = False  # pid 1 of its own pid namespace (NSpid ends in 1)
+    cgroup: str = ""  # relpath of the cgroup it is a member of; "" unknown
+    # Set only when a look spans several cgroups (a parent group's subtree), from the
+    # path of its cgroup (containers.parse_path): the kubelet's QoS class ("" outside a
+    # pod) and its pod (the pod UID, else the container id; "" outside any container).
+    qos: str = ""
+    pod: str = ""
 
 
 @dataclass(frozen=True)
@@ -124,6 +130,36 @@ def _describe(strategy: Strategy, sample: ProcSample) -> str:
 
 _PREFERRED, _NORMAL, _AVOIDED = 0, 1, 2
 
+#: The order a subtree's candidates are sacrificed in by their pod's QoS class (as Talos
+#: orders them); a process of no pod under a kubepods tree (none there, in practice) comes
+#: after every pod's.
+QOS_ORDER = {"besteffort": 0, "burstable": 1, "guaranteed": 2}
+_NO_QOS = len(QOS_ORDER)
+
+
+def _qos_rank(sample: ProcSample) -> int:
+    return QOS_ORDER.get(sample.qos, _NO_QOS)
+
+
+def _init_last_in_pod(ranked: list[Candidate]) -> list[Candidate]:
+    """A container's PID 1 (killing it ends the container) after the other candidates of
+    its pod. Each pod keeps the places the ranking gave its candidates; inside them its
+    other processes come first, in their order, then its inits. So a pod whose init
+    leaks still comes first, with its other processes before its init. O(n)."""
+    places: dict[str, list[int]] = {}
+    for i, cand in enumerate(ranked):
+        if cand.sample.pod:
+            places.setdefault(cand.sample.pod, []).append(i)
+    out = list(ranked)
+    for at in places.values():
+        members = [ranked[i] for i in at]
+        if not any(c.sample.container_init for c in members):
+            continue
+        members.sort(key=lambda c: c.sample.container_init)  # stable: others, then inits
+        for i, cand in zip(at, members, strict=True):
+            out[i] = cand
+    return out
+
 
 def rank_victims(
     samples: Iterable[ProcSample],
@@ -137,9 +173,17 @@ def rank_victims(
 
     Tiers: preferred, then the rest, then avoided (a process both preferred and avoided sits
     with the rest). Within a tier the strategy orders; ties go to the lower pid.
+
+    When samples carry a QoS class (a look at a subtree under the kubelet's tree), the
+    class orders first: BestEffort, then Burstable, then Guaranteed; then the tiers and
+    the strategy. When they carry a pod (or container), a container's PID 1 goes after
+    the rest of its pod.
     """
+    batch = list(samples)
+    by_qos = any(sample.qos for sample in batch)
+    by_pod = any(sample.pod for sample in batch)
     ranked: list[tuple[tuple[float, ...], Candidate]] = []
-    for sample in samples:
+    for sample in batch:
         if is_untouchable(sample, never_pids) or _first_match(protect, sample) is not None:
             continue
         preferred = _first_match(prefer, sample)
@@ -152,11 +196,18 @@ def rank_victims(
         if avoided is not None:
             notes.append(f"avoided by {avoided.label}")
             tier += 1
+        key = _sort_key(strategy, tier, sample)
+        if by_qos:
+            notes.append(f"{sample.qos} pod" if sample.qos else "in no pod")
+            key = (_qos_rank(sample), *key)
+        if sample.container_init and sample.pod:
+            notes.append("a container's PID 1: last in its pod")
         reason = ", ".join([_describe(strategy, sample), *notes])
         candidate = Candidate(sample, _score(strategy, sample), reason)
-        ranked.append((_sort_key(strategy, tier, sample), candidate))
+        ranked.append((key, candidate))
     ranked.sort(key=lambda item: item[0])
-    return [candidate for _, candidate in ranked]
+    out = [candidate for _, candidate in ranked]
+    return _init_last_in_pod(out) if by_pod else out
 
 
 def rank_for_rule(

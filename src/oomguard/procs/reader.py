@@ -214,6 +214,7 @@ class Task:
     exe: str = ""
     oom_score: int = 0
     status: bytes = field(default=b"", repr=False, compare=False)  # as read: for evidence
+    cgroup: str = ""  # relpath of the group it is a member of (from the walk); "" unknown
 
     @property
     def key(self) -> tuple[int, int]:
@@ -261,7 +262,7 @@ def _status_int(raw: bytes, key: bytes) -> int:
 
 
 def read_task(pid: int, *, cmdline: bool = False, exe: bool = False,
-              oom_score: bool = False) -> Task:
+              oom_score: bool = False, cgroup: str = "") -> Task:
     """stat and status of `pid`, and only the costly extras asked for."""
     stat = read_stat(pid)
     raw = _read(pid, "status")
@@ -273,6 +274,7 @@ def read_task(pid: int, *, cmdline: bool = False, exe: bool = False,
         args=read_cmdline(pid, stat.state) if cmdline else None,
         exe=read_exe(pid) if exe else "",
         oom_score=read_oom_score(pid) if oom_score else 0,
+        cgroup=cgroup,
     )
 
 
@@ -293,18 +295,31 @@ class ProcessSnapshot:
     oom_score: bool = False
     # Whatever the users of this look derive from it once (e.g. ranked samples): by name.
     derived: dict[str, object] = field(default_factory=dict)
+    groups: int = 1  # how many cgroups the look read (the group and its descendants)
+    cut: str = ""  # why the walk of the subtree stopped early; "" if it did not
 
     @classmethod
     def take(cls, pids: Iterable[int], taken: float, *, cmdline: bool = False,
-             exe: bool = False, oom_score: bool = False) -> ProcessSnapshot:
+             exe: bool = False, oom_score: bool = False,
+             cgroup: str = "") -> ProcessSnapshot:
+        """`pids`, each a member of `cgroup` (its relpath, "" unknown)."""
+        return cls.take_members(((pid, cgroup) for pid in pids), taken, cmdline=cmdline,
+                                exe=exe, oom_score=oom_score)
+
+    @classmethod
+    def take_members(cls, members: Iterable[tuple[int, str]], taken: float, *,
+                     cmdline: bool = False, exe: bool = False, oom_score: bool = False,
+                     groups: int = 1, cut: str = "") -> ProcessSnapshot:
+        """(pid, relpath of its cgroup) pairs, as a subtree's walk found them."""
         tasks: dict[tuple[int, int], Task] = {}
-        for pid in pids:
+        for pid, where in members:
             try:
-                t = read_task(pid, cmdline=cmdline, exe=exe, oom_score=oom_score)
+                t = read_task(pid, cmdline=cmdline, exe=exe, oom_score=oom_score,
+                              cgroup=where)
             except OomguardError:
                 continue  # exited while we looked
             tasks[t.key] = t
-        return cls(tasks, taken, cmdline, exe, oom_score)
+        return cls(tasks, taken, cmdline, exe, oom_score, groups=groups, cut=cut)
 
     def __len__(self) -> int:
         return len(self.tasks)

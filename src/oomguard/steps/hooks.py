@@ -60,7 +60,8 @@ def hook_environment(ctx: StepContext, extra: Mapping[str, str] | None = None
         env["OOMGUARD_USAGE"] = str(group.usage())
         limit = group.limit()
         env["OOMGUARD_LIMIT"] = "max" if limit is None else str(limit)
-        env["OOMGUARD_PIDS"] = " ".join(map(str, group.procs()))
+        # the subtree's, as the steps see them (a group with children: theirs too)
+        env["OOMGUARD_PIDS"] = " ".join(str(pid) for pid, _ in group.subtree_procs().members)
     except OomguardError:
         pass
     if extra:

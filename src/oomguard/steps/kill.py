@@ -21,7 +21,7 @@ from oomguard.policy import Candidate, KillStep, ProcSample
 from oomguard.procs import Pidfd, read_stat
 from oomguard.steps.context import Outcome, StepContext
 from oomguard.steps.pause import thaw_for_kill
-from oomguard.steps.victims import choose, open_verified
+from oomguard.steps.victims import choose, choose_noted, open_verified, subtree_pids
 from oomguard.sysmem import SystemGroup
 
 # process_mrelease reaps in oomguard's own context and blocks the loop meanwhile (2.7 ms
@@ -50,14 +50,14 @@ def _kill(ctx: StepContext) -> None:
     if _oom_group(ctx):
         _kill_group(ctx)
         return
-    candidates = choose(ctx)
+    candidates, note = choose_noted(ctx)
     for cand in candidates:
         pfd = open_verified(cand.sample)
         if pfd is None:
             continue  # exited or pid reused since the sample: next candidate
-        _kill_one(ctx, cand, pfd)
+        _kill_one(ctx, cand, pfd, note)
         return
-    ctx.begin(before={"candidates": len(candidates)})
+    ctx.begin(before={"candidates": len(candidates), **({"subtree": note} if note else {})})
     ctx.log.info(f"{ctx.group.relpath}: no process may be killed")
     ctx.fail("no-victim", "no process may be killed")
 
@@ -77,7 +77,7 @@ def _kill_group(ctx: StepContext) -> None:
     group, journal, inc = ctx.group, ctx.journal, ctx.episode
     candidates = choose(ctx)
     try:
-        members = group.procs()
+        members = subtree_pids(group)  # cgroup.kill kills the descendants' tasks too
     except OomguardError:
         members = []
     chosen = {c.sample.pid for c in candidates}
@@ -139,11 +139,12 @@ def _kill_group(ctx: StepContext) -> None:
 
 
 def _group_members(ctx: StepContext, victim: Candidate) -> list[Pidfd]:
-    """Other processes of the victim's process group inside the same cgroup. Each pidfd
-    is opened before its pgid is read, so a pid reused in between is not taken."""
+    """Other processes of the victim's process group inside the incident's group (or a
+    group below it). Each pidfd is opened before its pgid is read, so a pid reused in
+    between is not taken."""
     try:
         pgid = read_stat(victim.sample.pid).pgid
-        pids = ctx.group.procs()
+        pids = subtree_pids(ctx.group)
     except OomguardError:
         return []
     members = []
@@ -324,12 +325,17 @@ class _Victim:
                         "the incident moved on before the victim exited")
 
 
-def _kill_one(ctx: StepContext, cand: Candidate, pfd: Pidfd) -> None:
+def _kill_one(ctx: StepContext, cand: Candidate, pfd: Pidfd,
+              note: dict[str, object] | None = None) -> None:
     s = cand.sample
     grace = ctx.rule.grace_for(ctx.options(KillStep))
     first = signal.SIGTERM if grace > 0 and not _asleep_in_oom_wait(ctx, s) else signal.SIGKILL
-    ctx.begin(s.pid, {"comm": s.comm, "rss": s.rss, "rss_anon": s.rss_anon,
-                      "reason": cand.reason, "signal": first.name})
+    before: dict[str, object] = {"comm": s.comm, "rss": s.rss, "rss_anon": s.rss_anon,
+                                 "reason": cand.reason, "signal": first.name}
+    if note:  # a look at a subtree: where the victim is, and what the look read
+        before["cgroup"] = s.cgroup
+        before["subtree"] = note
+    ctx.begin(s.pid, before)
     members = _group_members(ctx, cand) if ctx.rule.kill_process_group else []
     if isinstance(ctx.group, SystemGroup):  # victim = "leaf-cgroup": its app scope too
         members += ctx.group.companions(s.pid, ctx.never_pids)

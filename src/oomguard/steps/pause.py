@@ -15,6 +15,7 @@ from oomguard.events.v2 import cgroup_events
 from oomguard.ledger import pid_target
 from oomguard.procs import read_stat
 from oomguard.steps.context import Outcome, StepContext
+from oomguard.steps.victims import subtree_pids
 
 # How long a v2 freeze step waits for cgroup.events "frozen 1" (a throttled task's
 # penalty sleep at memory.high lasts up to 2 s; the guest VM runs 5-20x slower).
@@ -24,7 +25,8 @@ FREEZE_CONFIRM = 3.0
 def stop(ctx: StepContext) -> None:
     group, inc = ctx.group, ctx.episode
     try:
-        pids = [p for p in group.procs() if p not in ctx.never_pids]
+        # the subtree's tasks: the OOM of a group with children is theirs too
+        pids = [p for p in subtree_pids(group) if p not in ctx.never_pids]
     except OomguardError as exc:
         ctx.fail("failed", str(exc))
         return

@@ -1,8 +1,12 @@
 """Sampling a group's processes for ranking, and opening a pidfd on the chosen one.
 
-Reads only the group's own pids, a few small /proc files each, once per look: a
-`ProcessSnapshot` (procs/reader.py) is shared by the snapshot step, the ranking, the
-pid-reuse check and the evidence of the same moment. Between the sample and the
+Reads the pids of the group's subtree (the kernel's OOM of a group covers every task
+below it: a pod's group whose containers are child groups, kubepods, a slice), bounded
+(`MemoryCgroup.subtree_procs`: at most 4096 tasks and 512 groups, the cut said in the
+journal), a few small /proc files each, once per look: a `ProcessSnapshot`
+(procs/reader.py) is shared by the snapshot step, the ranking, the pid-reuse check and
+the evidence of the same moment. A leaf group costs what it always did (its own
+cgroup.procs) and one stat of its directory. Between the sample and the
 signal a pid could be reused; the pidfd is opened first and the process's start
 ticks compared with the sample's, so the signal can only reach the process that
 was ranked.
@@ -11,10 +15,11 @@ was ranked.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from oomguard.cgroup import MemoryCgroup
+from oomguard.containers import parse_path
 from oomguard.errors import CgroupError
 from oomguard.policy import (
     Candidate,
@@ -58,14 +63,33 @@ def needs_for(rule: Rule, strategy: Strategy) -> Needs:
 
 
 def take_snapshot(group: MemoryCgroup, needs: Needs = NOTHING_EXTRA) -> ProcessSnapshot:
-    """One look at the group's tasks: stat and status each, plus the extras `needs` asks."""
+    """One look at the tasks of the group and its descendants (bounded): stat and status
+    each, plus the extras `needs` asks; each task knows the group it is a member of."""
     now = time.monotonic()
     try:
-        pids = group.procs()
+        tree = group.subtree_procs()
     except CgroupError:
         return ProcessSnapshot({}, now)
-    return ProcessSnapshot.take(pids, now, cmdline=needs.cmdline, exe=needs.exe,
-                                oom_score=needs.oom_score)
+    return ProcessSnapshot.take_members(tree.members, now, cmdline=needs.cmdline,
+                                        exe=needs.exe, oom_score=needs.oom_score,
+                                        groups=tree.groups, cut=tree.cut)
+
+
+def subtree_pids(group: MemoryCgroup) -> list[int]:
+    """The pids of the group and its descendants (bounded as the look is): whom a stop,
+    a whole-group kill or a process group's members are taken from."""
+    return [pid for pid, _ in group.subtree_procs().members]
+
+
+def look_note(snapshot: ProcessSnapshot) -> dict[str, object]:
+    """What a step's journal row says of a look that read more than the group itself:
+    how many groups, and why the walk stopped early, if it did ({} for a leaf)."""
+    if snapshot.groups <= 1 and not snapshot.cut:
+        return {}
+    note: dict[str, object] = {"groups": snapshot.groups, "tasks": len(snapshot)}
+    if snapshot.cut:
+        note["cut"] = snapshot.cut
+    return note
 
 
 def to_sample(t: Task) -> ProcSample:
@@ -73,8 +97,25 @@ def to_sample(t: Task) -> ProcSample:
         pid=t.pid, ppid=t.ppid, uid=t.uid, comm=t.comm, cmdline=" ".join(t.args or []),
         exe=t.exe, rss_anon=t.rss_anon, rss=t.rss, start_time=t.start_time,
         oom_score=t.oom_score, state=t.state, start_ticks=t.start_ticks,
-        container_init=is_namespace_init(t.status),
+        container_init=is_namespace_init(t.status), cgroup=t.cgroup,
     )
+
+
+def with_pods(samples: list[ProcSample]) -> list[ProcSample]:
+    """Samples of several cgroups: each with its pod's QoS class and its pod (the pod
+    UID, else the container id) from the path of its cgroup, parsed once per cgroup."""
+    if len({s.cgroup for s in samples}) <= 1:
+        return samples
+    known: dict[str, tuple[str, str]] = {}
+    out = []
+    for s in samples:
+        found = known.get(s.cgroup)
+        if found is None:
+            ident = parse_path(s.cgroup)
+            found = known[s.cgroup] = ("", "") if ident is None else (
+                ident.qos, ident.pod_uid or ident.id)
+        out.append(replace(s, qos=found[0], pod=found[1]) if found != ("", "") else s)
+    return out
 
 
 def is_namespace_init(status: bytes) -> bool:
@@ -98,6 +139,8 @@ def samples_of(snapshot: ProcessSnapshot, growth: GrowthTracker | None = None,
     if isinstance(cached, list):
         return cached
     samples = [to_sample(t) for t in snapshot]
+    if snapshot.groups > 1:
+        samples = with_pods(samples)
     if growth is not None:
         samples = growth.observe(snapshot.taken, samples)
     snapshot.derived["samples"] = samples
@@ -122,12 +165,26 @@ def choose(ctx: StepContext, step: Step | None = None) -> list[Candidate]:
     """The rule's ranking over the incident's current look at the group (the one the
     snapshot step just took, if it did: read once). The choice is acted on at once, so
     the look is used up: whatever runs after it looks again."""
+    return choose_noted(ctx, step)[0]
+
+
+def choose_noted(ctx: StepContext, step: Step | None = None
+                 ) -> tuple[list[Candidate], dict[str, object]]:
+    """`choose`, and what the step's journal row says of the look (`look_note`). A look
+    cut short is logged as a warning and kept in the journal's evidence ("subtree")."""
     step = step or ctx.step
     strategy = ctx.rule.strategy_for(step)
     needs = needs_for(ctx.rule, strategy)
-    samples = samples_of(ctx.look(needs), ctx.growth, needs)
+    look = ctx.look(needs)
+    samples = samples_of(look, ctx.growth, needs)
     ctx.forget_look()
-    return rank_for_rule(samples, ctx.rule, ctx.never_pids, strategy)
+    note = look_note(look)
+    if look.cut and not look.derived.get("cut-said"):
+        look.derived["cut-said"] = True
+        ctx.log.warning(f"{ctx.group.relpath}: looked at {look.groups} groups and "
+                        f"{len(look)} tasks of its subtree only ({look.cut})")
+        ctx.journal.add_evidence(ctx.incident_id, "subtree", note)
+    return rank_for_rule(samples, ctx.rule, ctx.never_pids, strategy), note
 
 
 def targets_for(ctx: StepContext, to: Target) -> list[Candidate]:
