@@ -43,6 +43,8 @@ if TYPE_CHECKING:
 #: Re-checks are never closer than this (an allocator at full speed in the VM fills
 #: ~1 GiB/s: 10 ms is 10 MiB).
 RECHECK_MIN = 0.01
+#: Growth samples (a read of every process) at most this often while memory is short.
+SAMPLE_EVERY = 0.5
 
 
 class SystemMonitor:
@@ -61,6 +63,7 @@ class SystemMonitor:
         self.watch = Watch(self.group, self.rule, None)
         self.wakeups = {"psi": 0, "recheck": 0}
         self.incidents = 0
+        self._sampled = 0.0
         self._timer: Timer | None = None
 
     # -- set-up --------------------------------------------------------------------
@@ -157,9 +160,12 @@ class SystemMonitor:
         near = info.available <= 2 * levels.mem_term or level != OK
         inc = self.watch.incident
         open_inc = isinstance(inc, Incident) and inc.state != "closed"
-        acting = open_inc and isinstance(inc, Incident) and inc.acting
-        if near and not acting and self.rule.ranks_by_growth():
-            # The growth tracker's samples: who grows while memory runs short.
+        if (near and level == OK and not open_inc and self.rule.ranks_by_growth()
+                and now - self._sampled >= SAMPLE_EVERY):
+            # The growth tracker's samples: who grows while memory runs short. Not at the
+            # level: the incident's own look (shared with the ranking) is the last sample,
+            # and a scan of every process costs tens of ms under emulation.
+            self._sampled = now
             try:
                 sample_group(self.group, self.watch.growth,
                              needs_for(self.rule, self.rule.strategy))
