@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import signal
+import time
 import urllib.request
 
 from oomguard.cgroup import MemoryCgroup
@@ -40,6 +41,8 @@ def test_scrape_after_a_real_incident(memcg: MemoryCgroup, spawn: Spawn, run_dae
     assert before[f'oomguard_cgroup_memory_limit_bytes{{cgroup="{label}"}}'] == 64 * MiB
     assert f'oomguard_cgroup_memory_usage_bytes{{cgroup="{label}"}}' in before
     assert not any(k.startswith("oomguard_incidents_total{") for k in before)
+    assert before["oomguard_last_event_timestamp_seconds"] == 0  # none yet
+    started = time.time()
     leaker = spawn(LEAK, MiB)
     assert leaker.wait(timeout=30) == -signal.SIGKILL
     closed_incident(d.journal)
@@ -52,6 +55,10 @@ def test_scrape_after_a_real_incident(memcg: MemoryCgroup, spawn: Spawn, run_dae
     assert after['oomguard_actions_total{kind="kill",result="killed"}'] == 1
     assert after[f'oomguard_victims_total{{cgroup="{label}"}}'] == 1
     assert after["oomguard_resolution_seconds_count"] == 1
+    # Health is fed: the OOM's wall time, and how late the loop ran its last timer (the
+    # incident's settle timer ran, on a quiet loop, well within a second).
+    assert started <= after["oomguard_last_event_timestamp_seconds"] <= time.time()
+    assert 0 < after["oomguard_loop_lag_seconds"] < 1
     assert 0 < after["oomguard_resolution_seconds_sum"] < 5
     # Usage refreshed at the close (no polling): the leaker's 64M are gone.
     assert after[f'oomguard_cgroup_memory_usage_bytes{{cgroup="{label}"}}'] < 32 * MiB

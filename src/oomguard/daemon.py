@@ -300,7 +300,9 @@ class Daemon:
         self.session.loop.call_later(interval, lambda: self._pet(interval))
 
     def _health(self) -> None:
-        self.session.metrics.set_health(len(self.session.engine.watches), 0.0, 0.0)
+        s = self.session
+        s.metrics.set_health(len(s.engine.watches), s.loop.lag, s.engine.last_event_wall)
+        s.metrics.health_source = lambda: (s.loop.lag, s.engine.last_event_wall)
 
     def stop(self) -> None:
         sdnotify.stopping()

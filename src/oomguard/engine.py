@@ -84,6 +84,7 @@ class Engine:
         self.on_unwatched: Callable[[Watch], None] | None = None
         self.incidents_closed = 0
         self.removals = RemovalWatcher(loop, self._on_removed)  # v2: rmdir of watched groups
+        self.last_event_wall = 0.0  # wall time of the last OOM event (0: none yet)
         self.background = Background(loop)  # slow kernel registrations, off the loop
         # Evidence files (obs/evidence.py): made on first use, beside the journal.
         self.evidence: EvidenceStore | None = None
@@ -300,6 +301,7 @@ class Engine:
     # -- incidents ---------------------------------------------------------------------
     def _on_oom(self, watch: Watch, count: int, when: float,
                 ahead: dict[str, int] | None = None) -> None:
+        self.last_event_wall = time.time()  # oomguard_last_event_timestamp_seconds
         inc = watch.incident
         if isinstance(inc, Incident) and inc.state != "closed":
             if ahead is None:

@@ -42,6 +42,7 @@ class EventLoop:
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._old_wakeup_fd: int | None = None
         self._running = False
+        self.lag = 0.0  # seconds late the last timer ran (oomguard_loop_lag_seconds)
 
     # -- fds ---------------------------------------------------------------------
     def add_reader(self, fd: int, callback: FdCallback, events: int = select.EPOLLIN) -> None:
@@ -106,6 +107,7 @@ class EventLoop:
         while self._timers and (self._timers[0].cancelled or self._timers[0].when <= now):
             timer = heapq.heappop(self._timers)
             if not timer.cancelled:
+                self.lag = now - timer.when  # how late it ran (a metric: loop lag)
                 timer.callback()
 
     def run_once(self, timeout: float | None = None) -> None:

@@ -191,6 +191,8 @@ class Metrics:
         self.watched = 0
         self.loop_lag = 0.0
         self.last_event_ts = 0.0
+        # Read at each scrape, if set: (loop lag s, wall time of the last kernel event).
+        self.health_source: Callable[[], tuple[float, float]] | None = None
         self.started = clock()
 
     # -- what the engine calls --------------------------------------------------------
@@ -261,6 +263,8 @@ class Metrics:
     # -- exposition -------------------------------------------------------------------
     def render(self) -> str:
         out: list[str] = []
+        if self.health_source is not None:
+            self.loop_lag, self.last_event_ts = self.health_source()
         with self._lock:
             self._gauge(out, "oomguard_up", "1 while the handler runs.", 1)
             self._gauge(out, "oomguard_watched_cgroups", "Memory cgroups watched.", self.watched)
