@@ -117,6 +117,7 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.flush()
     else:
         # On stderr: a script's `$(oomguard wait G)` stays empty, a person still sees why.
-        print(f"oomguard: wait: no OOM in {printable(group.relpath)} within "
-              f"{format_duration(args.timeout)} (exit {EXIT_TIMEOUT})", file=sys.stderr)
+        within = f" within {format_duration(args.timeout)}" if args.timeout is not None else ""
+        print(f"oomguard: wait: no OOM in {printable(group.relpath)}{within} "
+              f"(exit {EXIT_TIMEOUT})", file=sys.stderr)
     return {"oom": EXIT_OK, "removed": EXIT_REMOVED, "timeout": EXIT_TIMEOUT}[event]
