@@ -265,6 +265,7 @@ class Daemon:
                 released += 1
             elif rule != watch.rule:
                 watch.rule = rule  # an open incident keeps the rule it started with
+                engine.arm_ahead(watch)  # a grow step (or its margin) may be new or gone
                 changed += 1
         before = len(engine.watches)
         if self.discovery is not None:

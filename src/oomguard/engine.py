@@ -457,6 +457,7 @@ class Engine:
         rule, group = watch.rule, watch.group
         margin = ahead_margin(rule, watch.baseline_limit)
         if margin is None or rule.dry_run or not group.has_usage_thresholds:
+            self._disarm_ahead(watch)  # (a reload may have taken the grow away)
             return
         try:
             limit = group.limit()
