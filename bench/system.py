@@ -89,6 +89,9 @@ TOOLS = {
     # name: (argv, its SIGTERM level in % of MemTotal, a line that says it runs)
     "oomguard": ([PY, "-m", "oomguard", "daemon", "--system", "--journal", "{tmp}/j.db"],
                  10.0, "watching"),
+    # the fork bomb again, with victim = "leaf-cgroup" (the answer to a bomb in a group)
+    "oomguard-leaf": ([PY, "-m", "oomguard", "daemon", "--system", "--journal", "{tmp}/j.db",
+                       "--config", "{tmp}/p.toml"], 10.0, "watching"),
     "earlyoom": (["earlyoom"], 10.0, "mem avail"),
     "nohang": (["nohang", "--monitor", "-c", "/etc/nohang/nohang.conf"], 5.0,
                "Monitoring has started"),
@@ -324,6 +327,8 @@ def run_workload(tool: str, level_pct: float, name: str, limit_s: float) -> dict
 def run_tool(tool: str, idle_s: float, reps: int, limit_s: float) -> dict[str, Any]:
     argv, level_pct, ready_line = TOOLS[tool]
     tmp = tempfile.mkdtemp(prefix=f"bench-{tool}-")
+    Path(f"{tmp}/p.toml").write_text('[system]\nvictim = "leaf-cgroup"\n')
+    workloads = ("bomb",) if tool == "oomguard-leaf" else WORKLOADS
     argv = [a.replace("{tmp}", tmp) for a in argv]
     logf = open(f"{tmp}/log", "w+b")  # noqa: SIM115 (closed below)
     proc = subprocess.Popen(argv, stdout=logf, stderr=subprocess.STDOUT)
@@ -348,7 +353,7 @@ def run_tool(tool: str, idle_s: float, reps: int, limit_s: float) -> dict[str, A
     }
     log(f"{tool}: idle {out['idle_wakeups_per_s']}/s, RSS {out['rss_mib']} MiB")
     for _ in range(reps):
-        for w in WORKLOADS:
+        for w in workloads:
             r = run_workload(tool, level_pct, w, limit_s)
             log(f"{tool} {w}: {r}")
             out["runs"].append(r)
@@ -374,7 +379,8 @@ def in_vm(args: argparse.Namespace) -> int:
     total, avail = meminfo()
     results["meta"] = {"mem_total_mib": total // MiB, "mem_available_mib": avail // MiB,
                        "kernel": os.uname().release, "emulated": True,
-                       "earlyoom": subprocess.run(["earlyoom", "-v"], capture_output=True,
+                       "earlyoom": subprocess.run(["earlyoom", "-v"], stdout=subprocess.PIPE,
+                                                  stderr=subprocess.STDOUT,
                                                   text=True).stdout.strip(),
                        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     for tool in args.tools.split(","):
@@ -410,7 +416,7 @@ def table(results: dict[str, Any]) -> str:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--in-vm", action="store_true", help="(inside the VM) run the workloads")
-    p.add_argument("--tools", default="oomguard,earlyoom,nohang")
+    p.add_argument("--tools", default="oomguard,oomguard-leaf,earlyoom,nohang")
     p.add_argument("--reps", type=int, default=1)
     p.add_argument("--idle-s", type=float, default=10.0)
     p.add_argument("--limit-s", type=float, default=40.0, help="per workload run")
@@ -426,7 +432,7 @@ def main() -> int:
                              "pressure never on the host)")
         return in_vm(args)
     import shutil
-    tools = [t for t in args.tools.split(",") if t == "oomguard" or shutil.which(t)]
+    tools = [t for t in args.tools.split(",") if t.startswith("oomguard") or shutil.which(t)]
     missing = sorted(set(args.tools.split(",")) - set(tools))
     if missing:  # not installed here on purpose: their packages start services on systemd
         log(f"not installed, left out: {', '.join(missing)} (apt-get install "
