@@ -1,7 +1,7 @@
 """Growing ahead of the OOM (v1): a rule that grows raises the limit when usage that page
 cache cannot give back comes within a margin of it, so that the allocating task never
-waits in the OOM wait. What the kernel says afterwards is the proof: `memory.failcnt`
-counts every charge that hit the limit, and stays 0.
+waits in the OOM wait. The proof: the kernel's OOM eventfd, which the daemon keeps on the
+group, never fires, and `memory.failcnt` (charges that hit the limit) stays 0.
 
 v1 only: the margin is a v1 usage threshold (memory.usage_in_bytes through
 cgroup.event_control); v2 has no usage thresholds and grows at the OOM.
@@ -29,6 +29,15 @@ def _v1_only(backend: int) -> None:
         pytest.skip("usage thresholds are cgroup v1 only: v2 grows at the OOM")
 
 
+def charge_failures(memcg: MemoryCgroup) -> int:
+    """Charges that hit a limit: memory's, or memory+swap's (equal limits here, and the
+    kernel tries memsw first, so either may count the same OOM)."""
+    total = int(memcg.read("memory.failcnt"))
+    if memcg.has_file("memory.memsw.failcnt"):
+        total += int(memcg.read("memory.memsw.failcnt"))
+    return total
+
+
 GROWS = 'steps = ["hold", "grow", "kill"]\ngrow_step = "64M"\ngrow_max = "256M"\nsettle = "100ms"'
 
 
@@ -41,8 +50,10 @@ def test_grows_before_the_limit_is_hit(memcg: MemoryCgroup, spawn: Spawn, run_da
     inc = closed_incident(d.journal)
     assert steps_of(inc) == [("grow", "grew")]  # the grow step alone: no hold, no kill
     assert not inc.victims
-    # No charge ever failed at the limit: no task ever waited for oomguard.
-    assert int(memcg.read("memory.failcnt")) == 0
+    # No task ever waited for oomguard: the kernel's OOM eventfd, which the daemon keeps
+    # on the group, never fired (every incident is an "ahead" one), and no charge failed.
+    assert all(e.kind == "ahead" for i in incidents(d.journal) for e in i.events)
+    assert charge_failures(memcg) == 0
     assert memcg.oom_state().oom_kill == 0
     d.wait_for("ahead of the OOM", timeout=5)
     wait_until(lambda: memcg.limit() == 64 * MiB, what="the limit to shrink back")
@@ -55,7 +66,9 @@ def test_off_grows_at_the_oom(memcg: MemoryCgroup, spawn: Spawn, run_daemon) -> 
     assert job.wait(timeout=60) == 0
     inc = closed_incident(d.journal)
     assert ("grow", "grew") in steps_of(inc) and steps_of(inc)[0] == ("hold", "held")
-    assert int(memcg.read("memory.failcnt")) > 0  # it did hit the limit and wait
+    # It did hit the limit and wait: the kernel's OOM eventfd fired (failcnt is not a sure
+    # witness of that here: a run with an OOM event and failcnt 0 on both counters was seen).
+    assert inc.events and {e.kind for e in inc.events} == {"oom"}
 
 
 def test_page_cache_near_the_limit_grows_nothing(memcg: MemoryCgroup, spawn: Spawn,
