@@ -36,7 +36,7 @@ from oomguard.policy.load import parse_policy
 from oomguard.workloads import STEADY
 
 from cli_helpers import oomguard, oomguard_bg
-from conftest import Spawn, needs_memcg
+from conftest import Spawn, needs_memcg, wait_until
 
 BIG = "9" * 400
 CODES = {0, 1, 2, 3, 4, 5}
@@ -216,7 +216,11 @@ def test_wait_600h_really_waits(memcg: MemoryCgroup) -> None:
     # OverflowError at once. Now it waits, and ends as any wait does on a signal.
     waiter = oomguard_bg("wait", "--timeout", "600h", memcg.relpath)
     try:
-        time.sleep(2)
+        # Until it sleeps in its epoll (a fixed 2 s was not enough for a loaded machine's
+        # start-up: the SIGINT came mid-import), then a little more for any overflow.
+        wait_until(lambda: waiter.poll() is not None or "epoll" in Path(
+            f"/proc/{waiter.pid}/wchan").read_text(), 60, what="wait to sleep in epoll")
+        time.sleep(0.5)
         assert waiter.poll() is None, waiter.communicate()
     finally:
         waiter.send_signal(signal.SIGINT)
