@@ -226,8 +226,8 @@ class ControlServer:
             raise ValueError("kill: pid and start are numbers")
         if pid in self.engine.never_pids:
             return f"pid {pid} is one oomguard never kills"
-        if pid not in group.procs():
-            return f"pid {pid} is not in {group.relpath}"
+        if pid not in {p for p, _where in group.subtree_procs().members}:
+            return f"pid {pid} is not in {group.relpath} or below it"
         if group.freezer_state() != "THAWED":
             return f"{group.relpath} is frozen: thaw it before killing"
         pfd = Pidfd.open_if_same(pid, start)

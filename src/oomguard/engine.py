@@ -537,8 +537,8 @@ class Engine:
                     self.try_shrink(watch)
 
                 self.loop.add_reader(th.fileno(), crossed, th.poll_events)
-        try:
-            pids = watch.group.procs()
+        try:  # every task of the subtree: the grow was for all of them
+            pids = [pid for pid, _where in watch.group.subtree_procs().members]
         except CgroupError:
             return
         for pid in pids:
