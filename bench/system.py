@@ -133,8 +133,9 @@ def tree_pids(pid: int) -> list[int]:
     return out
 
 
-def switches(pid: int) -> int:
-    """Voluntary + involuntary context switches of every thread: its wake-ups."""
+def switches(pid: int, kinds: tuple[str, ...] = ("voluntary_ctxt_switches",)) -> int:
+    """Voluntary context switches of every thread: each is a sleep that ended, i.e. a
+    wake-up (involuntary ones are preemptions, the VM's noise)."""
     total = 0
     try:
         tids = os.listdir(f"/proc/{pid}/task")
@@ -143,7 +144,7 @@ def switches(pid: int) -> int:
     for tid in tids:
         try:
             for line in Path(f"/proc/{pid}/task/{tid}/status").read_text().splitlines():
-                if line.startswith(("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches")):
+                if line.startswith(kinds):
                     total += int(line.split()[1])
         except OSError:
             pass
@@ -337,16 +338,20 @@ def run_tool(tool: str, idle_s: float, reps: int, limit_s: float) -> dict[str, A
         if ready_line.encode() in Path(f"{tmp}/log").read_bytes() or proc.poll() is not None:
             break
         time.sleep(0.1)
-    time.sleep(1.0)
+    time.sleep(3.0)  # start-up settled (journal, guardian, first checks)
     pids = tree_pids(proc.pid)
     before = {p: switches(p) for p in pids}
+    inv = "nonvoluntary_ctxt_switches"
+    before_inv = {p: switches(p, (inv,)) for p in pids}
     time.sleep(idle_s)
     wakeups = sum(switches(p) - before[p] for p in pids) / idle_s
     main_wakeups = (switches(proc.pid) - before[proc.pid]) / idle_s
+    preempted = sum(switches(p, (inv,)) - before_inv[p] for p in pids) / idle_s
     out: dict[str, Any] = {
         "tool": tool, "level_pct": level_pct, "pids": len(pids),
         "idle_wakeups_per_s": round(wakeups, 2),
         "idle_wakeups_main_per_s": round(main_wakeups, 2),
+        "idle_preemptions_per_s": round(preempted, 2),
         "rss_mib": round(sum(rss(p) for p in pids) / MiB, 1),
         "rss_main_mib": round(rss(proc.pid) / MiB, 1),
         "runs": [],
