@@ -405,16 +405,18 @@ def table(results: dict[str, Any]) -> str:
             others = ", ".join(r["others_died"]) or "none"
             if r["workload"] == "bomb" and r["bomb_left"]:
                 others += f"; {r['bomb_left']} bomb procs left"
+            kk = r["kernel_kills"] if r["kernel_kills"] >= 0 else "? (dmesg wrapped)"
+            back = r["to_memory_back_ms"] if r["to_memory_back_ms"] is not None else "never"
             lines.append(f"| {t['tool']} ({r['level_pct']:g}%) | {r['workload']} | "
-                         f"{r['to_signal_ms']} | {r['to_memory_back_ms']} | "
+                         f"{r['to_signal_ms']} | {back} | "
                          f"{max(0.0, r['overshoot_mib'])} | {r['chosen']} "
-                         f"({'yes' if r['right'] else 'no'}) | {others} | "
-                         f"{r['kernel_kills']} |")
-    lines += ["", "| tool | idle wake-ups/s (all its processes) | main process | RSS MiB |",
-              "|---|---|---|---|"]
+                         f"({'yes' if r['right'] else 'no'}) | {others} | {kk} |")
+    lines += ["", "| tool | idle wake-ups/s, main process | all its processes | "
+                  "preemptions/s | RSS MiB (all) |", "|---|---|---|---|---|"]
     for t in results["tools"]:
-        lines.append(f"| {t['tool']} | {t['idle_wakeups_per_s']} | "
-                     f"{t['idle_wakeups_main_per_s']} | {t['rss_mib']} |")
+        lines.append(f"| {t['tool']} | {t['idle_wakeups_main_per_s']} | "
+                     f"{t['idle_wakeups_per_s']} | {t.get('idle_preemptions_per_s', '')} | "
+                     f"{t['rss_main_mib']} ({t['rss_mib']}) |")
     return "\n".join(lines)
 
 
