@@ -296,6 +296,8 @@ class ContainerIndex:
             self._cache.move_to_end(relpath)
             return self._cache[relpath]
         found = self._identify(relpath)
+        if found is None:
+            return None  # no container by its path: nothing to keep (parse_path: ~10 us)
         self._cache[relpath] = found
         while len(self._cache) > self.max_entries:
             self._cache.popitem(last=False)

@@ -104,6 +104,9 @@ class MemoryCgroup(ABC):
     #: memsw is a separate limit that must stay >= memory (v1).
     memsw_bounds_memory: ClassVar[bool] = False
 
+    # One per group the daemon knows of (thousands): no __dict__ each.
+    __slots__ = ("_oneshot", "_path", "dir", "hierarchies", "mount", "relpath")
+
     def __init__(self, hierarchies: Hierarchies, mount: Mount, relpath: str) -> None:
         self.hierarchies = hierarchies
         self.mount = mount

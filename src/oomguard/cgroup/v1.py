@@ -23,6 +23,7 @@ def _limit(value: int) -> int | None:
 
 
 class V1MemoryCgroup(MemoryCgroup):
+    __slots__ = ()
     version = 1
     has_usage_thresholds = True
     memsw_bounds_memory = True

@@ -64,6 +64,7 @@ def reclaimable_floor(level: int) -> int:
 
 
 class V2MemoryCgroup(MemoryCgroup):
+    __slots__ = ()
     version = 2
     hold_note = "tasks throttled at memory.high, memory.max above it"
     freeze_settles_later = True

@@ -238,11 +238,13 @@ class Metrics:
     def set_cgroup(self, cgroup: str, usage: int | None, limit: int | None) -> None:
         """Usage and limit in bytes; `limit=None` means no limit ("max"), exported as +Inf."""
         with self._lock:
+            # One key for both gauges (same label names): a tuple each per watched group.
+            key = self.limit.key((cgroup,))
             if usage is None:
-                self.usage.remove(cgroup)
+                self.usage.values.pop(key, None)
             else:
-                self.usage.set(float(usage), cgroup)
-            self.limit.set(math.inf if limit is None else float(limit), cgroup)
+                self.usage.values[key] = float(usage)
+            self.limit.values[key] = math.inf if limit is None else float(limit)
 
     def forget_cgroup(self, cgroup: str) -> None:
         """Drop the gauges of a cgroup no longer watched (its counters stay)."""
