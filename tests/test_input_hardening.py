@@ -214,7 +214,10 @@ def test_wait_timeout_at_the_bound(offline: None) -> None:
 def test_wait_600h_really_waits(memcg: MemoryCgroup) -> None:
     # 600h is within the bound, but beyond what epoll takes (INT_MAX ms): it used to raise
     # OverflowError at once. Now it waits, and ends as any wait does on a signal.
-    waiter = oomguard_bg("wait", "--timeout", "600h", memcg.relpath)
+    # SIGINT as a terminal sends it: a suite started in the background (CI, `cmd &`)
+    # passes SIGINT on ignored, and Python then leaves it ignored in the child.
+    waiter = oomguard_bg("wait", "--timeout", "600h", memcg.relpath,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         # Until it sleeps in its epoll (a fixed 2 s was not enough for a loaded machine's
         # start-up: the SIGINT came mid-import), then a little more for any overflow.
