@@ -21,6 +21,7 @@ import pytest
 
 from oomguard.cgroup import MemoryCgroup
 from oomguard.journal import IncidentRecord
+from oomguard.journal_records import StepRecord
 from oomguard.policy import ProcSample, Strategy, rank_victims
 from oomguard.procs import spawn_in
 from oomguard.steps.victims import samples_of, subtree_pids, take_snapshot
@@ -224,6 +225,14 @@ def test_leaf_ranking_unchanged() -> None:
 
 
 # -- the daemon on a parent group ----------------------------------------------------
+def only_victim(d: Daemon, pid: int) -> tuple[IncidentRecord, StepRecord]:
+    """The incident that killed `pid`, the one victim of them all, resolved; its kill step."""
+    incs = settled(d, pid)
+    assert [v.pid for i in incs for v in i.victims] == [pid], d.log
+    inc = next(i for i in incs if i.victims)
+    assert inc.outcome == "resolved", d.log
+    return inc, next(s for s in inc.steps if s.kind == "kill")
+
 
 
 @pytest.mark.scenario
@@ -237,12 +246,8 @@ def test_parent_without_tasks_kills_the_leaker_in_a_child(
     d = run_daemon(rule(memcg, 'steps = ["hold", "snapshot", "kill"]\ngrace = "500ms"\n'
                                'settle = "300ms"'))
     leaker = spawn(LEAK, MiB, 0, "quiet", 0.01, group=leak_group)
-    incs = settled(d, leaker.pid)
-    assert [v.pid for i in incs for v in i.victims] == [leaker.pid], d.log
-    inc = next(i for i in incs if i.victims)
-    assert inc.outcome == "resolved", d.log
+    inc, kill = only_victim(d, leaker.pid)
     assert steps_of(inc)[-1] == ("kill", "killed"), d.log
-    kill = next(s for s in inc.steps if s.kind == "kill")
     assert kill.before is not None and kill.before["cgroup"] == leak_group.relpath
     assert kill.before["subtree"] == {"groups": 3, "tasks": 2}
     assert leaker.wait(timeout=10) in (-signal.SIGKILL, -signal.SIGTERM)
@@ -269,11 +274,7 @@ def test_kubepods_besteffort_before_burstable(
     d = run_daemon(f'[[rule]]\nname = "kubepods"\nmatch = "{kubepods.relpath}"\n'
                    'steps = ["hold", "snapshot", "kill"]\ngrace = "500ms"\nsettle = "300ms"\n')
     grower = spawn(LEAK, MiB, 40 * MiB, "quiet", 0.02, group=bu)
-    incs = settled(d, big.pid)
-    assert [v.pid for i in incs for v in i.victims] == [big.pid], d.log
-    inc = next(i for i in incs if i.victims)
-    assert inc.outcome == "resolved", d.log
-    kill = next(s for s in inc.steps if s.kind == "kill")
+    _inc, kill = only_victim(d, big.pid)
     assert kill.before is not None and kill.before["cgroup"] == be.relpath
     assert "besteffort pod" in str(kill.before["reason"])
     assert big.wait(timeout=10) in (-signal.SIGKILL, -signal.SIGTERM)

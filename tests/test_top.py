@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import re
@@ -9,8 +10,9 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -97,6 +99,19 @@ def _held_hog(memcg: MemoryCgroup, spawn: Spawn) -> int:
     wait_until(lambda: task_state(hog.pid) == "D" and memcg.oom_state().under_oom,
                what="the hog held in the OOM wait")
     return hog.pid
+
+
+@contextlib.contextmanager
+def _held_in_top(memcg: MemoryCgroup, spawn: Spawn,
+                 start: Callable[..., Any]) -> Iterator[tuple[Any, int, str]]:
+    """A hog held in the OOM wait, `top` showing it: (pane, hog pid, screen). The group's
+    killer is switched back on afterwards, whatever the test did."""
+    hog_pid = _held_hog(memcg, spawn)
+    try:
+        pane = start(memcg)
+        yield pane, hog_pid, pane.wait_for("UNDER_OOM held")
+    finally:
+        memcg.set_oom_kill_disable(False)
 
 
 @V1
@@ -251,10 +266,7 @@ def test_x_twice_kills_the_largest_process_by_pidfd(memcg: MemoryCgroup, spawn: 
     start, journal = top
     small = spawn(STEADY, 4 << 20)
     assert small.stdout is not None and small.stdout.readline() == b"ready\n"
-    hog_pid = _held_hog(memcg, spawn)
-    try:
-        pane = start(memcg)
-        pane.wait_for("UNDER_OOM held")
+    with _held_in_top(memcg, spawn, start) as (pane, hog_pid, _screen):
         pane.keys("x")
         pane.wait_for_re(rf"kill pid {hog_pid} \S+ \d+M \(1/2\)\? x again")  # names whom
         time.sleep(0.5)
@@ -271,8 +283,6 @@ def test_x_twice_kills_the_largest_process_by_pidfd(memcg: MemoryCgroup, spawn: 
         assert [(v.pid, v.signal) for v in inc.victims] == [(hog_pid, "SIGKILL")]
         pane.wait_for("[killed by hand] kill:done")
         pane.keys("q")
-    finally:
-        memcg.set_oom_kill_disable(False)
 
 
 @V1
@@ -281,10 +291,7 @@ def test_n_names_the_next_process_and_x_kills_that_one(
     start, journal = top
     small = spawn(STEADY, 4 << 20)
     assert small.stdout is not None and small.stdout.readline() == b"ready\n"
-    hog_pid = _held_hog(memcg, spawn)
-    try:
-        pane = start(memcg)
-        pane.wait_for("UNDER_OOM held")
+    with _held_in_top(memcg, spawn, start) as (pane, hog_pid, _screen):
         pane.keys("x")
         pane.wait_for_re(rf"kill pid {hog_pid} \S+ \d+M \(1/2\)\? x again to kill, n next")
         pane.keys("n")
@@ -299,18 +306,13 @@ def test_n_names_the_next_process_and_x_kills_that_one(
             (inc,) = j.incidents()
         assert [(v.pid, v.signal) for v in inc.victims] == [(small.pid, "SIGKILL")]
         pane.keys("q")
-    finally:
-        memcg.set_oom_kill_disable(False)
 
 
 @V1
 def test_z_stops_c_continues_through_the_ledger(memcg: MemoryCgroup, spawn: Spawn,
                                                 top: tuple) -> None:  # type: ignore[type-arg]
     start, journal = top
-    hog_pid = _held_hog(memcg, spawn)
-    try:
-        pane = start(memcg)
-        pane.wait_for("UNDER_OOM held")
+    with _held_in_top(memcg, spawn, start) as (pane, hog_pid, _screen):
         pane.keys("z")
         pane.wait_for("stopped 1 (c continues); 1 in the OOM wait stop when they wake")
         with Journal(journal) as j:  # an open row: a daemon's recovery would continue it
@@ -333,18 +335,13 @@ def test_z_stops_c_continues_through_the_ledger(memcg: MemoryCgroup, spawn: Spaw
             outcomes = [i.outcome for i in j.incidents()]
         assert outcomes == ["stopped by hand", "grown by hand", "continued by hand"]
         pane.keys("q")
-    finally:
-        memcg.set_oom_kill_disable(False)
 
 
 @V1
 def test_quitting_continues_what_top_stopped(memcg: MemoryCgroup, spawn: Spawn,
                                              top: tuple) -> None:  # type: ignore[type-arg]
     start, journal = top
-    hog_pid = _held_hog(memcg, spawn)
-    try:
-        pane = start(memcg)
-        pane.wait_for("UNDER_OOM held")
+    with _held_in_top(memcg, spawn, start) as (pane, hog_pid, _screen):
         pane.keys("z")
         pane.wait_for("stopped 1")
         pane.keys("g")
@@ -355,8 +352,6 @@ def test_quitting_continues_what_top_stopped(memcg: MemoryCgroup, spawn: Spawn,
         with Journal(journal) as j:
             assert j.pending_changes() == []
             assert j.incidents()[-1].outcome == "continued by hand"
-    finally:
-        memcg.set_oom_kill_disable(False)
 
 
 # A daemon that holds the OOM for 30 s: its exec step waits, the deadline is far.
