@@ -217,14 +217,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 class Daemon:
     """A real `oomguard daemon` in the background, its stderr collected line by line."""
 
-    def __init__(self, config: Path, journal: Path, *extra: str,
+    def __init__(self, config: Path | None, journal: Path, *extra: str,
                  env: dict[str, str] | None = None) -> None:
         import sys
         import threading
 
         self.journal = journal
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "oomguard", "daemon", "--config", str(config),
+            [sys.executable, "-m", "oomguard", "daemon",
+             *(["--config", str(config)] if config is not None else []),
              "--journal", str(journal), *extra],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
             errors="surrogateescape", env=None if env is None else {**os.environ, **env})

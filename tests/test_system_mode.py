@@ -15,7 +15,6 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,7 +30,7 @@ from oomguard.policy import Strategy, parse_policy
 from oomguard.policy.system import SystemSpec, VictimKind, session_protect, system_rule
 from oomguard.sysmem import KILL, OK, TERM, Levels, MemInfo, killable_scope, parse_meminfo
 
-from conftest import wait_until
+from conftest import Daemon, wait_until
 
 MiB = 1 << 20
 IN_VM = os.environ.get("OOMGUARD_IN_VM") == "1"
@@ -258,31 +257,18 @@ def total() -> int:
     return parse_meminfo(Path("/proc/meminfo").read_text()).total
 
 
-class SystemDaemon:
+class SystemDaemon(Daemon):
+    """`oomguard daemon --system` (and a policy if given), started and watching."""
+
     def __init__(self, tmp: Path, config: str | None = None) -> None:
-        self.journal = tmp / "journal.db"
-        args = [sys.executable, "-m", "oomguard", "daemon", "--system", "--journal",
-                str(self.journal)]
+        policy = None
         if config is not None:
-            (tmp / "policy.toml").write_text(config)
-            args += ["--config", str(tmp / "policy.toml")]
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                     text=True, errors="replace")
-        self.lines: list[str] = []
-        self._t = threading.Thread(target=self._read, daemon=True)
-        self._t.start()
+            policy = tmp / "policy.toml"
+            policy.write_text(config)
+        super().__init__(policy, tmp / "journal.db", "--system")
         wait_until(lambda: "watching" in self.log or self.proc.poll() is not None, 60,
                    what=f"daemon start:\n{self.log}")
         assert self.proc.poll() is None, self.log
-
-    def _read(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            self.lines.append(line)
-
-    @property
-    def log(self) -> str:
-        return "".join(self.lines)
 
     def victims(self) -> list[tuple[int, str, str]]:
         with sqlite3.connect(self.journal) as db:
@@ -296,10 +282,10 @@ class SystemDaemon:
                    timeout, what=f"a victim in the journal:\n{self.log}\n{kernel_lines()}")
         return [v[0] for v in self.victims()[since:]]
 
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        self.proc.wait(timeout=60)
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        if self.proc.poll() is None:  # (60 s: a SIGTERM exit is slow under emulation)
+            self.proc.send_signal(sig)
+        return self.proc.wait(timeout=60)
 
 
 @pytest.fixture(scope="class")
