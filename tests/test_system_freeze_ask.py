@@ -355,7 +355,10 @@ def test_vm_freeze_and_ask(answer: str | None, fa_desktop: object,  # noqa: F811
                        30, what=f"the pop-up:\n{d.log}")
             if answer is not None:
                 desktop.run("dunstctl", "context")  # the person picks the answer
-                menu = (desktop.dir / "menu.txt").read_text()
+                menu_file = desktop.dir / "menu.txt"  # written by the dmenu script
+                wait_until(lambda: menu_file.exists() and "#Resume" in menu_file.read_text(),
+                           30, what="the menu")
+                menu = menu_file.read_text()
                 assert f"#Kill fa-hog ({hog.pid})" in menu and "#Keep paused" in menu, menu
             if answer in ("kill", None):
                 rc = hog.wait(timeout=60)
