@@ -91,7 +91,7 @@ def test_system_table_parsed_and_checked() -> None:
     assert spec.victim is VictimKind.LEAF_CGROUP and spec.strategy is Strategy.LARGEST
     assert spec.psi.window == 2.0 and spec.max_interval == 5.0
     rule = system_rule(spec)
-    assert [s.kind.value for s in rule.steps] == ["snapshot", "ask", "kill"]
+    assert [s.kind.value for s in rule.steps] == ["snapshot", "freeze", "ask", "kill"]
     assert [m.label for m in rule.protect] == ["the session (system mode default)", "'^db$'"]
     with pytest.raises(ConfigError) as err:
         parse_policy('[system]\nmem_term_percnt = 8\nmem_kill_percent = 200\n'

@@ -247,6 +247,42 @@ class SystemGroup(MemoryCgroup):
                 pfd.close()
         return out
 
+    def pause_scope(self, pid: int) -> MemoryCgroup | None:
+        """victim = "leaf-cgroup" on cgroup v2: the victim's leaf cgroup, to be frozen by
+        freeze-and-ask (never a session, user manager, slice or the root); else None."""
+        unified = self.hierarchies.unified
+        if self.spec.victim is not VictimKind.LEAF_CGROUP or unified is None:
+            return None
+        where = leaf_cgroup(pid, self.proc)
+        if not killable_scope(where):
+            return None
+        assert where is not None
+        from oomguard.cgroup.v2 import V2MemoryCgroup
+        return V2MemoryCgroup(self.hierarchies, unified, where)
+
+    def descendants(self, pid: int) -> list[int]:
+        """The process tree below `pid` (children first seen first), from the kernel's
+        /proc/PID/task/TID/children lists; without them, none."""
+        out: list[int] = []
+        todo = [pid]
+        while todo and len(out) < 4096:
+            parent = todo.pop(0)
+            try:
+                tids = os.listdir(f"{self.proc}/{parent}/task")
+            except OSError:
+                continue
+            for tid in tids:
+                try:
+                    with open(f"{self.proc}/{parent}/task/{tid}/children", "rb") as f:
+                        kids = [int(x) for x in f.read().split()]
+                except (OSError, ValueError):
+                    continue
+                for kid in kids:
+                    if kid not in out and kid != pid:
+                        out.append(kid)
+                        todo.append(kid)
+        return out
+
     # -- figures (evidence, ask) -------------------------------------------------------
     def usage(self) -> int:
         return self.last.total - self.last.available

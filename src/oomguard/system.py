@@ -17,6 +17,11 @@ KILL by pidfd, process_mrelease, journal, evidence, metrics, hooks); the inciden
 re-checks decide whether the kill helped and take the next victim if not. Below twice
 the SIGTERM level each check samples every process into the growth tracker, so that the
 leaker, not the largest, is chosen.
+
+Freeze-and-ask (`ask = true`): the offender is paused while the desktop is asked
+(steps/pause.py, steps/ask.py). After the answer "keep paused" or "resume" no new incident
+opens at the SIGTERM level until memory has been back above it (or reaches the SIGKILL
+level): the person chose, and asking again every `recheck` would overrule them.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from oomguard.incident import Incident
 from oomguard.policy.model import Pressure
 from oomguard.policy.system import SystemSpec, system_rule
 from oomguard.steps.victims import needs_for, sample_group
-from oomguard.sysmem import LEVEL_NAMES, OK, MeminfoReader, SystemGroup
+from oomguard.sysmem import KILL, LEVEL_NAMES, OK, MeminfoReader, SystemGroup
 from oomguard.units import format_size
 from oomguard.watch import Watch
 
@@ -43,6 +48,8 @@ if TYPE_CHECKING:
 #: Re-checks are never closer than this (an allocator at full speed in the VM fills
 #: ~1 GiB/s: 10 ms is 10 MiB).
 RECHECK_MIN = 0.01
+#: How an incident closes when the person at the desktop chose to let the offender be.
+USER_CHOSE = ("kept paused", "resumed")
 #: Growth samples (a read of every process) at most this often while memory is short.
 SAMPLE_EVERY = 0.5
 
@@ -65,6 +72,11 @@ class SystemMonitor:
         self.incidents = 0
         self._sampled = 0.0
         self._timer: Timer | None = None
+        # The person's "keep"/"resume" holds off new incidents until memory is back (the
+        # incident seen then is "spent") or at the SIGKILL level.
+        self._last: Incident | None = None
+        self._spent: int | None = None
+        self._said: int | None = None
 
     # -- set-up --------------------------------------------------------------------
     def describe(self) -> str:
@@ -94,6 +106,7 @@ class SystemMonitor:
         if self.trigger is not None:
             loop.add_reader(self.trigger.fileno(), self._fired, self.trigger.poll_events)
         self.engine.log.info(self.describe())
+        self.engine.setup_desktop([self.rule])  # ask = true: D-Bus (no-op otherwise)
         self.check()
 
     def _open_trigger(self, spec: Pressure) -> PsiTrigger | None:
@@ -171,13 +184,27 @@ class SystemMonitor:
                              needs_for(self.rule, self.rule.strategy))
             except OomguardError:
                 pass
-        if level != OK:
+        held_off, last = False, self._last
+        if last is not None:
+            if level == OK:
+                self._spent = last.id  # memory came back: that answer no longer counts
+            elif (not open_inc and last.outcome in USER_CHOSE and last.id != self._spent
+                  and level != KILL):
+                held_off = True
+                if self._said != last.id:
+                    self._said = last.id
+                    self.engine.log.info(f"system mode: {last.outcome} by the desktop; no "
+                                         "new incident until memory is back or at the "
+                                         "SIGKILL level")
+        if level != OK and not held_off:
             if not open_inc:
                 self.incidents += 1
                 self.engine.journal.add_event(None, "/", "pressure", {
                     "level": LEVEL_NAMES[level], "available": info.available,
                     "swap_free": info.swap_free})
                 self.engine._on_oom(self.watch, 1, now)
+                opened = self.watch.incident
+                self._last = opened if isinstance(opened, Incident) else None
             elif isinstance(inc, Incident) and inc.state == "settling":
                 inc.on_event(1)
         self._arm(self.delay(level, info.available - levels.mem_term))

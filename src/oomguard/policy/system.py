@@ -30,6 +30,11 @@ from oomguard.policy.model import (
 DEFAULT_WAKE = Pressure("some", 0.05, 1.0)
 
 
+#: The answers to a system incident's question (freeze-and-ask): kill the paused offender,
+#: keep it paused (until oomguard exits), let it run again.
+SYSTEM_ASK_ACTIONS = ("kill", "keep", "resume")
+
+
 class VictimKind(enum.Enum):
     PROCESS = "process"  # the chosen process only (and its process group, if the rule says)
     LEAF_CGROUP = "leaf-cgroup"  # the chosen process's leaf cgroup (an app scope, a service)
@@ -105,10 +110,14 @@ class SystemSpec:
 
 
 def system_rule(spec: SystemSpec) -> Rule:
-    """The rule the engine runs for a system incident: snapshot, (ask,) kill."""
+    """The rule the engine runs for a system incident: snapshot, (pause, ask,) kill.
+    With `ask`, the offender is paused first (freeze-and-ask, steps/pause.py): its leaf
+    cgroup frozen (victim = "leaf-cgroup", cgroup v2), else its process tree stopped."""
     steps: list[Step] = [PlainStep(StepKind.SNAPSHOT)]
     if spec.ask:
-        steps.append(AskStep(actions=("kill",), timeout=spec.ask_timeout))
+        steps.append(PlainStep(StepKind.FREEZE if spec.victim is VictimKind.LEAF_CGROUP
+                               else StepKind.STOP))
+        steps.append(AskStep(actions=SYSTEM_ASK_ACTIONS, timeout=spec.ask_timeout))
     steps.append(KillStep())
     protect = (*session_protect(), *spec.protect) if spec.protect_session else spec.protect
     return Rule(name="system", match="/", steps=tuple(steps), strategy=spec.strategy,
@@ -171,6 +180,8 @@ def parse_system(table: Mapping[str, Any],
     if spec.mem_kill_percent > spec.mem_term_percent:
         problems.append(("mem_kill_percent", f"{spec.mem_kill_percent:g} is above "
                          f"mem_term_percent {spec.mem_term_percent:g}"))
+    if spec.ask_timeout is not None and spec.ask_timeout >= spec.deadline:
+        problems.append(("ask_timeout", "is not shorter than the deadline"))
     if spec.grace > spec.deadline:
         problems.append(("grace", "is longer than the deadline"))
     return spec, problems

@@ -6,6 +6,12 @@
 incident goes on after the ask like after any step; no answer within `timeout`, a
 dismissed pop-up, or no session bus or notification server: the next step, at once.
 The journal has the answer as the ask step's result ("kill", "timeout", "no-bus", ...).
+
+System mode's freeze-and-ask (policy/system.py: a stop or freeze step pauses the offender
+first) offers Kill / Keep paused / Resume: "kill" lets the paused tasks go and runs the
+kill step (as no answer does); "keep" closes the incident "kept paused", the pause handed
+from the incident to the ledger (undone when oomguard exits, or by the guardian if it
+dies); "resume" lets them run and closes the incident "resumed".
 """
 
 from __future__ import annotations
@@ -16,8 +22,10 @@ from oomguard.containers import default_index
 from oomguard.errors import OomguardError
 from oomguard.policy import AskStep, KillStep
 from oomguard.policy.model import ASK_ACTIONS
+from oomguard.steps import pause
 from oomguard.steps.context import Outcome, StepContext
 from oomguard.steps.victims import choose
+from oomguard.sysmem import SystemGroup
 from oomguard.units import format_size
 
 
@@ -36,7 +44,44 @@ def _labels(ctx: StepContext, keys: tuple[str, ...]) -> list[tuple[str, str]]:
             out.append((key, f"Kill {top.comm} ({top.pid})" if top else "Kill the largest"))
         elif key == "core":
             out.append((key, "Dump core"))
+        elif key == "keep":
+            out.append((key, "Keep paused"))
+        elif key == "resume":
+            out.append((key, "Resume"))
     return out
+
+
+def _paused_question(ctx: StepContext, timeout: float) -> tuple[str, str]:
+    """Freeze-and-ask's words: "leak is using 1.2G and memory is almost gone"."""
+    top = None
+    try:
+        ranked = choose(ctx, KillStep())
+        top = ranked[0].sample if ranked else None
+    except OomguardError:
+        pass
+    who = f"{top.comm} (pid {top.pid}) is using {format_size(top.rss)}" if top else \
+        "A program is using much memory"
+    return (f"{who} and memory is almost gone",
+            f"It is paused. Kill it, keep it paused or resume it; in {timeout:g} s "
+            "oomguard kills it.")
+
+
+def _settle_paused(ctx: StepContext, key: str, ms: float) -> None:
+    """Keep paused or resume: the user's choice ends the incident."""
+    inc = ctx.episode
+    if key == "resume":
+        n = pause.resume(ctx, what=f"resume what {ctx.group.relpath} paused")
+        ctx.finish("resume", {"answer": key, "ms": ms, "resumed": n})
+        ctx.log.info(f"the desktop chose resume after {ms / 1000.0:.1f} s: {n} let go")
+        inc.close("resumed")
+        return
+    kept = [c for c in inc.changes if c.kind in ("stop", "freeze") and c.id in ctx.ledger.active]
+    for change in kept:
+        inc.changes.remove(change)  # the ledger's now: undone when oomguard exits
+    ctx.finish("keep", {"answer": key, "ms": ms, "kept": [c.target for c in kept]})
+    ctx.log.info(f"the desktop chose keep paused after {ms / 1000.0:.1f} s: "
+                 f"{len(kept)} kept paused until oomguard exits")
+    inc.close("kept paused")
 
 
 def _body(ctx: StepContext, timeout: float) -> str:
@@ -61,11 +106,24 @@ def ask(ctx: StepContext) -> None:
     keys = step.actions or ASK_ACTIONS
     timeout = ctx.rule.timeout_for(step)
     ctx.begin(before={"actions": list(keys), "timeout": timeout})
+    paused_ask = isinstance(group, SystemGroup) and "resume" in keys
+    if paused_ask:
+        summary, body = _paused_question(ctx, timeout)
+    else:
+        summary = f"Out of memory in {group.relpath}{_container(group.relpath)}"
+        body = _body(ctx, timeout)
+
+    def go_on() -> None:
+        """No answer: the tasks paused for the question run again, for the kill to come."""
+        if paused_ask:
+            pause.resume(ctx, what="let the paused offender go for the kill")
+        ctx.done(Outcome.DONE)
+
     desktop = ctx.services.desktop
     if desktop is None:
         ctx.finish("no-bus", None, "desktop notifications are not set up")
         ctx.log.info(f"{group.relpath}: no desktop to ask; going on")
-        ctx.done(Outcome.DONE)
+        go_on()
         return
     started = time.monotonic()
     gen = inc.generation
@@ -79,7 +137,12 @@ def ask(ctx: StepContext) -> None:
         if inc.generation != gen or not inc.acting:
             ctx.finish("late", {"answer": key, "ms": ms}, how)
             return  # the incident moved on (deadline, close) before the answer
+        if paused_ask and key in ("keep", "resume"):
+            _settle_paused(ctx, key, ms)
+            return
         if key is not None and key in keys:
+            if paused_ask:  # kill: let the paused tasks go first (SIGCONT, thaw)
+                pause.resume(ctx, what="let the paused offender go for the kill")
             ctx.finish(key, {"answer": key, "ms": ms})
             ctx.log.info(f"{group.relpath}: the desktop chose {key} after {ms / 1000.0:.1f} s")
             inc.run_kind(key, ctx.done)
@@ -87,18 +150,16 @@ def ask(ctx: StepContext) -> None:
         result = how.split(":")[0]
         ctx.finish(result, {"ms": ms}, how)
         ctx.log.info(f"{group.relpath}: no answer from the desktop ({how}); going on")
-        ctx.done(Outcome.DONE)
+        go_on()
 
     handle = ctx.effects.ask(desktop, [step.bus] if step.bus else None,
-                             f"Out of memory in {group.relpath}{_container(group.relpath)}",
-                             _body(ctx, timeout),
-                             _labels(ctx, keys), timeout, answer,
+                             summary, body, _labels(ctx, keys), timeout, answer,
                              what=f"ask the desktop about {group.relpath}")
     if handle is None:
         answered[0] = True
         ctx.finish("no-bus", None, "no session bus could be reached")
         ctx.log.info(f"{group.relpath}: no session bus to ask; going on")
-        ctx.done(Outcome.DONE)
+        go_on()
         return
 
     def expire() -> None:

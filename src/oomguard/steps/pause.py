@@ -4,6 +4,11 @@ A task asleep in the OOM wait cannot be stopped or frozen until it wakes (the
 signal stays pending, the freezer stays FREEZING); once something lets it wake
 (a grow), it stops before running again. So stop -> grow -> decide -> continue
 works. The incident resumes whatever it paused when it closes.
+
+System mode (freeze-and-ask, issue 12): the group is the machine, so stop and freeze pause
+the offender only, the process the kill step would choose: its leaf cgroup frozen (freeze,
+victim = "leaf-cgroup", cgroup v2), else its process tree stopped; both through the ledger
+(the guardian lets them go if oomguard dies).
 """
 
 from __future__ import annotations
@@ -13,9 +18,11 @@ import time
 from oomguard.errors import OomguardError
 from oomguard.events.v2 import cgroup_events
 from oomguard.ledger import pid_target
+from oomguard.policy import KillStep, StepKind
 from oomguard.procs import read_stat
 from oomguard.steps.context import Outcome, StepContext
-from oomguard.steps.victims import subtree_pids
+from oomguard.steps.victims import choose, subtree_pids
+from oomguard.sysmem import SystemGroup
 
 # How long a v2 freeze step waits for cgroup.events "frozen 1" (a throttled task's
 # penalty sleep at memory.high lasts up to 2 s; the guest VM runs 5-20x slower).
@@ -24,6 +31,9 @@ FREEZE_CONFIRM = 3.0
 
 def stop(ctx: StepContext) -> None:
     group, inc = ctx.group, ctx.episode
+    if isinstance(group, SystemGroup):
+        pause_offender(ctx, group)
+        return
     try:
         # the subtree's tasks: the OOM of a group with children is theirs too
         pids = [p for p in subtree_pids(group) if p not in ctx.never_pids]
@@ -48,6 +58,9 @@ def stop(ctx: StepContext) -> None:
 
 def freeze(ctx: StepContext) -> None:
     group, inc = ctx.group, ctx.episode
+    if isinstance(group, SystemGroup):
+        pause_offender(ctx, group)
+        return
     ctx.begin()
     try:
         before = group.freezer_state()
@@ -66,6 +79,55 @@ def freeze(ctx: StepContext) -> None:
         return
     ctx.finish("frozen", {"state": group.freezer_state()})
     ctx.log.info(f"froze {group.relpath}")
+    ctx.done(Outcome.DONE)
+
+
+def pause_offender(ctx: StepContext, group: SystemGroup) -> None:
+    """The machine's offender (the kill step's first choice) paused while the desktop is
+    asked: a freeze step freezes its leaf cgroup where it may (else falls back), a stop
+    step (or the fallback) SIGSTOPs it and its descendants."""
+    inc = ctx.episode
+    try:
+        ranked = choose(ctx, KillStep())
+    except OomguardError as exc:
+        ctx.fail("failed", str(exc))
+        return
+    if not ranked:
+        ctx.begin(before={"candidates": 0})
+        ctx.fail("no-victim", "no process may be paused")
+        return
+    s = ranked[0].sample
+    ctx.begin(s.pid, {"comm": s.comm, "rss": s.rss, "reason": ranked[0].reason})
+    scope = group.pause_scope(s.pid) if ctx.step.kind is StepKind.FREEZE else None
+    if scope is not None:
+        try:
+            inc.changes.append(ctx.effects.apply(scope, "freeze", scope.relpath, "THAWED",
+                                                 "FROZEN", inc.id, tag="incident",
+                                                 what=f"freeze {scope.relpath} ({s.comm}, "
+                                                      f"pid {s.pid})"))
+        except OomguardError as exc:
+            ctx.log.info(f"cannot freeze {scope.relpath}: {exc}; stopping pid {s.pid}")
+        else:
+            ctx.finish("frozen", {"cgroup": scope.relpath, "pid": s.pid})
+            ctx.log.info(f"froze {scope.relpath} (pid {s.pid}, {s.comm}) while asking")
+            ctx.done(Outcome.DONE)
+            return
+    skip = group.excluded()
+    pids = [p for p in [s.pid, *group.descendants(s.pid)]
+            if p > 2 and p not in ctx.never_pids and p not in skip]
+    what = f"stop pid {s.pid} ({s.comm}) and its {len(pids) - 1} descendants"
+    stopped = []
+    for pid in pids:
+        try:
+            target = pid_target(pid, read_stat(pid).start_ticks)
+            inc.changes.append(ctx.effects.apply(group, "stop", target, "running", "stopped",
+                                                 inc.id, tag="incident", what=what))
+            stopped.append(pid)
+        except OomguardError:
+            continue  # exited meanwhile
+    ctx.finish("stopped", {"pids": stopped})
+    ctx.log.info(f"stopped pid {s.pid} ({s.comm}) and {len(stopped) - 1} descendants "
+                 "while asking")
     ctx.done(Outcome.DONE)
 
 
