@@ -98,17 +98,21 @@ class ProcessMatcher:
     uids: frozenset[int] = frozenset()
     container_init: bool | None = None
 
-    def matches(self, comm: str, cmdline: str, exe: str, uid: int,
+    def matches(self, comm: str, cmdline: str | None, exe: str, uid: int,
                 container_init: bool = False) -> bool:
+        """`cmdline` None: it could not be read (a task asleep in the kernel holding its
+        mmap lock); the cmdline patterns then count as matched: "could be this process".
+        Callers that act on a match only where it spares a process (protect) use that."""
         if self.container_init is not None and self.container_init != container_init:
             return False
-        if self.anywhere is not None and not (
+        if self.anywhere is not None and cmdline is not None and not (
             self.anywhere.search(comm) or self.anywhere.search(cmdline) or self.anywhere.search(exe)
         ):
             return False
         if self.comm is not None and self.comm.search(comm) is None:
             return False
-        if self.cmdline is not None and self.cmdline.search(cmdline) is None:
+        if (self.cmdline is not None and cmdline is not None
+                and self.cmdline.search(cmdline) is None):
             return False
         if self.exe is not None and self.exe.search(exe) is None:
             return False

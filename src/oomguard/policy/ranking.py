@@ -43,6 +43,10 @@ class ProcSample:
     start_ticks: int = 0  # identity with pid (the pid-reuse check compares it); 0: unknown
     container_init: bool = False  # pid 1 of its own pid namespace (NSpid ends in 1)
     cgroup: str = ""  # relpath of the cgroup it is a member of; "" unknown
+    # False when its cmdline could not be read in time (asleep in the kernel, holding its
+    # mmap lock): `cmdline` is then "" and a protect entry that names a cmdline must not
+    # lose the process for that (see `_protected_by`).
+    cmdline_known: bool = True
     # Set only when a look spans several cgroups (a parent group's subtree), from the
     # path of its cgroup (containers.parse_path): the kubelet's QoS class ("" outside a
     # pod) and its pod (the pod UID, else the container id; "" outside any container).
@@ -72,6 +76,20 @@ def is_untouchable(sample: ProcSample, never_pids: frozenset[int] = frozenset())
 def _first_match(matchers: Sequence[ProcessMatcher], sample: ProcSample) -> ProcessMatcher | None:
     for matcher in matchers:
         if matches(matcher, sample):
+            return matcher
+    return None
+
+
+def _protected_by(protect: Sequence[ProcessMatcher],
+                  sample: ProcSample) -> ProcessMatcher | None:
+    """The protect entry that spares `sample`. A process whose cmdline could not be read
+    stays spared by an entry that would match it whatever its cmdline: an unread cmdline
+    must never turn a protected service into a victim (found in CI: the protected one of
+    three tasks killed at a restart under load). The next look reads it again."""
+    if sample.cmdline_known:
+        return _first_match(protect, sample)
+    for matcher in protect:
+        if matcher.matches(sample.comm, None, sample.exe, sample.uid, sample.container_init):
             return matcher
     return None
 
@@ -184,7 +202,7 @@ def rank_victims(
     by_pod = any(sample.pod for sample in batch)
     ranked: list[tuple[tuple[float, ...], Candidate]] = []
     for sample in batch:
-        if is_untouchable(sample, never_pids) or _first_match(protect, sample) is not None:
+        if is_untouchable(sample, never_pids) or _protected_by(protect, sample) is not None:
             continue
         preferred = _first_match(prefer, sample)
         avoided = _first_match(avoid, sample)

@@ -98,6 +98,7 @@ def to_sample(t: Task) -> ProcSample:
         exe=t.exe, rss_anon=t.rss_anon, rss=t.rss, start_time=t.start_time,
         oom_score=t.oom_score, state=t.state, start_ticks=t.start_ticks,
         container_init=is_namespace_init(t.status), cgroup=t.cgroup,
+        cmdline_known=t.args is not None,
     )
 
 
