@@ -11,6 +11,7 @@ in its pod. On the real kernel, by pid.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import time
@@ -251,6 +252,9 @@ def test_parent_without_tasks_kills_the_leaker_in_a_child(
     assert kill.before is not None and kill.before["cgroup"] == leak_group.relpath
     assert kill.before["subtree"] == {"groups": 3, "tasks": 2}
     assert leaker.wait(timeout=10) in (-signal.SIGKILL, -signal.SIGTERM)
+    # the kill line names the child the leaker was in, and the watched parent
+    assert re.search(rf"killed pid {leaker.pid} \(\w+\) in {re.escape(leak_group.relpath)} "
+                     rf"\(under {re.escape(memcg.relpath)}\)", d.log), d.log
     assert service.poll() is None and not gone(service.pid)
     assert subtree_pids(memcg) == [service.pid]
     assert d.stop() == 0

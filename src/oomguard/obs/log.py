@@ -66,6 +66,10 @@ def _size(value: object) -> str:
 # print the same line. Each gets the fields and returns the text after the prefix.
 def _fmt_killed(f: Mapping[str, object]) -> str:
     text = f"killed pid {_s(f.get('pid'))} ({_s(f.get('comm', '?'))}) in {_s(f.get('cgroup'))}"
+    member = f.get("member")
+    if member and member != f.get("cgroup"):  # a task of a child group: say which one
+        text = (f"killed pid {_s(f.get('pid'))} ({_s(f.get('comm', '?'))}) in {_s(member)}"
+                f" (under {_s(f.get('cgroup'))})")
     if f.get("why"):
         text += f": {_s(f['why'])}"
     if f.get("rss") is not None:
@@ -308,14 +312,18 @@ class DecisionLog:
         signal: str = "SIGKILL",
         incident: int | None = None,
         why: str = "",
+        member: str = "",
     ) -> None:
         """`killed pid 123 (leak) in /jobs/a: grew 47M in 2.1 s, rss 250M, 3.1 ms after the
         OOM`; `why` is the ranking's reason (or what else ended it), `ms` counts from the
-        incident's first event to the victim's exit."""
+        incident's first event to the victim's exit. `member`: the group the victim was a
+        member of when it is a child of the watched `cgroup` (a parent's subtree):
+        `killed pid 123 (leak) in /pod/ctr (under /pod): ...`."""
         if incident is None:
             incident = self._open.get(cgroup)
+        extra: dict[str, object] = {"member": member} if member and member != cgroup else {}
         self.decision("killed", pid=pid, comm=comm, cgroup=cgroup, rss=rss, ms=ms,
-                      signal=signal, incident=incident, why=why)
+                      signal=signal, incident=incident, why=why, **extra)
 
     def signalled(self, pid: int, comm: str | bytes, cgroup: str, signal: str) -> None:
         self.decision("signalled", pid=pid, comm=comm, cgroup=cgroup, signal=signal)

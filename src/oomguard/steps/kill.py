@@ -118,7 +118,7 @@ def _kill_group(ctx: StepContext) -> None:
         reaped.append(ms)
         journal.add_victim(inc.id, s.pid, s.comm, s.rss, "SIGKILL", ms)
         ctx.log.killed(s.pid, s.comm, group.relpath, s.rss, ctx.ms_since_event(time.monotonic()),
-                       why=f"memory.oom.group, {cand.reason}")
+                       why=f"memory.oom.group, {cand.reason}", member=s.cgroup)
         ctx.services.victim_killed(group)
         left -= 1
         if left == 0:
@@ -312,7 +312,8 @@ class _Victim:
         ctx.journal.add_victim(ctx.incident_id, s.pid, s.comm, s.rss, self.sent.name, reaped_ms)
         ctx.finish("killed", {"signal": self.sent.name, "reaped_ms": reaped_ms})
         ctx.log.killed(s.pid, s.comm, ctx.group.relpath, s.rss,
-                       ctx.ms_since_event(time.monotonic()), why=self.cand.reason)
+                       ctx.ms_since_event(time.monotonic()), why=self.cand.reason,
+                       member=s.cgroup)
         ctx.services.victim_killed(ctx.group)
         ctx.done(Outcome.RELIEF)
 

@@ -121,7 +121,7 @@ def signal_step(ctx: StepContext) -> None:
         ctx.journal.add_victim(inc.id, s.pid, s.comm, s.rss, name, ms)
         ctx.log.killed(s.pid, s.comm, group.relpath, s.rss,
                        ctx.ms_since_event(time.monotonic()), signal=name,
-                       why=f"exited after the signal step's {name}")
+                       why=f"exited after the signal step's {name}", member=s.cgroup)
         ctx.services.victim_killed(group)
 
     def forget(pfd: Pidfd) -> None:
