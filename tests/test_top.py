@@ -493,3 +493,24 @@ def test_v2_psi_column_and_memory_events_wake(memcg: MemoryCgroup, spawn: Spawn,
     assert memcg.events().get("oom_kill") == 1
     assert float(m.group(1)) >= 0
     pane.keys("q")
+
+
+
+def test_a_container_group_is_shown_by_its_pod_and_container(
+        memcg: MemoryCgroup, spawn: Spawn, top: tuple[Any, Path]) -> None:
+    """A group laid out as the kubelet's (kubepods/<qos>/pod<uid>/<container id>) shows as
+    its QoS class, pod UID and container id heads, not as a tail of hex (the fixture's
+    teardown removes the children with the group)."""
+    uid = "3c1f2a4b-0000-4000-8000-00000000c0de"
+    cid = "9f2e1234abcd" + "0" * 52
+    group = memcg
+    for part in ("kubepods", "burstable", f"pod{uid}", cid):
+        group = group.child(part)
+        group.create()
+    group.set_limits(32 << 20, (32 << 20) if group.version == 1 else None)
+    steady = spawn(STEADY, 1 << 20, group=group)
+    assert steady.stdout is not None and steady.stdout.readline() == b"ready\n"
+    start, _ = top
+    pane = start(memcg)
+    screen = pane.wait_for("pod 3c1f2a4b 9f2e1234abcd (burstable)")
+    assert cid[-20:] not in screen  # not the tail of its id

@@ -15,12 +15,15 @@ import argparse
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from oomguard.cgroup import MemoryCgroup, resolve
 from oomguard.errors import OomguardError, UsageError
 from oomguard.journal import default_journal_path
 from oomguard.units import format_size, parse_size
+
+if TYPE_CHECKING:
+    from oomguard.containers import ContainerIdentity
 
 INCIDENTS = 5
 BAR = 20
@@ -78,6 +81,11 @@ class _Screen:
         # x pressed once: the group, its processes (largest first), the one named.
         self.armed: tuple[str, list[top_model.Victim], int] | None = None
         self.stopped: dict[str, MemoryCgroup] = {}  # groups this top stopped: continued at q
+        from oomguard.containers import ContainerIndex
+
+        # A container's group is shown by its names (namespace/pod/container, else pod UID
+        # or runtime and short id, and the QoS class) instead of a tail of hashes.
+        self.names = ContainerIndex()
 
     def loop(self) -> None:
         import curses
@@ -195,8 +203,12 @@ class _Screen:
         space = max(0, h - 4 - len(incidents) - 1)
         first = max(0, self.selected - space + 1)
         for i, r in enumerate(rows[first:first + space]):
+            who = self.names.refresh(r.group.relpath)  # read once named; bounded reads
             if sort == "tree":  # the tree by indentation: the name's head matters
-                name = ("  " * r.depth + r.group.relpath.rsplit("/", 1)[-1])[:40]
+                own = shown(who) if who is not None else r.group.relpath.rsplit("/", 1)[-1]
+                name = ("  " * r.depth + own)[:40]
+            elif who is not None:
+                name = shown(who)[:40]
             else:  # a full path: its tail tells groups apart
                 name = r.group.relpath[-40:]
             pct = f" {100 * r.ratio:5.1f}%" if r.limit else "     - "
@@ -226,6 +238,18 @@ class _Screen:
                 self.scr.addnstr(y, 0, one_line(text), w - 1, attr)
             except curses.error:
                 pass
+
+
+def shown(who: ContainerIdentity) -> str:
+    """A container's group in 40 columns: its names when the runtime wrote them
+    ("shop/web-7d9f/app (burstable)"), else the pod UID's and container id's heads
+    ("pod 3c1f2a4b 9f2e1234abcd (burstable)") rather than a tail of hashes."""
+    if who.pod or who.namespace:
+        return who.label()
+    parts = [f"pod {who.pod_uid[:8]}"] if who.pod_uid else [who.runtime or "container"]
+    if who.id:
+        parts.append(who.short_id)
+    return " ".join(parts) + (f" ({who.qos})" if who.qos else "")
 
 
 def bar(ratio: float, width: int) -> str:
