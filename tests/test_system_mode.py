@@ -230,7 +230,8 @@ time.sleep(120)
 """
 
 BOMB = r"""
-import ctypes, os, sys, time
+import ctypes, os, signal, sys, time
+#TERM
 open(sys.argv[1] + "/cgroup.procs", "w").write(str(os.getpid()))
 open("/proc/self/oom_score_adj", "w").write("0")  # pytest runs at -1000 in the VM
 ctypes.CDLL(None).prctl(15, b"bomb", 0, 0, 0)
@@ -453,9 +454,13 @@ def test_vm_protected_sshd_survives_even_as_the_largest(tmp_path: Path, hogs: Ho
 
 @vm_only
 @pytest.mark.v2
-def test_vm_fork_bomb_leaf_cgroup_killed_whole(tmp_path: Path, hogs: Hogs) -> None:
+@pytest.mark.parametrize("ignores_term", [False, True], ids=["plain", "ignores-sigterm"])
+def test_vm_fork_bomb_leaf_cgroup_killed_whole(tmp_path: Path, hogs: Hogs,
+                                               ignores_term: bool) -> None:
     """Many small processes in one leaf cgroup (pids.max bounds it): victim leaf-cgroup
-    kills the bomb's group, nothing outside it."""
+    kills the bomb's group, nothing outside it. Its tasks are listed, then signalled: a
+    bomb that ignores SIGTERM forks on through the grace, and children made after the
+    listing are reached only by the sweep's cgroup.kill (without it: left behind)."""
     group = Path("/sys/fs/cgroup/oomguard-test-bomb")
     if group.exists():
         (group / "cgroup.kill").write_text("1")
@@ -468,7 +473,9 @@ def test_vm_fork_bomb_leaf_cgroup_killed_whole(tmp_path: Path, hogs: Hogs) -> No
     try:
         sshd = hogs.start("sshd", 32)
         steady = hogs.start("steady", 64)
-        bomb = subprocess.Popen([sys.executable, "-c", BOMB, str(group)],
+        source = BOMB.replace("#TERM", "signal.signal(signal.SIGTERM, signal.SIG_IGN)"
+                              if ignores_term else "")
+        bomb = subprocess.Popen([sys.executable, "-c", source, str(group)],
                                 stdout=subprocess.PIPE, text=True)
         rc = died(bomb, 120)
         assert rc in (-signal.SIGTERM, -signal.SIGKILL), d.log + kernel_lines()
@@ -476,7 +483,7 @@ def test_vm_fork_bomb_leaf_cgroup_killed_whole(tmp_path: Path, hogs: Hogs) -> No
         assert victims, d.log + kernel_lines()
         assert sshd.pid not in victims and steady.pid not in victims
         wait_until(lambda: not (group / "cgroup.procs").read_text().split(), 10,
-                   what="the bomb's group empty")
+                   what=f"the bomb's group empty:\n{d.log}")
         assert sshd.poll() is None and steady.poll() is None
     finally:
         d.stop()

@@ -247,6 +247,17 @@ class SystemGroup(MemoryCgroup):
                 pfd.close()
         return out
 
+    def sweep_scope(self, pid: int) -> MemoryCgroup | None:
+        """victim = "leaf-cgroup" on cgroup v2: the victim's leaf cgroup, to be killed whole
+        (cgroup.kill) once the kill's grace is over if tasks are left in it: those forked
+        between the listing of its tasks and the signal (a fork bomb's). Never a
+        `.service`: systemd restarts a service into the same cgroup, and the restarted
+        one is no leftover; a scope is made for one launch and never reused."""
+        scope = self.pause_scope(pid)
+        if scope is None or scope.relpath.rstrip("/").endswith(".service"):
+            return None
+        return scope
+
     def pause_scope(self, pid: int) -> MemoryCgroup | None:
         """victim = "leaf-cgroup" on cgroup v2: the victim's leaf cgroup, to be frozen by
         freeze-and-ask (never a session, user manager, slice or the root); else None."""

@@ -9,10 +9,12 @@ is killed as a whole, as the kernel would (cgroup.kill).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import signal
 import time
 
+from oomguard.cgroup import MemoryCgroup
 from oomguard.cgroup.resolve import process_cgroup
 from oomguard.errors import CgroupNotFound, NotAMemoryCgroup, OomguardError, Unsupported
 from oomguard.events.loop import Timer
@@ -338,6 +340,59 @@ def _kill_one(ctx: StepContext, cand: Candidate, pfd: Pidfd,
         before["subtree"] = note
     ctx.begin(s.pid, before)
     members = _group_members(ctx, cand) if ctx.rule.kill_process_group else []
+    scope = None
     if isinstance(ctx.group, SystemGroup):  # victim = "leaf-cgroup": its app scope too
         members += ctx.group.companions(s.pid, ctx.never_pids)
-    _Victim(ctx, cand, pfd, members, first).start(grace)  # then kill() commits
+        scope = ctx.group.sweep_scope(s.pid)
+    victim = _Victim(ctx, cand, pfd, members, first)
+    victim.start(grace)  # then kill() commits
+    if scope is not None and not victim.over:
+        _sweep_later(ctx, scope, s.pid, grace if first == signal.SIGTERM else 0.0)
+
+
+# After the grace, a little more: the escalation's SIGKILLs are sent first.
+SWEEP_AFTER = 0.05
+
+
+def _sweep_later(ctx: StepContext, scope: MemoryCgroup, pid: int, grace: float) -> None:
+    """victim = "leaf-cgroup": its companions were listed, then signalled one pidfd each,
+    and a process that forks (a fork bomb) makes children in between that no signal
+    reached. Once the grace is over, whatever is left in the leaf cgroup is killed whole
+    with cgroup.kill (atomic: it reaches a task forking meanwhile too), unless oomguard's
+    own or a protected task is in it (then each left task by pidfd). Not tied to the
+    incident: the victim may exit, and memory come back, long before the stragglers go."""
+    incident_id, home = ctx.incident_id, ctx.group.relpath
+    effects, journal, log = ctx.effects, ctx.journal, ctx.log
+    spared = ctx.never_pids | frozenset(ctx.group.excluded()) if isinstance(
+        ctx.group, SystemGroup) else ctx.never_pids
+
+    def sweep() -> None:
+        try:
+            left = scope.procs()
+        except OomguardError:
+            return  # removed once empty: nothing left
+        if not left:
+            return
+        what = (f"kill {scope.relpath} whole: {len(left)} task(s) left after pid {pid} "
+                f"and its leaf cgroup were signalled")
+        try:
+            if spared.intersection(left) or not scope.has_file("cgroup.kill"):
+                for other in left:
+                    if other not in spared:
+                        with contextlib.suppress(OSError, OomguardError), \
+                                Pidfd.open(other) as pfd:
+                            effects.signal(pfd, signal.SIGKILL, what=what)
+                how = "pidfd"
+            else:
+                effects.write(scope, "cgroup.kill", "1", what=what)
+                how = "cgroup.kill"
+        except OomguardError as exc:
+            log.warning(f"{scope.relpath}: could not kill what was left: {exc}")
+            return
+        log.info(f"{scope.relpath}: {len(left)} task(s) left after pid {pid} was killed "
+                 f"(forked as its leaf cgroup was signalled): killed with {how}")
+        journal.add_event(incident_id, home, "swept",
+                          {"cgroup": scope.relpath, "pids": left[:64], "how": how})
+        journal.commit()
+
+    ctx.loop.call_later(grace + SWEEP_AFTER, sweep)
