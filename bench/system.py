@@ -1,9 +1,11 @@
-"""System mode side by side: oomguard --system, earlyoom (defaults), nohang (packaged config).
+"""System mode side by side: oomguard --system, earlyoom (defaults), nohang (packaged config), oomd.
 
 Global memory pressure ONLY in the VM: run as `bench/run --only system` (or
 `bench/system.py`), which boots the cgroup v2 VM (tests/vm/run-in-vm.sh, emulated,
 OOMGUARD_VM_MEM, default 1536 MiB, no swap) and runs this file inside with --in-vm; the
-guest sees the host's /, so the host's earlyoom and nohang packages are there.
+guest sees the host's /, so the host's earlyoom, nohang and oomd packages are there (a tool
+that is not installed is left out with a message). systemd-oomd cannot run in the VM: its
+init is not systemd.
 
 In one boot, for each tool in turn: start it, measure its idle cost (voluntary and
 involuntary context switches of all its threads over --idle-s seconds, i.e. wake-ups,
@@ -17,7 +19,18 @@ A 2 ms sampler reads MemAvailable and watches every workload pid by pidfd; each 
 writes a monotonic stamp on SIGTERM (then exits), so "to signal" is the first stamp or
 exit after the tool's own SIGTERM level was crossed (oomguard and earlyoom 10%, nohang's
 packaged 5%), "to memory back" the first sample above that level again. Who died is
-read from the pidfds; the kernel's own kills from dmesg.
+read from the pidfds; the kernel's own kills from /proc/vmstat oom_kill.
+
+oomd (Facebook's, Debian's 0.5.0) kills cgroups, not processes, and has no MemAvailable
+detector. Its configuration here (written to the tool's tmp dir, see OOMD_CONFIG) is the
+closest to the others' defaults: `memory_above` on the root at 90%, which for the root
+reads MemTotal - MemFree, i.e. "MemFree at or below 10%", then `kill_by_memory_size_or_growth`
+(its standard kill plugin, default arguments) over the workloads' cgroups; `--interval 1`, the
+packaged /etc/default/oomd's (the binary's own default is 5 s). For oomd only, each workload
+process (hogs and both bystanders) runs in its own leaf cgroup under OOMD_ROOT, made and
+removed by the bench, so that oomd has candidates (the bomb has its group already); its
+level is measured on MemFree, not MemAvailable (LEVEL_FIELD), and "to signal" is the exit
+of the first victim (SIGKILL, no SIGTERM).
 """
 
 from __future__ import annotations
@@ -95,28 +108,56 @@ TOOLS = {
     "earlyoom": (["earlyoom"], 10.0, "mem avail"),
     "nohang": (["nohang", "--monitor", "-c", "/etc/nohang/nohang.conf"], 5.0,
                "Monitoring has started"),
+    # --interval 1: Debian's /etc/default/oomd (the binary's default is 5)
+    "oomd": (["oomd", "--config", "{tmp}/oomd.json", "--interval", "1",
+              "--runtime-dir", "{tmp}/run"], 10.0, "Running oomd"),
 }
 WORKLOADS = ("fast", "slow", "bomb", "bigsteady")
 BOMB_GROUP = Path("/sys/fs/cgroup/oomguard-bench-bomb")
+# oomd kills cgroups: under it each workload process gets a leaf cgroup here
+OOMD_ROOT = Path("/sys/fs/cgroup/oomguard-bench-oomd")
+LEAF_TOOLS = {"oomd"}
+# the /proc/meminfo field a tool's level is measured on (MemAvailable unless named here):
+# oomd's memory_above on the root reads MemTotal - MemFree
+LEVEL_FIELD = {"oomd": "MemFree"}
+OOMD_CONFIG = {"rulesets": [{
+    "name": "MemFree at or below 10% of MemTotal",
+    "detectors": [["root memory usage (MemTotal - MemFree) above 90%", {
+        "name": "memory_above",
+        "args": {"cgroup": "/", "threshold": "90%", "duration": "0"}}]],
+    "actions": [{
+        "name": "kill_by_memory_size_or_growth",
+        "args": {"cgroup": f"{OOMD_ROOT.name}/*,{BOMB_GROUP.name}"}}],
+}]}
 
 
 def log(msg: str) -> None:
     print(f"bench/system: {msg}", file=sys.stderr, flush=True)
 
 
-def meminfo() -> tuple[int, int]:
+def meminfo(field: str = "MemAvailable") -> tuple[int, int]:
+    """MemTotal and `field` (MemAvailable; MemFree for oomd's level), in bytes."""
+    total, values = meminfo_all()
+    return total, values[field]
+
+
+def meminfo_all() -> tuple[int, dict[str, int]]:
     with open("/proc/meminfo", "rb") as f:
         text = f.read().decode()
     values = {}
     for line in text.splitlines():
         key, _, rest = line.partition(":")
         values[key] = int(rest.split()[0]) * 1024
-    return values["MemTotal"], values["MemAvailable"]
+    return values["MemTotal"], values
 
 
 def kernel_kills() -> int:
-    out = subprocess.run(["dmesg"], capture_output=True, text=True).stdout
-    return out.count("Killed process")
+    """The kernel OOM killer's kills so far (/proc/vmstat oom_kill: unlike counting
+    dmesg's "Killed process" lines, it does not lose count when the ring buffer wraps)."""
+    for line in Path("/proc/vmstat").read_text().splitlines():
+        if line.startswith("oom_kill "):
+            return int(line.split()[1])
+    return 0
 
 
 def tree_pids(pid: int) -> list[int]:
@@ -162,9 +203,18 @@ def rss(pid: int) -> int:
 
 
 class Hog:
-    def __init__(self, role: str, argv: list[str]) -> None:
+    def __init__(self, role: str, argv: list[str], cgroup: Path | None = None) -> None:
+        """`cgroup`: a leaf cgroup (made here) the process joins before it runs (oomd's)."""
         self.role = role
-        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE)
+        join = None
+        if cgroup is not None:
+            cgroup.mkdir(exist_ok=True)
+            procs = str(cgroup / "cgroup.procs")
+
+            def join() -> None:  # in the child, before exec: the bench has no threads
+                with open(procs, "w") as f:
+                    f.write(str(os.getpid()))
+        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, preexec_fn=join)
         self.pidfd = os.pidfd_open(self.proc.pid)
         self.exit_at: float | None = None
         self.term_at: float | None = None
@@ -209,8 +259,10 @@ class Hog:
 
 
 def hog(role: str, name: str, prefill: float, step: float = 0, every: float = 0.05,
-        cap: float = 0, wait: bool = True) -> Hog:
-    h = Hog(role, [PY, "-c", HOG, name, str(prefill), str(step), str(every), str(cap)])
+        cap: float = 0, wait: bool = True, leaves: bool = False) -> Hog:
+    """`leaves`: in its own leaf cgroup OOMD_ROOT/<name> (for a tool that kills cgroups)."""
+    h = Hog(role, [PY, "-c", HOG, name, str(prefill), str(step), str(every), str(cap)],
+            OOMD_ROOT / name if leaves else None)
     if wait:
         h.ready()
     return h
@@ -228,6 +280,25 @@ def clean_bomb() -> None:
         while (BOMB_GROUP / "cgroup.procs").read_text().split() and time.monotonic() < end:
             time.sleep(0.05)
         BOMB_GROUP.rmdir()
+
+
+def make_leaf_root() -> None:
+    clean_leaf_root()
+    OOMD_ROOT.mkdir()
+    (OOMD_ROOT / "cgroup.subtree_control").write_text("+memory +pids")
+
+
+def clean_leaf_root() -> None:
+    """Kill what is left in the leaves (after Hog.end there is nothing) and remove them."""
+    if not OOMD_ROOT.exists():
+        return
+    for leaf in [d for d in OOMD_ROOT.iterdir() if d.is_dir()]:
+        (leaf / "cgroup.kill").write_text("1")
+        end = time.monotonic() + 10
+        while (leaf / "cgroup.procs").read_text().split() and time.monotonic() < end:
+            time.sleep(0.05)
+        leaf.rmdir()
+    OOMD_ROOT.rmdir()
 
 
 BALLAST = Path("/dev/shm/oomguard-bench-ballast")
@@ -248,22 +319,29 @@ def set_ballast(room: int) -> None:
 
 
 def run_workload(tool: str, level_pct: float, name: str, limit_s: float) -> dict[str, Any]:
+    field = LEVEL_FIELD.get(tool, "MemAvailable")
+    leaves = tool in LEAF_TOOLS
     total, _ = meminfo()
     level = total * level_pct / 100.0
     set_ballast(600 * MiB)
     kk = kernel_kills()
-    hogs = [hog("bystander", "sshd", 32), hog("bystander", "steady", 64)]
+    if leaves:
+        make_leaf_root()
+    hogs = [hog("bystander", "sshd", 32, leaves=leaves),
+            hog("bystander", "steady", 64, leaves=leaves)]
     right: set[str] = set()
     if name == "fast":
-        hogs.append(hog("leaker", "fastleak", 0, 16, 0.0, headroom(0.3, 10.0), wait=False))
+        hogs.append(hog("leaker", "fastleak", 0, 16, 0.0, headroom(0.3, 10.0), wait=False,
+                        leaves=leaves))
         right = {"leaker"}
     elif name == "slow":
         hogs.append(hog("leaker", "slowleak", headroom(2.5, 10.0), 4, 0.2,
-                        headroom(0.3, 10.0)))
+                        headroom(0.3, 10.0), leaves=leaves))
         right = {"leaker"}
     elif name == "bigsteady":
-        hogs.append(hog("bystander", "bigsteady", headroom(2.2, 10.0)))
-        hogs.append(hog("leaker", "smallleak", 0, 8, 0.1, headroom(0.3, 10.0), wait=False))
+        hogs.append(hog("bystander", "bigsteady", headroom(2.2, 10.0), leaves=leaves))
+        hogs.append(hog("leaker", "smallleak", 0, 8, 0.1, headroom(0.3, 10.0), wait=False,
+                        leaves=leaves))
         right = {"leaker"}
     elif name == "bomb":
         clean_bomb()
@@ -275,10 +353,13 @@ def run_workload(tool: str, level_pct: float, name: str, limit_s: float) -> dict
         right = {"bomb"}
     crossed = back = None
     min_avail = total
+    samples: list[tuple[float, int]] = []  # (time, MemAvailable), whatever the level's field
     t0 = time.monotonic()
     while time.monotonic() - t0 < limit_s:
         now = time.monotonic()
-        _, avail = meminfo()
+        _, values = meminfo_all()
+        avail = values[field]
+        samples.append((now, values["MemAvailable"]))
         min_avail = min(min_avail, avail)
         if crossed is None and avail <= level:
             crossed = now
@@ -302,8 +383,16 @@ def run_workload(tool: str, level_pct: float, name: str, limit_s: float) -> dict
     died = [h for h in hogs if h.exit_at is not None]
     first = min(died, key=lambda h: h.signal_at() or 1e18) if died else None
     sig = first.signal_at() if first else None
+    # MemAvailable where the tool's level was crossed, and the lowest before its first
+    # signal (stamp, or exit: a SIGKILLed victim frees memory before its pidfd says so):
+    # where each tool acts, in one unit
+    at_cross = [a for t, a in samples if crossed and t >= crossed][:1]
+    before_sig = [a for t, a in samples if sig and t < sig]
     result = {
-        "tool": tool, "workload": name, "level_pct": level_pct,
+        "tool": tool, "workload": name, "level_pct": level_pct, "level_field": field,
+        "available_at_crossing_mib": round(at_cross[0] / MiB, 1) if at_cross else None,
+        "available_min_before_signal_mib": (round(min(before_sig) / MiB, 1) if before_sig
+                                            else None),
         "to_signal_ms": round((sig - crossed) * 1000, 1) if sig and crossed else None,
         "to_memory_back_ms": round((back - crossed) * 1000, 1) if back and crossed else None,
         "overshoot_mib": round((level - min_avail) / MiB, 1),
@@ -320,6 +409,8 @@ def run_workload(tool: str, level_pct: float, name: str, limit_s: float) -> dict
         h.end()
     if name == "bomb":
         clean_bomb()
+    if leaves:
+        clean_leaf_root()
     BALLAST.unlink(missing_ok=True)
     time.sleep(1.0)
     return result
@@ -329,6 +420,8 @@ def run_tool(tool: str, idle_s: float, reps: int, limit_s: float) -> dict[str, A
     argv, level_pct, ready_line = TOOLS[tool]
     tmp = tempfile.mkdtemp(prefix=f"bench-{tool}-")
     Path(f"{tmp}/p.toml").write_text('[system]\nvictim = "leaf-cgroup"\n')
+    Path(f"{tmp}/oomd.json").write_text(json.dumps(OOMD_CONFIG, indent=1) + "\n")
+    Path(f"{tmp}/run").mkdir()
     workloads = ("bomb",) if tool == "oomguard-leaf" else WORKLOADS
     argv = [a.replace("{tmp}", tmp) for a in argv]
     logf = open(f"{tmp}/log", "w+b")  # noqa: SIM115 (closed below)
@@ -372,7 +465,10 @@ def run_tool(tool: str, idle_s: float, reps: int, limit_s: float) -> dict[str, A
         proc.kill()
         proc.wait()
     logf.seek(0)
-    out["log_tail"] = logf.read().decode("utf-8", "replace").splitlines()[-15:]
+    lines = logf.read().decode("utf-8", "replace").splitlines()
+    out["log_tail"] = lines[-15:]
+    if tool == "oomd":  # its choices, for the record (its log is mostly context dumps)
+        out["oomd_picked"] = [line for line in lines if "Picked" in line][:40]
     logf.close()
     return out
 
@@ -383,10 +479,10 @@ def in_vm(args: argparse.Namespace) -> int:
     results: dict[str, Any] = {"tools": [], "meta": {}}
     total, avail = meminfo()
     results["meta"] = {"mem_total_mib": total // MiB, "mem_available_mib": avail // MiB,
+                       "mem_free_mib": meminfo("MemFree")[1] // MiB,
                        "kernel": os.uname().release, "emulated": True,
-                       "earlyoom": subprocess.run(["earlyoom", "-v"], stdout=subprocess.PIPE,
-                                                  stderr=subprocess.STDOUT,
-                                                  text=True).stdout.strip(),
+                       "earlyoom": version(["earlyoom", "-v"]),
+                       "oomd": version(["oomd", "--version"]),
                        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     for tool in args.tools.split(","):
         results["tools"].append(run_tool(tool, args.idle_s, args.reps, args.limit_s))
@@ -395,11 +491,20 @@ def in_vm(args: argparse.Namespace) -> int:
     return 0
 
 
+def version(argv: list[str]) -> str | None:
+    try:
+        return subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True).stdout.strip()
+    except OSError:
+        return None
+
+
 def table(results: dict[str, Any]) -> str:
     """The markdown table for docs/benchmarks.md."""
     lines = ["| tool | workload | to signal ms | to memory back ms | past the level MiB | "
-             "chosen (right?) | others killed | kernel kills |",
-             "|---|---|---|---|---|---|---|---|"]
+             "lowest MemAvailable before the signal MiB | chosen (right?) | others killed | "
+             "kernel kills |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for t in results["tools"]:
         for r in t["runs"]:
             others = ", ".join(r["others_died"]) or "none"
@@ -407,9 +512,12 @@ def table(results: dict[str, Any]) -> str:
                 others += f"; {r['bomb_left']} bomb procs left"
             kk = r["kernel_kills"] if r["kernel_kills"] >= 0 else "? (dmesg wrapped)"
             back = r["to_memory_back_ms"] if r["to_memory_back_ms"] is not None else "never"
-            lines.append(f"| {t['tool']} ({r['level_pct']:g}%) | {r['workload']} | "
+            field = r.get("level_field", "MemAvailable")
+            level = f"{r['level_pct']:g}%" + ("" if field == "MemAvailable" else f" {field}")
+            lines.append(f"| {t['tool']} ({level}) | {r['workload']} | "
                          f"{r['to_signal_ms']} | {back} | "
-                         f"{max(0.0, r['overshoot_mib'])} | {r['chosen']} "
+                         f"{max(0.0, r['overshoot_mib'])} | "
+                         f"{r.get('available_min_before_signal_mib')} | {r['chosen']} "
                          f"({'yes' if r['right'] else 'no'}) | {others} | {kk} |")
     lines += ["", "| tool | idle wake-ups/s, main process | all its processes | "
                   "preemptions/s | RSS MiB (all) |", "|---|---|---|---|---|"]
@@ -423,7 +531,8 @@ def table(results: dict[str, Any]) -> str:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--in-vm", action="store_true", help="(inside the VM) run the workloads")
-    p.add_argument("--tools", default="oomguard,oomguard-leaf,earlyoom,nohang")
+    p.add_argument("--tools", default="oomguard,oomguard-leaf,earlyoom,nohang,oomd",
+                   help="those not installed are left out (default: %(default)s)")
     p.add_argument("--reps", type=int, default=1)
     p.add_argument("--idle-s", type=float, default=10.0)
     p.add_argument("--limit-s", type=float, default=40.0, help="per workload run")
@@ -447,7 +556,9 @@ def main() -> int:
     args.tools = ",".join(tools)
     out = Path(args.json).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "OOMGUARD_VM_MEM": os.environ.get("OOMGUARD_VM_MEM", "1536")}
+    # five tools in one boot take ~20 min emulated: past run-in-vm's default 1200 s
+    env = {**os.environ, "OOMGUARD_VM_MEM": os.environ.get("OOMGUARD_VM_MEM", "1536"),
+           "OOMGUARD_VM_TIMEOUT": os.environ.get("OOMGUARD_VM_TIMEOUT", "3600")}
     cmd = [str(ROOT / "tests/vm/run-in-vm.sh"), "--rw", str(out.parent), "--",
            PY, str(Path(__file__).resolve()), "--in-vm", "--tools", args.tools,
            "--reps", str(args.reps), "--idle-s", str(args.idle_s),
