@@ -20,7 +20,7 @@ import time
 
 from oomguard.containers import default_index
 from oomguard.errors import OomguardError
-from oomguard.policy import AskStep, KillStep
+from oomguard.policy import AskStep, KillStep, ProcSample
 from oomguard.policy.model import ASK_ACTIONS
 from oomguard.steps import pause
 from oomguard.steps.context import Outcome, StepContext
@@ -29,13 +29,17 @@ from oomguard.sysmem import SystemGroup
 from oomguard.units import format_size
 
 
-def _labels(ctx: StepContext, keys: tuple[str, ...]) -> list[tuple[str, str]]:
-    top = None
+def _first_victim(ctx: StepContext) -> ProcSample | None:
+    """Whom the kill step would take now, to name it in the question; None if nobody."""
     try:
         ranked = choose(ctx, KillStep())
-        top = ranked[0].sample if ranked else None
     except OomguardError:
-        pass
+        return None
+    return ranked[0].sample if ranked else None
+
+
+def _labels(ctx: StepContext, keys: tuple[str, ...]) -> list[tuple[str, str]]:
+    top = _first_victim(ctx)
     out = []
     for key in keys:
         if key == "grow":
@@ -53,12 +57,7 @@ def _labels(ctx: StepContext, keys: tuple[str, ...]) -> list[tuple[str, str]]:
 
 def _paused_question(ctx: StepContext, timeout: float) -> tuple[str, str]:
     """Freeze-and-ask's words: "leak is using 1.2G and memory is almost gone"."""
-    top = None
-    try:
-        ranked = choose(ctx, KillStep())
-        top = ranked[0].sample if ranked else None
-    except OomguardError:
-        pass
+    top = _first_victim(ctx)
     who = f"{top.comm} (pid {top.pid}) is using {format_size(top.rss)}" if top else \
         "A program is using much memory"
     return (f"{who} and memory is almost gone",

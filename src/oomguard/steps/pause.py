@@ -30,7 +30,7 @@ FREEZE_CONFIRM = 3.0
 
 
 def stop(ctx: StepContext) -> None:
-    group, inc = ctx.group, ctx.episode
+    group = ctx.group
     if isinstance(group, SystemGroup):
         pause_offender(ctx, group)
         return
@@ -41,16 +41,7 @@ def stop(ctx: StepContext) -> None:
         ctx.fail("failed", str(exc))
         return
     ctx.begin(before={"pids": pids})
-    what = f"stop {len(pids)} tasks in {group.relpath}"
-    stopped = []
-    for pid in pids:
-        try:
-            target = pid_target(pid, read_stat(pid).start_ticks)
-            inc.changes.append(ctx.effects.apply(group, "stop", target, "running", "stopped",
-                                                 inc.id, tag="incident", what=what))
-            stopped.append(pid)
-        except OomguardError:
-            continue  # exited meanwhile
+    stopped = _stop_each(ctx, pids, f"stop {len(pids)} tasks in {group.relpath}")
     ctx.finish("stopped", {"pids": stopped})
     ctx.log.info(f"stopped {len(stopped)} tasks in {group.relpath}")
     ctx.done(Outcome.DONE)
@@ -115,16 +106,8 @@ def pause_offender(ctx: StepContext, group: SystemGroup) -> None:
     skip = group.excluded()
     pids = [p for p in [s.pid, *group.descendants(s.pid)]
             if p > 2 and p not in ctx.never_pids and p not in skip]
-    what = f"stop pid {s.pid} ({s.comm}) and its {len(pids) - 1} descendants"
-    stopped = []
-    for pid in pids:
-        try:
-            target = pid_target(pid, read_stat(pid).start_ticks)
-            inc.changes.append(ctx.effects.apply(group, "stop", target, "running", "stopped",
-                                                 inc.id, tag="incident", what=what))
-            stopped.append(pid)
-        except OomguardError:
-            continue  # exited meanwhile
+    stopped = _stop_each(ctx, pids,
+                         f"stop pid {s.pid} ({s.comm}) and its {len(pids) - 1} descendants")
     ctx.finish("stopped", {"pids": stopped})
     ctx.log.info(f"stopped pid {s.pid} ({s.comm}) and {len(stopped) - 1} descendants "
                  "while asking")
@@ -213,3 +196,18 @@ def continue_(ctx: StepContext) -> None:
     if n:
         ctx.log.info(f"continued {ctx.group.relpath}")
     ctx.done(Outcome.RELIEF)
+
+
+def _stop_each(ctx: StepContext, pids: list[int], what: str) -> list[int]:
+    """SIGSTOP each task through the ledger (its intent first, undone at the incident's
+    end or by the guardian); the pids stopped, those that exited meanwhile left out."""
+    inc, stopped = ctx.episode, []
+    for pid in pids:
+        try:
+            target = pid_target(pid, read_stat(pid).start_ticks)
+            inc.changes.append(ctx.effects.apply(ctx.group, "stop", target, "running",
+                                                 "stopped", inc.id, tag="incident", what=what))
+            stopped.append(pid)
+        except OomguardError:
+            continue  # exited meanwhile
+    return stopped
