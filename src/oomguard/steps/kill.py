@@ -358,8 +358,8 @@ def _sweep_later(ctx: StepContext, scope: MemoryCgroup, pid: int, grace: float) 
     """victim = "leaf-cgroup": its companions were listed, then signalled one pidfd each,
     and a process that forks (a fork bomb) makes children in between that no signal
     reached. Once the grace is over, whatever is left in the leaf cgroup is killed whole
-    with cgroup.kill (atomic: it reaches a task forking meanwhile too), unless oomguard's
-    own or a protected task is in it (then each left task by pidfd). Not tied to the
+    with cgroup.kill (atomic: it reaches a task forking meanwhile too), unless oomguard
+    or its guardian is in it (then each other task by pidfd). Not tied to the
     incident: the victim may exit, and memory come back, long before the stragglers go."""
     incident_id, home = ctx.incident_id, ctx.group.relpath
     effects, journal, log = ctx.effects, ctx.journal, ctx.log
