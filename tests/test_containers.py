@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 
+from oomguard.cgroup import cgroup_at
 from oomguard.cgroup.transient import ensure_parent, owner_tag
 from oomguard.containers import ContainerIdentity, ContainerIndex, parse_path
 from oomguard.errors import ConfigError
@@ -399,9 +400,10 @@ def pod(rootfs: Path, tmp_path: Path) -> Iterator[Pod]:
             r = subprocess.run([str(RUNC), "run", "--detach", "--bundle", str(bundle), cid],
                                stdin=subprocess.DEVNULL, stdout=out, stderr=out, timeout=30)
         assert r.returncode == 0, f"runc run: {(bundle / 'output').read_text()}"
-        group = HIER.memory.mount_point / container.relpath.lstrip("/")
-        limit = group / ("memory.limit_in_bytes" if HIER.memory_version == 1 else "memory.max")
-        assert int(limit.read_text()) == 64 * MiB  # before anything in it allocates
+        # Its limit, before anything in it allocates. A daemon may hold it already: on v2
+        # that is memory.high at the limit and memory.max a headroom above (unheld_limit).
+        group = cgroup_at(HIER, container.relpath)
+        assert group.unheld_limit() == 64 * MiB
         return container
 
     try:
@@ -438,6 +440,7 @@ def _gone(pid: int) -> bool:
 
 
 @needs_runc
+@pytest.mark.scenario  # both backends: the VM suite runs it on v2
 def test_leaker_container_handled_steady_container_untouched(pod: Pod, run_daemon) -> None:
     assert HIER is not None and HIER.memory is not None
     mount = HIER.memory.mount_point
@@ -517,6 +520,7 @@ while True:
 
 
 @needs_runc
+@pytest.mark.scenario
 def test_two_processes_in_one_container_keep_pid_1(pod: Pod, run_daemon) -> None:
     assert HIER is not None and HIER.memory is not None
     mount = HIER.memory.mount_point
@@ -541,10 +545,11 @@ def test_two_processes_in_one_container_keep_pid_1(pod: Pod, run_daemon) -> None
         step = next(s for s in j.incidents()[-1].steps if s.kind == "kill")
     assert "shop/web-1/app" in d.log
     assert step.result == "killed"
-    # The cgroup was really the container's own, limited by runc.
-    limit = "memory.limit_in_bytes" if HIER.memory_version == 1 else "memory.max"
-    assert int((mount / c.relpath.lstrip("/") / limit).read_text()) == 64 * MiB
+    # The cgroup was really the container's own, limited by runc (v2: held by the daemon
+    # at memory.high, memory.max a headroom above; let go, memory.max is runc's again).
+    assert cgroup_at(HIER, c.relpath).unheld_limit() == 64 * MiB
     assert d.stop() == 0
+    assert cgroup_at(HIER, c.relpath).limit() == 64 * MiB
 
 
 def test_desktop_notice_names_the_pod() -> None:
