@@ -65,11 +65,10 @@ def _size(value: object) -> str:
 # One formatter per standard event, so `decision("killed", ...)` and `killed(...)`
 # print the same line. Each gets the fields and returns the text after the prefix.
 def _fmt_killed(f: Mapping[str, object]) -> str:
-    text = f"killed pid {_s(f.get('pid'))} ({_s(f.get('comm', '?'))}) in {_s(f.get('cgroup'))}"
-    member = f.get("member")
-    if member and member != f.get("cgroup"):  # a task of a child group: say which one
-        text = (f"killed pid {_s(f.get('pid'))} ({_s(f.get('comm', '?'))}) in {_s(member)}"
-                f" (under {_s(f.get('cgroup'))})")
+    where = _s(f.get("cgroup"))
+    if f.get("member"):  # a task of a child group of the watched one: say which
+        where = f"{_s(f['member'])} (under {where})"
+    text = f"killed pid {_s(f.get('pid'))} ({_s(f.get('comm', '?'))}) in {where}"
     if f.get("why"):
         text += f": {_s(f['why'])}"
     if f.get("rss") is not None:

@@ -45,7 +45,7 @@ class ProcSample:
     cgroup: str = ""  # relpath of the cgroup it is a member of; "" unknown
     # False when its cmdline could not be read in time (asleep in the kernel, holding its
     # mmap lock): `cmdline` is then "" and a protect entry that names a cmdline must not
-    # lose the process for that (see `_protected_by`).
+    # lose the process for that (`matches(..., unread_matches=True)`).
     cmdline_known: bool = True
     # Set only when a look spans several cgroups (a parent group's subtree), from the
     # path of its cgroup (containers.parse_path): the kubelet's QoS class ("" outside a
@@ -61,9 +61,11 @@ class Candidate:
     reason: str  # e.g. "largest anon rss 250M, preferred by 'leak'"
 
 
-def matches(matcher: ProcessMatcher, sample: ProcSample) -> bool:
-    return matcher.matches(sample.comm, sample.cmdline, sample.exe, sample.uid,
-                           sample.container_init)
+def matches(matcher: ProcessMatcher, sample: ProcSample, unread_matches: bool = False) -> bool:
+    """`unread_matches`: a cmdline that could not be read counts as matching the entry's
+    cmdline patterns ("could be this process"), for entries that spare (protect)."""
+    cmdline = None if unread_matches and not sample.cmdline_known else sample.cmdline
+    return matcher.matches(sample.comm, cmdline, sample.exe, sample.uid, sample.container_init)
 
 
 def is_untouchable(sample: ProcSample, never_pids: frozenset[int] = frozenset()) -> bool:
@@ -73,23 +75,10 @@ def is_untouchable(sample: ProcSample, never_pids: frozenset[int] = frozenset())
     return sample.ppid == KTHREADD_PID and not sample.cmdline
 
 
-def _first_match(matchers: Sequence[ProcessMatcher], sample: ProcSample) -> ProcessMatcher | None:
+def _first_match(matchers: Sequence[ProcessMatcher], sample: ProcSample,
+                 unread_matches: bool = False) -> ProcessMatcher | None:
     for matcher in matchers:
-        if matches(matcher, sample):
-            return matcher
-    return None
-
-
-def _protected_by(protect: Sequence[ProcessMatcher],
-                  sample: ProcSample) -> ProcessMatcher | None:
-    """The protect entry that spares `sample`. A process whose cmdline could not be read
-    stays spared by an entry that would match it whatever its cmdline: an unread cmdline
-    must never turn a protected service into a victim (found in CI: the protected one of
-    three tasks killed at a restart under load). The next look reads it again."""
-    if sample.cmdline_known:
-        return _first_match(protect, sample)
-    for matcher in protect:
-        if matcher.matches(sample.comm, None, sample.exe, sample.uid, sample.container_init):
+        if matches(matcher, sample, unread_matches):
             return matcher
     return None
 
@@ -202,7 +191,12 @@ def rank_victims(
     by_pod = any(sample.pod for sample in batch)
     ranked: list[tuple[tuple[float, ...], Candidate]] = []
     for sample in batch:
-        if is_untouchable(sample, never_pids) or _protected_by(protect, sample) is not None:
+        # An unread cmdline must never turn a protected service into a victim (found in
+        # CI: the protected one of three tasks killed at a restart under load): it stays
+        # spared by an entry that would match it whatever its cmdline; the next look reads
+        # it again.
+        if (is_untouchable(sample, never_pids)
+                or _first_match(protect, sample, unread_matches=True) is not None):
             continue
         preferred = _first_match(prefer, sample)
         avoided = _first_match(avoid, sample)

@@ -363,8 +363,8 @@ def _sweep_later(ctx: StepContext, scope: MemoryCgroup, pid: int, grace: float) 
     incident: the victim may exit, and memory come back, long before the stragglers go."""
     incident_id, home = ctx.incident_id, ctx.group.relpath
     effects, journal, log = ctx.effects, ctx.journal, ctx.log
-    spared = ctx.never_pids | frozenset(ctx.group.excluded()) if isinstance(
-        ctx.group, SystemGroup) else ctx.never_pids
+    assert isinstance(ctx.group, SystemGroup)  # only a system incident has a leaf scope
+    spared = ctx.never_pids | frozenset(ctx.group.excluded())
 
     def sweep() -> None:
         try:
