@@ -11,6 +11,7 @@ kept fd (pread: ~10 us), and the pids' directories only while an incident looks.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,8 @@ from typing import ClassVar
 from oomguard.cgroup.base import FileChange, MemoryCgroup, OomState, Subtree
 from oomguard.cgroup.mounts import Hierarchies, Mount
 from oomguard.errors import Unsupported
+from oomguard.policy.ranking import Candidate
+from oomguard.policy.swarm import Swarm, find_swarm
 from oomguard.policy.system import SystemSpec, VictimKind
 from oomguard.procs import Pidfd
 
@@ -246,6 +249,42 @@ class SystemGroup(MemoryCgroup):
             else:
                 pfd.close()
         return out
+
+    def swarm(self, candidates: list[Candidate]) -> Swarm | None:
+        """victim = "process": the fork bomb the ranking's first choice belongs to (or
+        that outweighs it), to be killed together (policy/swarm.py); None otherwise or
+        without cgroup v2 (the leaf cgroup is what makes siblings one swarm)."""
+        if self.spec.victim is not VictimKind.PROCESS or self.cgroup_root is None:
+            return None
+        return find_swarm(candidates, lambda pid: leaf_cgroup(pid, self.proc),
+                          time.clock_gettime(time.CLOCK_BOOTTIME), self.spec.swarm)
+
+    def swarm_scope(self, swarm: Swarm) -> MemoryCgroup | None:
+        """The swarm's leaf cgroup, to be swept (cgroup.kill) after the grace like a
+        leaf-cgroup victim's, when it is the swarm's own: a killable scope (not a session,
+        slice or the root), not a `.service` (systemd restarts it into the same cgroup),
+        and every task in it has the swarm's name (the bomb's own group, not a terminal's
+        scope with the shell that started it)."""
+        unified = self.hierarchies.unified
+        leaf = swarm.leaf
+        if (unified is None or not killable_scope(leaf)
+                or leaf.rstrip("/").endswith(".service")):
+            return None
+        try:
+            with open(unified.mount_point / leaf.lstrip("/") / "cgroup.procs", "rb") as f:
+                pids = [int(x) for x in f.read().split()]
+        except (OSError, ValueError):
+            return None
+        for pid in pids:
+            try:
+                with open(f"{self.proc}/{pid}/comm", "rb") as f:
+                    comm = f.read().rstrip(b"\n").decode("utf-8", "replace")
+            except OSError:
+                continue  # exited meanwhile
+            if comm != swarm.comm:
+                return None
+        from oomguard.cgroup.v2 import V2MemoryCgroup
+        return V2MemoryCgroup(self.hierarchies, unified, leaf)
 
     def sweep_scope(self, pid: int) -> MemoryCgroup | None:
         """victim = "leaf-cgroup" on cgroup v2: the victim's leaf cgroup, to be killed whole

@@ -36,7 +36,7 @@ from oomguard.events.loop import Timer
 from oomguard.events.psi import PsiTrigger
 from oomguard.incident import Incident
 from oomguard.policy.model import Pressure
-from oomguard.policy.system import SystemSpec, system_rule
+from oomguard.policy.system import SystemSpec, VictimKind, system_rule
 from oomguard.steps.victims import needs_for, sample_group
 from oomguard.sysmem import KILL, LEVEL_NAMES, OK, MeminfoReader, SystemGroup
 from oomguard.units import format_size
@@ -90,6 +90,8 @@ class SystemMonitor:
                 + (f"; swap {format_size(lv.swap_term)}/{format_size(lv.swap_kill)} of "
                    f"{format_size(info.swap_total)}" if info.swap_total else "; no swap")
                 + f"; victim {self.spec.victim.value} by {self.rule.strategy.value}"
+                + (f" (a swarm of {self.spec.swarm}+ together)"
+                   if self.spec.victim is VictimKind.PROCESS and self.spec.swarm else "")
                 + f"; now {format_size(info.available)} available"
                 + (" [dry-run]" if self.rule.dry_run else ""))
 

@@ -855,7 +855,8 @@ def _system(table: object, report: _Report) -> SystemSpec | None:
         return None
     parsers = {"size": _size, "pressure": _pressure, "strategy": _strategy,
                "matchers": _matchers, "boolean": _boolean, "duration": _duration(True),
-               "duration0": _duration(False), "count1": _count(1)}
+               "duration0": _duration(False), "count1": _count(1),
+               "count0": _count(0)}
     spec, problems = parse_system(table, parsers)
     for key, message in problems:
         report.add("[system]", key, message)

@@ -25,6 +25,7 @@ from oomguard.policy.model import (
     StepKind,
     Strategy,
 )
+from oomguard.policy.swarm import SWARM_MIN
 
 #: The default wake-up: 50 ms of stall within 1 s ("some 50000 1000000").
 DEFAULT_WAKE = Pressure("some", 0.05, 1.0)
@@ -76,6 +77,9 @@ class SystemSpec:
     stall_term: float | None = None
     stall_kill: float | None = None
     victim: VictimKind = VictimKind.PROCESS
+    #: victim = "process": at least this many young processes of one name in one leaf
+    #: cgroup (a fork bomb) are killed together (policy/swarm.py); 0: never.
+    swarm: int = SWARM_MIN
     strategy: Strategy = Strategy.AUTO
     protect: tuple[ProcessMatcher, ...] = ()
     prefer: tuple[ProcessMatcher, ...] = ()
@@ -152,8 +156,8 @@ def parse_system(table: Mapping[str, Any],
         "mem_term": parsers["size"], "mem_kill": parsers["size"],
         "swap_term": parsers["size"], "swap_kill": parsers["size"],
         "psi": parsers["pressure"], "stall_term": _percent, "stall_kill": _percent,
-        "victim": _victim, "strategy": parsers["strategy"], "protect": parsers["matchers"],
-        "prefer": parsers["matchers"], "avoid": parsers["matchers"],
+        "victim": _victim, "swarm": parsers["count0"], "strategy": parsers["strategy"],
+        "protect": parsers["matchers"], "prefer": parsers["matchers"], "avoid": parsers["matchers"],
         "protect_session": parsers["boolean"], "ask": parsers["boolean"],
         "ask_timeout": parsers["duration"], "grace": parsers["duration0"],
         "deadline": parsers["duration"], "max_victims": parsers["count1"],

@@ -10,6 +10,7 @@ is killed as a whole, as the kernel would (cgroup.kill).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import signal
 import time
@@ -20,6 +21,7 @@ from oomguard.errors import CgroupNotFound, NotAMemoryCgroup, OomguardError, Uns
 from oomguard.events.loop import Timer
 from oomguard.faults import crash_point
 from oomguard.policy import Candidate, KillStep, ProcSample
+from oomguard.policy.swarm import Swarm
 from oomguard.procs import Pidfd, read_stat
 from oomguard.steps.context import Outcome, StepContext
 from oomguard.steps.pause import thaw_for_kill
@@ -53,11 +55,14 @@ def _kill(ctx: StepContext) -> None:
         _kill_group(ctx)
         return
     candidates, note = choose_noted(ctx)
+    swarm = ctx.group.swarm(candidates) if isinstance(ctx.group, SystemGroup) else None
+    if swarm is not None:  # a fork bomb: its members, not the first choice alone
+        candidates = [dataclasses.replace(c, reason=swarm.reason()) for c in swarm.members]
     for cand in candidates:
         pfd = open_verified(cand.sample)
         if pfd is None:
             continue  # exited or pid reused since the sample: next candidate
-        _kill_one(ctx, cand, pfd, note)
+        _kill_one(ctx, cand, pfd, note, swarm)
         return
     ctx.begin(before={"candidates": len(candidates), **({"subtree": note} if note else {})})
     ctx.log.info(f"{ctx.group.relpath}: no process may be killed")
@@ -329,7 +334,7 @@ class _Victim:
 
 
 def _kill_one(ctx: StepContext, cand: Candidate, pfd: Pidfd,
-              note: dict[str, object] | None = None) -> None:
+              note: dict[str, object] | None = None, swarm: Swarm | None = None) -> None:
     s = cand.sample
     grace = ctx.rule.grace_for(ctx.options(KillStep))
     first = signal.SIGTERM if grace > 0 and not _asleep_in_oom_wait(ctx, s) else signal.SIGKILL
@@ -338,16 +343,66 @@ def _kill_one(ctx: StepContext, cand: Candidate, pfd: Pidfd,
     if note:  # a look at a subtree: where the victim is, and what the look read
         before["cgroup"] = s.cgroup
         before["subtree"] = note
+    if swarm is not None:
+        before["swarm"] = {"comm": swarm.comm, "cgroup": swarm.leaf, "anon": swarm.anon,
+                           "count": len(swarm.members),
+                           "pids": [m.sample.pid for m in swarm.members][:256]}
     ctx.begin(s.pid, before)
     members = _group_members(ctx, cand) if ctx.rule.kill_process_group else []
     scope = None
-    if isinstance(ctx.group, SystemGroup):  # victim = "leaf-cgroup": its app scope too
+    if swarm is not None:  # the swarm's other members, and its own leaf cgroup
+        members += _swarm_members(swarm, s.pid)
+        assert isinstance(ctx.group, SystemGroup)
+        scope = ctx.group.swarm_scope(swarm)
+    elif isinstance(ctx.group, SystemGroup):  # victim = "leaf-cgroup": its app scope too
         members += ctx.group.companions(s.pid, ctx.never_pids)
         scope = ctx.group.sweep_scope(s.pid)
     victim = _Victim(ctx, cand, pfd, members, first)
     victim.start(grace)  # then kill() commits
+    after = grace if first == signal.SIGTERM else 0.0
     if scope is not None and not victim.over:
-        _sweep_later(ctx, scope, s.pid, grace if first == signal.SIGTERM else 0.0)
+        _sweep_later(ctx, scope, s.pid, after)
+    elif swarm is not None and not victim.over and first == signal.SIGTERM:
+        _kill_swarm_later(ctx, swarm, s.pid, after)
+
+
+def _swarm_members(swarm: Swarm, pid: int) -> list[Pidfd]:
+    """Pidfds of the swarm's members other than `pid`, each checked against its sampled
+    start time (a member that exited, or whose pid was reused, is left out)."""
+    out = []
+    for member in swarm.members:
+        if member.sample.pid != pid and (pfd := open_verified(member.sample)) is not None:
+            out.append(pfd)
+    return out
+
+
+def _kill_swarm_later(ctx: StepContext, swarm: Swarm, pid: int, grace: float) -> None:
+    """A swarm outside a leaf cgroup of its own (a terminal's or a session's scope, which
+    is never killed whole): once the grace is over, SIGKILL the members still there, each
+    by a pidfd checked against its sampled start time. The victim's exit ends its own
+    escalation, and members that ignore SIGTERM would otherwise outlive it."""
+    incident_id, home, effects = ctx.incident_id, ctx.group.relpath, ctx.effects
+    journal, log = ctx.journal, ctx.log
+    others = [m.sample for m in swarm.members if m.sample.pid != pid]
+
+    def finish() -> None:
+        killed = []
+        for sample in others:
+            pfd = open_verified(sample)
+            if pfd is None:
+                continue
+            with pfd, contextlib.suppress(OSError, OomguardError):
+                if not pfd.exited() and effects.signal(
+                        pfd, signal.SIGKILL, what=f"the swarm of pid {pid}: {swarm.comm}"):
+                    killed.append(sample.pid)
+        if killed:
+            log.info(f"{len(killed)} {swarm.comm!r} process(es) of the swarm of pid {pid} "
+                     f"outlived its SIGTERM: killed")
+            journal.add_event(incident_id, home, "swept",
+                              {"cgroup": swarm.leaf, "pids": killed[:64], "how": "pidfd"})
+            journal.commit()
+
+    ctx.loop.call_later(grace + SWEEP_AFTER, finish)
 
 
 # After the grace, a little more: the escalation's SIGKILLs are sent first.
