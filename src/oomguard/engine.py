@@ -424,7 +424,7 @@ class Engine:
         turns or a victim choice consumed it (kill, signal, move: see kill.choose)."""
         snap = self._looks.get(incident_id)
         if snap is None:
-            snap = take_snapshot(group, needs)
+            snap = group.ready_look() or take_snapshot(group, needs)
             self._looks[incident_id] = snap
 
             def expire() -> None:

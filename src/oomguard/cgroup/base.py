@@ -15,12 +15,15 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from oomguard.cgroup import files
 from oomguard.cgroup.mounts import Hierarchies, Mount
 from oomguard.errors import CgroupError, CgroupRemoved
 from oomguard.procs.pidfd import signal_all
+
+if TYPE_CHECKING:
+    from oomguard.procs.reader import ProcessSnapshot
 
 # v1 reports "no limit" as PAGE_COUNTER_MAX pages; anything this large is unlimited.
 UNLIMITED_THRESHOLD = 1 << 62
@@ -355,6 +358,11 @@ class MemoryCgroup(ABC):
     def oom_group(self) -> bool:
         """Must an OOM kill take the whole group (v2 memory.oom.group)?"""
         return False
+
+    def ready_look(self) -> ProcessSnapshot | None:
+        """A look at the processes taken ahead of the event and still good for it (system
+        mode, sysmem.py); None: take one now."""
+        return None
 
     # -- the hold: OOMs of this group wait for oomguard instead of the kernel's killer --
     @abstractmethod

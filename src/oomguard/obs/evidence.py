@@ -257,6 +257,8 @@ def at_oom(group: MemoryCgroup, look: ProcessSnapshot) -> dict[str, object]:
     except OomguardError as exc:
         data["error"] = str(exc)
     data["ps"] = listing_at_oom(look)
+    if look.derived.get("ahead"):  # system mode's look taken ahead (sysmem.ready_look)
+        data["look_age_ms"] = round((time.monotonic() - look.taken) * 1000.0, 1)
     if look.groups > 1 or look.cut:
         data["subtree"] = {"groups": look.groups, **({"cut": look.cut} if look.cut else {})}
     return data

@@ -51,16 +51,22 @@ def find_swarm(candidates: Sequence[Candidate], leaf_of: Callable[[int], str | N
     samples' clock (seconds since boot); `leaf_of` is read only for young candidates."""
     if min_count <= 0 or not candidates:
         return None
-    groups: dict[tuple[str, str], list[Candidate]] = {}
-    for cand in candidates:
-        s = cand.sample
-        if now - s.start_time > window:
-            continue
-        leaf = leaf_of(s.pid)
-        if leaf is None:
-            continue
-        groups.setdefault((s.comm, leaf), []).append(cand)
     top = candidates[0].sample
+    # By name first: the leaf cgroup (a /proc read each) only of names that could make a
+    # swarm (enough young ones, holding more than the first choice): a look at the whole
+    # machine must not read 300 young `sleep`s' cgroups on the way to the kill.
+    by_comm: dict[str, list[Candidate]] = {}
+    for cand in candidates:
+        if now - cand.sample.start_time <= window:
+            by_comm.setdefault(cand.sample.comm, []).append(cand)
+    groups: dict[tuple[str, str], list[Candidate]] = {}
+    for comm, young in by_comm.items():
+        if len(young) < min_count or sum(c.sample.rss_anon for c in young) <= top.rss_anon:
+            continue
+        for cand in young:
+            leaf = leaf_of(cand.sample.pid)
+            if leaf is not None:
+                groups.setdefault((comm, leaf), []).append(cand)
     best: Swarm | None = None
     for (comm, leaf), members in groups.items():
         if len(members) < min_count:
