@@ -64,6 +64,7 @@ class Incident:
         self.changes: list[ActiveChange] = []  # incident-scoped: undone at close
         self._timers: list[Timer] = []
         self._closers: list[Callable[[], None]] = []
+        self._urgent: list[Callable[[], None]] = []
         self._last_step: Step | None = None
         self._deadline = engine.loop.call_later(self.rule.deadline, self._on_deadline)
         engine.log.incident_opened(self.group.relpath, self.id,
@@ -98,6 +99,23 @@ class Incident:
 
     def on_close(self, fn: Callable[[], None]) -> None:
         self._closers.append(fn)
+
+    def on_urgent(self, fn: Callable[[], None]) -> None:
+        """`fn` runs if the incident turns urgent before it moves on (`urgent`)."""
+        gen = self.generation
+
+        def guarded() -> None:
+            if gen == self.generation and self.state != "closed":
+                fn()
+
+        self._urgent.append(guarded)
+
+    def urgent(self) -> None:
+        """No more waiting (system mode: memory fell to the SIGKILL level): what waits
+        for a grace (a SIGTERMed victim, the sweep of its leaf cgroup) acts now."""
+        urgent, self._urgent = self._urgent, []
+        for fn in urgent:
+            fn()
 
     def step_done(self) -> Done:
         """The `done` callback for the step now starting; ignored if the incident moved on."""

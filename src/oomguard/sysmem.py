@@ -213,14 +213,15 @@ class SystemGroup(MemoryCgroup):
 
         A look at every process costs two pairs of /proc reads per process (366
         processes: 71 ms to the signal on the bench host, seconds under emulation or heavy
-        reclaim), between the wake-up and the kill; the monitor samples every process anyway while memory is
-        short (every SAMPLE_EVERY). That look is used when it is at most AHEAD_AGE old
-        and still explains the memory gone since: the AHEAD_CHECK processes that grew
-        most in it are read again (stat and status), and their growth since must account
-        for at least half of MemAvailable's drop (beyond AHEAD_SLACK). Otherwise something
-        the look did not see (a process born since) took the memory: None, and the
-        incident reads every process now. The processes read again carry their fresh
-        figures (size, state, growth), so the kill line and journal tell them as now."""
+        reclaim), between the wake-up and the kill; the monitor samples every process
+        anyway while memory is short (every SAMPLE_EVERY). That look is used when it is
+        at most AHEAD_AGE old and still explains the memory gone since: the AHEAD_CHECK
+        processes that grew most in it are read again (stat and status), and their growth
+        since must account for at least half of MemAvailable's drop (beyond AHEAD_SLACK).
+        Otherwise something the look did not see (a process born since) took the memory:
+        None, and the incident reads every process now. The processes read again carry
+        their fresh figures (size, state, growth): the kill line and journal tell them
+        as they are now."""
         ahead, self._ahead = self._ahead, None
         if ahead is None:
             return None

@@ -215,6 +215,8 @@ class SystemMonitor:
                 self._last = opened if isinstance(opened, Incident) else None
             elif isinstance(inc, Incident) and inc.state == "settling":
                 inc.on_event(1)
+            elif isinstance(inc, Incident) and level == KILL:
+                inc.urgent()  # a grace under way is cut short (kill.py: _cut_grace)
         self._arm(self.delay(level, info.available - levels.mem_term))
 
     def delay(self, level: int, headroom: int) -> float | None:

@@ -71,6 +71,8 @@ class Episode(Protocol):
 
     def on_close(self, fn: Callable[[], None]) -> None: ...
 
+    def on_urgent(self, fn: Callable[[], None]) -> None: ...
+
     def under_oom(self) -> bool: ...
 
     def await_relief(self, relieved: Callable[[], None], still: Callable[[], None],
@@ -274,6 +276,11 @@ class StepContext:
 
     def on_close(self, fn: Callable[[], None]) -> None:
         self.episode.on_close(fn)
+
+    def on_urgent(self, fn: Callable[[], None]) -> None:
+        """`fn` runs at once if the incident turns urgent (system mode's SIGKILL level)
+        while the step still waits: a grace cut short."""
+        self.episode.on_urgent(fn)
 
     def look(self, needs: Needs | None = None) -> ProcessSnapshot:
         return self.services.look(self.episode.id, self.group, needs or NOTHING_EXTRA)

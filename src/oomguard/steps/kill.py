@@ -246,6 +246,7 @@ class _Victim:
         if self.sent == signal.SIGTERM:
             effects.signal(self.pfd, signal.SIGCONT)  # a stopped victim must run to act on it
             self.timer = loop.call_later(grace, self.escalate)
+            self.ctx.on_urgent(self._cut_grace)
         loop.add_reader(self.pfd.fileno(), self.exited)
         self.ctx.on_close(self.cleanup)
 
@@ -276,6 +277,13 @@ class _Victim:
         ctx.finish("exited", None, f"pid {s.pid} exited before it was signalled")
         ctx.log.info(f"pid {s.pid} in {ctx.group.relpath} exited on its own as it was chosen")
         ctx.done(Outcome.RELIEF)
+
+    def _cut_grace(self) -> None:
+        """System mode: memory fell to the SIGKILL level during the grace (a victim that
+        ignores SIGTERM, a bomb forking on): SIGKILL now, not when the grace ends."""
+        if self.timer is not None and not self.over:
+            self.timer.cancel()
+            self.escalate()
 
     def escalate(self) -> None:
         self.timer = None
@@ -403,6 +411,7 @@ def _kill_swarm_later(ctx: StepContext, swarm: Swarm, pid: int, grace: float) ->
             journal.commit()
 
     ctx.loop.call_later(grace + SWEEP_AFTER, finish)
+    ctx.on_urgent(finish)
 
 
 # After the grace, a little more: the escalation's SIGKILLs are sent first.
@@ -451,3 +460,4 @@ def _sweep_later(ctx: StepContext, scope: MemoryCgroup, pid: int, grace: float) 
         journal.commit()
 
     ctx.loop.call_later(grace + SWEEP_AFTER, sweep)
+    ctx.on_urgent(sweep)  # the SIGKILL level during the grace: now (again later: harmless)
