@@ -46,6 +46,7 @@ sys.path.insert(0, str(HERE.parent / "src"))
 from oomguard.cgroup import discover  # noqa: E402
 from oomguard.cgroup.transient import clean_stale, destroy, ensure_parent, new_group  # noqa: E402
 from oomguard.procs import spawn_in  # noqa: E402
+from oomguard.workloads import GROWER  # noqa: E402
 
 BENCH_PARENT = "/oomguard-bench"
 MEMINFO = """MemTotal:        1000000 kB
@@ -58,17 +59,6 @@ SwapFree:              0 kB
 """
 
 
-GROWER = r"""
-import mmap, sys
-chunks = []
-print("ready", flush=True)
-for line in sys.stdin:
-    m = mmap.mmap(-1, int(line) << 20, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    for i in range(0, len(m), 4096):
-        m[i] = 1
-    chunks.append(m)
-    print("ok", flush=True)
-"""
 MiB = 1 << 20
 LEVEL_KB = 100000  # 10% of the fake MemTotal
 

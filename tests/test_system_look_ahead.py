@@ -18,23 +18,12 @@ from oomguard.policy.ranking import GrowthTracker
 from oomguard.policy.system import SystemSpec, system_rule
 from oomguard.steps.victims import needs_for, samples_of, take_snapshot
 from oomguard.sysmem import AHEAD_AGE, AHEAD_SLACK, MeminfoReader, SystemGroup
+from oomguard.workloads import GROWER
 
 from conftest import Spawn
 
 MiB = 1 << 20
 KB = 1024
-
-GROWER = r"""
-import mmap, sys
-chunks = []
-print("ready", flush=True)
-for line in sys.stdin:
-    m = mmap.mmap(-1, int(line) << 20, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    for i in range(0, len(m), 4096):
-        m[i] = 1
-    chunks.append(m)
-    print("ok", flush=True)
-"""
 
 
 def meminfo(path: Path, available: int) -> None:

@@ -82,6 +82,21 @@ while True:
         time.sleep(0.05)
 """
 
+# Grows on command: each line "N" on stdin takes N MiB more (private anonymous, every page
+# touched) and answers "ok"; says "ready" first. A leaker whose growth a test or bench
+# times (system mode's look taken ahead).
+GROWER = r"""
+import mmap, sys
+chunks = []
+print("ready", flush=True)
+for line in sys.stdin:
+    m = mmap.mmap(-1, int(line) << 20, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    for i in range(0, len(m), 4096):
+        m[i] = 1
+    chunks.append(m)
+    print("ok", flush=True)
+"""
+
 
 def argv(source: str, *args: object) -> list[str]:
     return [sys.executable, "-c", source, *map(str, args)]
