@@ -325,11 +325,18 @@ def test_daemon_discovers_new_groups(test_parent: MemoryCgroup, run_daemon) -> N
         assert "watching 0 cgroups" in d.log
         child = base.child("late")
         child.create()
+        # The limit comes after the daemon adopted the group, as a container runtime
+        # writes it just after its mkdir: on v2 the hold is made when the limit appears.
+        d.wait_for(f"adopted {child.relpath}")
         child.set_limit(32 * MiB)
         if child.version == 1:
             wait_until(lambda: bool(child.oom_state().kill_disabled), what="adoption (hold)")
         else:
             wait_until(lambda: child.read("memory.high").strip() != "max", what="adoption")
+            from oomguard.cgroup.v2 import v2_headroom
+            assert child.read_int("memory.high") == 32 * MiB
+            assert child.limit() == 32 * MiB + v2_headroom(32 * MiB)
+            d.wait_for("set after adoption: its OOMs are held from now on")
         child.remove()
         d.wait_for("was removed")
     finally:

@@ -322,6 +322,31 @@ def test_directory_watcher_sees_mkdir_and_rmdir(memcg: MemoryCgroup) -> None:
     assert w.fileno() == -1
 
 
+def test_file_watcher_sees_a_write_to_the_limit(memcg: MemoryCgroup) -> None:
+    """How the daemon learns that a group it adopted with no limit got one (v2 holds at
+    the limit): a write(2) to a cgroup control file is IN_MODIFY on that file."""
+    from oomguard.events.inotify import FileWatcher
+
+    limit_file = memcg.path / ("memory.max" if memcg.version == 2 else "memory.limit_in_bytes")
+    w = FileWatcher()
+    try:
+        w.watch(str(limit_file))
+        assert w.read() == []
+        memcg.set_soft_limit(32 * MiB)  # another file of the group: nothing
+        assert not readable(w.fileno(), 0.05)
+        memcg.set_limit(48 * MiB)
+        memcg.set_limit(40 * MiB)
+        assert readable(w.fileno(), 2.0)
+        time.sleep(0.02)
+        assert w.read() == [str(limit_file)]  # two writes, one path
+        w.unwatch(str(limit_file))
+        memcg.set_limit(32 * MiB)
+        time.sleep(0.05)
+        assert w.read() == []
+    finally:
+        w.close()
+
+
 # -- the event loop ---------------------------------------------------------------------
 
 

@@ -40,7 +40,7 @@ from oomguard.steps.victims import (
     take_snapshot,
 )
 from oomguard.units import format_size
-from oomguard.watch import RemovalWatcher, Watch, close_all, open_thresholds
+from oomguard.watch import LimitWatcher, RemovalWatcher, Watch, close_all, open_thresholds
 
 if TYPE_CHECKING:
     from oomguard.guardian.link import GuardianLink
@@ -84,6 +84,7 @@ class Engine:
         self.on_unwatched: Callable[[Watch], None] | None = None
         self.incidents_closed = 0
         self.removals = RemovalWatcher(loop, self._on_removed)  # v2: rmdir of watched groups
+        self.limits = LimitWatcher(loop, self._on_limit_written)  # v2: a limit set after adoption
         self.last_event_wall = 0.0  # wall time of the last OOM event (0: none yet)
         self.background = Background(loop)  # slow kernel registrations, off the loop
         # Evidence files (obs/evidence.py): made on first use, beside the journal.
@@ -152,6 +153,9 @@ class Engine:
             return watch
         if group.rmdir_needs_parent_watch:
             self.removals.add(watch)
+        if self._hold_waits_for_limit(watch):
+            assert group.hold_waits_for_file is not None
+            self.limits.add(watch, group.hold_waits_for_file)
         if ranks_by_growth(rule) and not rule.dry_run:
             self._arm_growth(watch)
         self.arm_ahead(watch)
@@ -215,6 +219,36 @@ class Engine:
         for c in self.hold_changes(watch):
             self.ledger.apply(group, c.kind, group.relpath, c.before, c.after, tag="hold")
 
+    def _hold_waits_for_limit(self, watch: Watch) -> bool:
+        """A rule that holds, on a group whose hold sits at a limit it does not have yet."""
+        rule = watch.rule
+        return (watch.group.hold_waits_for_file is not None and watch.baseline_limit is None
+                and not rule.dry_run and any(s.kind is StepKind.HOLD for s in rule.steps))
+
+    def _on_limit_written(self, watch: Watch) -> None:
+        """The limit of a group adopted without one was written (or looked at once after
+        the watch began): hold it at that limit now, and stop watching the file."""
+        if self.watches.get(watch.relpath) is not watch:
+            self.limits.discard(watch)
+            return
+        try:
+            limit = watch.group.unheld_limit()
+        except OomguardError:
+            return  # removed: the removal watch tells
+        if limit is None:
+            return  # still none (or written back to max): keep waiting
+        self.limits.discard(watch)
+        watch.baseline_limit = limit
+        try:
+            self.hold(watch)
+        except OomguardError as exc:
+            self.log.warning(f"{watch.relpath}: limit {format_size(limit)} set after "
+                             f"adoption, but it could not be held: {exc}")
+            return
+        self.log.info(f"{watch.relpath}: limit {format_size(limit)} set after adoption: "
+                      "its OOMs are held from now on")
+        self.arm_ahead(watch)
+
     def hold_changes(self, watch: Watch) -> list[FileChange]:
         """What the adoption hold of `watch` would write ([] if none is due)."""
         rule = watch.rule
@@ -267,6 +301,7 @@ class Engine:
             inc.close("removed" if removed else "interrupted")
         watch.stop(self.loop)
         self.removals.discard(watch)
+        self.limits.discard(watch)
         if removed:
             for change in self.ledger.for_group(watch.group):
                 self.journal.mark_restored(change.id)  # nothing left to restore
@@ -635,6 +670,7 @@ class Engine:
         for watch in list(self.watches.values()):
             self.unwatch(watch)
         self.removals.close()
+        self.limits.close()
         self.background.close()
         hooks.cancel_all()
         if self.desktop is not None:

@@ -323,19 +323,15 @@ class SystemGroup(MemoryCgroup):
 
     def swarm_scope(self, swarm: Swarm) -> MemoryCgroup | None:
         """The swarm's leaf cgroup, to be swept (cgroup.kill) after the grace like a
-        leaf-cgroup victim's, when it is the swarm's own: a killable scope (not a session,
-        slice or the root), not a `.service` (systemd restarts it into the same cgroup),
-        and every task in it has the swarm's name (the bomb's own group, not a terminal's
-        scope with the shell that started it)."""
-        unified = self.hierarchies.unified
-        leaf = swarm.leaf
-        if (unified is None or not killable_scope(leaf)
-                or leaf.rstrip("/").endswith(".service")):
+        leaf-cgroup victim's, when it is the swarm's own: a scope that may be swept
+        (`_own_scope`) in which every task has the swarm's name (the bomb's own group, not
+        a terminal's scope with the shell that started it)."""
+        scope = self._own_scope(swarm.leaf, sweep=True)
+        if scope is None:
             return None
         try:
-            with open(unified.mount_point / leaf.lstrip("/") / "cgroup.procs", "rb") as f:
-                pids = [int(x) for x in f.read().split()]
-        except (OSError, ValueError):
+            pids = scope.procs()
+        except OomguardError:
             return None
         for pid in pids:
             try:
@@ -345,30 +341,35 @@ class SystemGroup(MemoryCgroup):
                 continue  # exited meanwhile
             if comm != swarm.comm:
                 return None
-        from oomguard.cgroup.v2 import V2MemoryCgroup
-        return V2MemoryCgroup(self.hierarchies, unified, leaf)
+        return scope
 
     def sweep_scope(self, pid: int) -> MemoryCgroup | None:
         """victim = "leaf-cgroup" on cgroup v2: the victim's leaf cgroup, to be killed whole
         (cgroup.kill) once the kill's grace is over if tasks are left in it: those forked
-        between the listing of its tasks and the signal (a fork bomb's). Never a
-        `.service`: systemd restarts a service into the same cgroup, and the restarted
-        one is no leftover; a scope is made for one launch and never reused."""
-        scope = self.pause_scope(pid)
-        if scope is None or scope.relpath.rstrip("/").endswith(".service"):
+        between the listing of its tasks and the signal (a fork bomb's)."""
+        if self.spec.victim is not VictimKind.LEAF_CGROUP:
             return None
-        return scope
+        return self._own_scope(leaf_cgroup(pid, self.proc), sweep=True)
 
     def pause_scope(self, pid: int) -> MemoryCgroup | None:
         """victim = "leaf-cgroup" on cgroup v2: the victim's leaf cgroup, to be frozen by
-        freeze-and-ask (never a session, user manager, slice or the root); else None."""
-        unified = self.hierarchies.unified
-        if self.spec.victim is not VictimKind.LEAF_CGROUP or unified is None:
+        freeze-and-ask; else None."""
+        if self.spec.victim is not VictimKind.LEAF_CGROUP:
             return None
-        where = leaf_cgroup(pid, self.proc)
-        if not killable_scope(where):
+        return self._own_scope(leaf_cgroup(pid, self.proc), sweep=False)
+
+    def _own_scope(self, where: str | None, *, sweep: bool) -> MemoryCgroup | None:
+        """The v2 leaf cgroup `where` when it is one launch's own, to freeze or kill: never a
+        session, user manager, slice or the root (`killable_scope`); to sweep (kill whole
+        after a grace), never a `.service` either: systemd restarts a service into the
+        same cgroup, and the restarted one is no leftover, while a scope is made for one
+        launch and never reused. None without cgroup v2."""
+        unified = self.hierarchies.unified
+        if unified is None or not killable_scope(where):
             return None
         assert where is not None
+        if sweep and where.rstrip("/").endswith(".service"):
+            return None
         from oomguard.cgroup.v2 import V2MemoryCgroup
         return V2MemoryCgroup(self.hierarchies, unified, where)
 

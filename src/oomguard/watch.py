@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from oomguard.cgroup import MemoryCgroup
 from oomguard.containers import ContainerIdentity
 from oomguard.errors import OomguardError, Unsupported
-from oomguard.events.inotify import DirectoryWatcher
+from oomguard.events.inotify import DirectoryWatcher, FileWatcher
 from oomguard.events.loop import EventLoop
 from oomguard.events.psi import PsiTrigger
 from oomguard.events.v1 import OomNotifier, ThresholdNotifier
@@ -182,6 +182,57 @@ class Watch:
             loop.remove_reader(self.shrink_threshold.fileno())
             self.shrink_threshold.close()
             self.shrink_threshold = None
+
+
+class LimitWatcher:
+    """Groups adopted with no limit by a rule that holds, where the hold sits at the limit
+    (v2: memory.high at it). A container runtime makes the cgroup, then writes memory.max;
+    adopted in between (the daemon's discovery often is: seen in CI), such a group would
+    never be held. A write to the limit's file (IN_MODIFY) calls `on_written(watch)`,
+    which holds it if a limit is there now. One inotify instance, made on first use."""
+
+    def __init__(self, loop: EventLoop, on_written: Callable[[Watch], None]) -> None:
+        self.loop = loop
+        self.on_written = on_written
+        self._inotify: FileWatcher | None = None
+        self._watches: dict[str, Watch] = {}  # the limit file's path -> watch
+
+    def add(self, watch: Watch, filename: str) -> None:
+        path = str(watch.group.path / filename)
+        if self._inotify is None:
+            self._inotify = FileWatcher()
+            self.loop.add_reader(self._inotify.fileno(), self._ready, self._inotify.poll_events)
+        try:
+            self._inotify.watch(path)
+        except OSError:
+            return  # removed meanwhile: the removal watch tells
+        self._watches[path] = watch
+        # Written between the adoption's read and the watch? Looked at once now.
+        self.loop.call_soon(lambda: self._written(path))
+
+    def discard(self, watch: Watch) -> None:
+        for path in [p for p, w in self._watches.items() if w is watch]:
+            del self._watches[path]
+            if self._inotify is not None:
+                self._inotify.unwatch(path)
+
+    def _written(self, path: str) -> None:
+        watch = self._watches.get(path)
+        if watch is not None:
+            self.on_written(watch)
+
+    def _ready(self, _revents: int) -> None:
+        assert self._inotify is not None
+        for path in self._inotify.read():
+            for p in list(self._watches) if path == "" else [path]:  # "": events lost
+                self._written(p)
+
+    def close(self) -> None:
+        if self._inotify is not None:
+            self.loop.remove_reader(self._inotify.fileno())
+            self._inotify.close()
+            self._inotify = None
+        self._watches.clear()
 
 
 class RemovalWatcher:

@@ -106,6 +106,9 @@ class MemoryCgroup(ABC):
     limit_cut_kills: ClassVar[bool] = False
     #: memsw is a separate limit that must stay >= memory (v1).
     memsw_bounds_memory: ClassVar[bool] = False
+    #: The hold sits at the limit (v2 memory.high), so a group with none has no hold until
+    #: one is written: the file whose writes to watch for it (None: the hold needs no limit).
+    hold_waits_for_file: ClassVar[str | None] = None
 
     # One per group the daemon knows of (thousands): no __dict__ each.
     __slots__ = ("_oneshot", "_path", "dir", "hierarchies", "mount", "relpath")

@@ -71,6 +71,7 @@ class V2MemoryCgroup(MemoryCgroup):
     runnable_tasks_wait = True
     rmdir_needs_parent_watch = True
     limit_cut_kills = True
+    hold_waits_for_file = "memory.max"
 
     def _before_create(self) -> None:
         """A new group gets memory.* files only if its PARENT distributes the controller.

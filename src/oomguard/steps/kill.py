@@ -14,6 +14,7 @@ import dataclasses
 import functools
 import signal
 import time
+from collections.abc import Callable
 
 from oomguard.cgroup import MemoryCgroup
 from oomguard.cgroup.resolve import process_cgroup
@@ -389,9 +390,9 @@ def _kill_swarm_later(ctx: StepContext, swarm: Swarm, pid: int, grace: float) ->
     is never killed whole): once the grace is over, SIGKILL the members still there, each
     by a pidfd checked against its sampled start time. The victim's exit ends its own
     escalation, and members that ignore SIGTERM would otherwise outlive it."""
-    incident_id, home, effects = ctx.incident_id, ctx.group.relpath, ctx.effects
-    journal, log = ctx.journal, ctx.log
+    effects = ctx.effects
     others = [m.sample for m in swarm.members if m.sample.pid != pid]
+    record = _sweep_recorder(ctx)
 
     def finish() -> None:
         killed = []
@@ -404,18 +405,35 @@ def _kill_swarm_later(ctx: StepContext, swarm: Swarm, pid: int, grace: float) ->
                         pfd, signal.SIGKILL, what=f"the swarm of pid {pid}: {swarm.comm}"):
                     killed.append(sample.pid)
         if killed:
-            log.info(f"{len(killed)} {swarm.comm!r} process(es) of the swarm of pid {pid} "
-                     f"outlived its SIGTERM: killed")
-            journal.add_event(incident_id, home, "swept",
-                              {"cgroup": swarm.leaf, "pids": killed[:64], "how": "pidfd"})
-            journal.commit()
+            record(f"{len(killed)} {swarm.comm!r} process(es) of the swarm of pid {pid} "
+                   f"outlived its SIGTERM: killed", swarm.leaf, killed, "pidfd")
 
-    ctx.loop.call_later(grace + SWEEP_AFTER, finish)
-    ctx.on_urgent(finish)
+    _after_grace(ctx, grace, finish)
 
 
 # After the grace, a little more: the escalation's SIGKILLs are sent first.
 SWEEP_AFTER = 0.05
+
+
+def _after_grace(ctx: StepContext, grace: float, sweep: Callable[[], None]) -> None:
+    """Run `sweep` once the kill's grace is over, and at once if memory reaches the SIGKILL
+    level during the grace (system mode; run again later, it finds nothing: harmless)."""
+    ctx.loop.call_later(grace + SWEEP_AFTER, sweep)
+    ctx.on_urgent(sweep)
+
+
+def _sweep_recorder(ctx: StepContext) -> Callable[[str, str, list[int], str], None]:
+    """What a sweep killed, told once: the log line and the incident's `swept` event.
+    Bound now: a sweep runs after the grace, when the step that planned it has ended."""
+    incident_id, home, journal, log = ctx.incident_id, ctx.group.relpath, ctx.journal, ctx.log
+
+    def record(line: str, cgroup: str, pids: list[int], how: str) -> None:
+        log.info(line)
+        journal.add_event(incident_id, home, "swept",
+                          {"cgroup": cgroup, "pids": pids[:64], "how": how})
+        journal.commit()
+
+    return record
 
 
 def _sweep_later(ctx: StepContext, scope: MemoryCgroup, pid: int, grace: float) -> None:
@@ -425,10 +443,10 @@ def _sweep_later(ctx: StepContext, scope: MemoryCgroup, pid: int, grace: float) 
     with cgroup.kill (atomic: it reaches a task forking meanwhile too), unless oomguard
     or its guardian is in it (then each other task by pidfd). Not tied to the
     incident: the victim may exit, and memory come back, long before the stragglers go."""
-    incident_id, home = ctx.incident_id, ctx.group.relpath
-    effects, journal, log = ctx.effects, ctx.journal, ctx.log
+    effects, log = ctx.effects, ctx.log
     assert isinstance(ctx.group, SystemGroup)  # only a system incident has a leaf scope
     spared = ctx.never_pids | frozenset(ctx.group.excluded())
+    record = _sweep_recorder(ctx)
 
     def sweep() -> None:
         try:
@@ -453,11 +471,8 @@ def _sweep_later(ctx: StepContext, scope: MemoryCgroup, pid: int, grace: float) 
         except OomguardError as exc:
             log.warning(f"{scope.relpath}: could not kill what was left: {exc}")
             return
-        log.info(f"{scope.relpath}: {len(left)} task(s) left after pid {pid} was killed "
-                 f"(forked as its leaf cgroup was signalled): killed with {how}")
-        journal.add_event(incident_id, home, "swept",
-                          {"cgroup": scope.relpath, "pids": left[:64], "how": how})
-        journal.commit()
+        record(f"{scope.relpath}: {len(left)} task(s) left after pid {pid} was killed "
+               f"(forked as its leaf cgroup was signalled): killed with {how}",
+               scope.relpath, left, how)
 
-    ctx.loop.call_later(grace + SWEEP_AFTER, sweep)
-    ctx.on_urgent(sweep)  # the SIGKILL level during the grace: now (again later: harmless)
+    _after_grace(ctx, grace, sweep)
