@@ -6,7 +6,8 @@ host, on real hardware, without any global memory pressure (forbidden on the hos
 
 - a fake /proc/meminfo (the only thing made up): total 1 GB, SIGTERM level 100 MB;
 - the host's real /proc, with --procs extra sleeping processes started in a memcg of the
-  bench's own (a desktop has 300-500 processes; each `sleep` holds ~1 MiB), and a grower
+  bench's own (a desktop has 300-500 processes; each `sleep` holds ~1 MiB, each under a
+  name of its own: 300 young `sleep`s would be a swarm), and a grower
   (the leaker: 8 MiB, then 40 MiB, on command) in another;
 - `SystemMonitor.check()` with the defaults in dry run: the wake's whole path (read
   meminfo, open the incident, the snapshot step's look, ranking, the swarm check, the
@@ -32,6 +33,7 @@ import argparse
 import io
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -181,11 +183,17 @@ def main() -> int:
     sleepers: list[subprocess.Popen[bytes]] = []
     results: dict[str, list[float]] = {"ahead": [], "cold": [], "bare": []}
     used_ahead = 0
+    tmp = Path(tempfile.mkdtemp(prefix="oomguard-react-"))
     try:
-        for _ in range(args.procs):
-            sleepers.append(spawn_in([sleepers_group.path], ["sleep", "600"]))
+        sleep = shutil.which("sleep") or "/bin/sleep"
+        for i in range(args.procs):
+            # Each under a name of its own, as a desktop's processes are: 300 young
+            # `sleep`s in one cgroup are a swarm (policy/swarm.py), a fork bomb's shape,
+            # and the cold figure would time killing them all.
+            name = tmp / f"sleeper{i}"
+            name.symlink_to(sleep)
+            sleepers.append(spawn_in([sleepers_group.path], [str(name), "600"]))
         time.sleep(0.5)
-        tmp = Path(tempfile.mkdtemp(prefix="oomguard-react-"))
         meminfo = tmp / "meminfo"
         nprocs = sum(1 for n in os.listdir("/proc") if n.isdigit())
         oomguard_once(tmp, meminfo, None)  # warm: imports, first reads
@@ -208,6 +216,7 @@ def main() -> int:
     finally:
         destroy(grower_group)
         destroy(sleepers_group)
+        shutil.rmtree(tmp, ignore_errors=True)
 
     def p95(xs: list[float]) -> float:
         return sorted(xs)[max(0, round(0.95 * len(xs)) - 1)]

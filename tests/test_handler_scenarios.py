@@ -343,6 +343,54 @@ def test_daemon_discovers_new_groups(test_parent: MemoryCgroup, run_daemon) -> N
         destroy(base)
 
 
+def test_daemon_follows_a_limit_its_owner_changes(test_parent: MemoryCgroup,
+                                                  run_daemon) -> None:
+    """A held group's limit changed by its owner (a container resized in place, `systemctl
+    set-property MemoryMax=`), up then down, then removed and set again: the hold moves
+    with it (v2: memory.high at the new limit; left at the old one, it throttled the
+    group below the limit its owner raised), and when the daemon lets go the owner's
+    limit stays (it put the limit it had found back)."""
+    from oomguard.cgroup.transient import destroy, new_group
+
+    base = new_group(test_parent, "t", "resize")
+    child = base.child("c")
+    child.create()
+    child.set_limit(32 * MiB)
+    v2 = child.version == 2
+
+    def held_at(limit: int) -> bool:
+        if not v2:
+            return bool(child.oom_state().kill_disabled) and child.limit() == limit
+        from oomguard.cgroup.v2 import v2_headroom
+        return (child.read("memory.high").strip() == str(limit)
+                and child.limit() == limit + v2_headroom(limit))
+
+    try:
+        d = run_daemon(f'[[rule]]\nname = "t"\nmatch = "{base.relpath}/**"\n'
+                       'steps = ["hold", "kill"]\n')
+        wait_until(lambda: held_at(32 * MiB), what="the hold at 32M")
+        for new in (48 * MiB, 24 * MiB):
+            child.set_limit(new)
+            wait_until(lambda new=new: held_at(new), what=f"the hold moved to {new}")
+        if v2:
+            d.wait_for("limit set to 24M by someone else (oomguard held it at 48M)")
+            child.set_limit(None)
+            wait_until(lambda: child.read("memory.high").strip() == "max",
+                       what="the hold let go with the limit")
+            d.wait_for("its limit was removed by someone else")
+            child.set_limit(40 * MiB)
+            wait_until(lambda: held_at(40 * MiB), what="the hold at a limit set again")
+        final = 40 * MiB if v2 else 24 * MiB
+        assert d.stop() == 0
+        assert child.limit() == final  # the owner's, not the one found at adoption
+        if v2:
+            assert child.read("memory.high").strip() == "max"
+        else:
+            assert not child.oom_state().kill_disabled
+    finally:
+        destroy(base)
+
+
 def test_daemon_refuses_bad_config_and_own_cgroup(tmp_path: Path, memcg: MemoryCgroup,
                                                   spawn: Spawn) -> None:
     bad = tmp_path / "bad.toml"

@@ -85,3 +85,49 @@ def test_look_ahead_used_when_it_explains_the_drop_else_not(
     assert group._ahead is not None
     group._ahead[0].taken -= AHEAD_AGE + 0.1
     assert group.ready_look() is None
+
+
+def test_cold_look_reads_each_stat_once_and_leaves_out_kthreads_and_never(
+        hier: Hierarchies, spawn: Spawn, tmp_path: Path, monkeypatch: object) -> None:
+    """The look at the machine when nothing was taken ahead (a fork bomb): kernel threads
+    and oom_score_adj -1000 tasks are left out as the reader reads each stat, which it
+    reads once per process (it was read twice: once to leave kernel threads out). The
+    listing of /proc is a made-up one naming real processes (this host gives no
+    CAP_SYS_RESOURCE to set -1000): two of ours, kthreadd and another kernel thread."""
+    import pytest
+
+    from oomguard.procs import reader
+    from oomguard.sysmem import PF_KTHREAD, all_pids
+    assert isinstance(monkeypatch, pytest.MonkeyPatch)
+    plain, never = spawn("import time; time.sleep(60)"), spawn("import time; time.sleep(60)")
+    kthread = next(pid for pid in all_pids() if pid > 2
+                   and reader.read_stat(pid).flags & PF_KTHREAD)
+    proc = tmp_path / "proc"
+    for pid, adj in ((plain.pid, 0), (never.pid, -1000), (2, 0), (kthread, 0)):
+        (proc / str(pid)).mkdir(parents=True)
+        (proc / str(pid) / "oom_score_adj").write_text(f"{adj}\n")
+        (proc / str(pid) / "stat").symlink_to(f"/proc/{pid}/stat")
+    path = tmp_path / "meminfo"
+    meminfo(path, 1 << 30)
+    group = SystemGroup(hier, SystemSpec(), MeminfoReader(str(path)), proc=str(proc))
+    stats: list[int] = []
+    real_read = reader._read
+
+    def counted(pid: int, name: str, *args: int) -> bytes:
+        if name == "stat":
+            stats.append(pid)
+        return real_read(pid, name, *args)
+
+    def kernel_thread(pid: int, proc: str = "/proc") -> bool:
+        stats.append(pid)
+        return real_kthread(pid, proc)
+
+    from oomguard import sysmem
+    real_kthread = sysmem.kernel_thread
+    monkeypatch.setattr(reader, "_read", counted)
+    monkeypatch.setattr(sysmem, "kernel_thread", kernel_thread)
+    look = take_snapshot(group)
+    assert {t.pid for t in look} == {plain.pid}
+    stats.clear()
+    take_snapshot(group)
+    assert sorted(stats) == sorted([plain.pid, never.pid, 2, kthread]), "one stat each"

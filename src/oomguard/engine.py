@@ -153,7 +153,7 @@ class Engine:
             return watch
         if group.rmdir_needs_parent_watch:
             self.removals.add(watch)
-        if self._hold_waits_for_limit(watch):
+        if self._hold_follows_limit(watch):
             assert group.hold_waits_for_file is not None
             self.limits.add(watch, group.hold_waits_for_file)
         if ranks_by_growth(rule) and not rule.dry_run:
@@ -219,26 +219,42 @@ class Engine:
         for c in self.hold_changes(watch):
             self.ledger.apply(group, c.kind, group.relpath, c.before, c.after, tag="hold")
 
-    def _hold_waits_for_limit(self, watch: Watch) -> bool:
-        """A rule that holds, on a group whose hold sits at a limit it does not have yet."""
+    def _hold_follows_limit(self, watch: Watch) -> bool:
+        """A rule that holds, on a group whose hold sits at its limit (v2: memory.high at
+        it, memory.max a headroom above): the limit's writes are watched, so that a
+        limit written after adoption is held, and one changed by its owner (a container
+        resized in place, `systemctl set-property MemoryMax=`) moves the hold with it."""
         rule = watch.rule
-        return (watch.group.hold_waits_for_file is not None and watch.baseline_limit is None
-                and not rule.dry_run and any(s.kind is StepKind.HOLD for s in rule.steps))
+        return (watch.group.hold_waits_for_file is not None and not rule.dry_run
+                and any(s.kind is StepKind.HOLD for s in rule.steps))
 
     def _on_limit_written(self, watch: Watch) -> None:
-        """The limit of a group adopted without one was written (or looked at once after
-        the watch began): hold it at that limit now, and stop watching the file."""
+        """The limit file of a watched group was written (or is looked at once after the
+        watch began, or after an incident, whose own grows and restores write it too).
+        oomguard's own writes are told apart by value: memory.max is what the ledger's
+        newest limit change wrote. Anything else is its owner's: a first limit is held
+        at; a new one moves the hold (`_rebase_hold`)."""
         if self.watches.get(watch.relpath) is not watch:
             self.limits.discard(watch)
             return
+        inc = watch.incident
+        if isinstance(inc, Incident) and inc.state != "closed":
+            return  # looked at again when it closes (incident_closed)
+        group = watch.group
         try:
-            limit = watch.group.unheld_limit()
+            limit = group.limit()
         except OomguardError:
             return  # removed: the removal watch tells
+        changes = self.ledger.for_group(group)
+        ours = [c for c in changes if c.kind == "limit"]
+        if ours and ours[-1].after == _t(limit):
+            return  # oomguard's own write
+        if any(c.tag == "hold" for c in changes):
+            self._rebase_hold(watch, limit)
+            return
         if limit is None:
-            return  # still none (or written back to max): keep waiting
-        self.limits.discard(watch)
-        watch.baseline_limit = limit
+            return  # still no limit: nothing to hold at yet
+        watch.baseline_limit = group.unheld_limit()
         try:
             self.hold(watch)
         except OomguardError as exc:
@@ -247,6 +263,39 @@ class Engine:
             return
         self.log.info(f"{watch.relpath}: limit {format_size(limit)} set after adoption: "
                       "its OOMs are held from now on")
+        self.arm_ahead(watch)
+
+    def _rebase_hold(self, watch: Watch, limit: int | None) -> None:
+        """The owner of a held group wrote a new memory.max. Left as it was, the hold
+        would throttle the group at the old limit (memory.high), below a limit raised by
+        its owner, and oomguard would put the old limit back when it lets go. The new
+        value stands: oomguard's limit changes are dropped without being undone (what
+        it would put back is no longer the owner's), its memory.high comes back off, and
+        the group is held again at the new limit (none: nothing to hold at, until one is
+        written)."""
+        group = watch.group
+        was = watch.baseline_limit
+        for change in self.ledger.for_group(group):
+            if change.kind == "limit":
+                self.journal.mark_restored(change.id)
+                self.ledger.forget(change)
+        for change in self.ledger.for_group(group):
+            if change.kind == "high" and change.tag == "hold":
+                self.ledger.restore(change)
+        watch.baseline_limit = limit
+        if limit is None:
+            self.log.info(f"{watch.relpath}: its limit was removed by someone else (oomguard "
+                          f"held it at {format_size(was)}): nothing held until one is set")
+            return
+        try:
+            self.hold(watch)
+        except OomguardError as exc:
+            self.log.warning(f"{watch.relpath}: limit {format_size(limit)} set by someone "
+                             f"else, but it could not be held: {exc}")
+            return
+        self.log.info(f"{watch.relpath}: limit set to {format_size(limit)} by someone else "
+                      f"(oomguard held it at {format_size(was)}): held at the new limit, "
+                      "which is what oomguard leaves in place when it lets go")
         self.arm_ahead(watch)
 
     def hold_changes(self, watch: Watch) -> list[FileChange]:
@@ -368,6 +417,8 @@ class Engine:
             inc.watch.incident = None
         if self.ledger.guardian is not None:
             self.ledger.guardian.incident_closed(inc.group.dir)
+        if self._hold_follows_limit(inc.watch):
+            self._on_limit_written(inc.watch)  # its owner may have set a new one meanwhile
         self._rehold(inc.watch)
         self.try_shrink(inc.watch)
         if inc.watch.relpath in self.watches:

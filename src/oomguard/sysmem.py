@@ -25,7 +25,7 @@ from oomguard.policy.ranking import Candidate
 from oomguard.policy.swarm import Swarm, find_swarm
 from oomguard.policy.system import SystemSpec, VictimKind
 from oomguard.procs import Pidfd
-from oomguard.procs.reader import ProcessSnapshot, Task, read_task
+from oomguard.procs.reader import ProcessSnapshot, ProcStat, Task, read_task
 
 MEMINFO = "/proc/meminfo"
 PRESSURE = "/proc/pressure/memory"
@@ -274,6 +274,18 @@ class SystemGroup(MemoryCgroup):
         return [pid for pid in all_pids(self.proc)
                 if pid not in skip and not kernel_thread(pid, self.proc)
                 and oom_score_adj(pid, self.proc) != -1000]
+
+    def look_members(self) -> Subtree:
+        """`procs`, with the kernel-thread and -1000 checks left to the reader: it reads
+        each stat anyway, so a look reads one stat per process instead of two (a
+        kernel thread's status is never read)."""
+        skip = self.excluded()
+        return Subtree([(pid, "") for pid in all_pids(self.proc) if pid not in skip],
+                       admit=self._admits)
+
+    def _admits(self, stat: ProcStat) -> bool:
+        return not (stat.pid == 2 or stat.flags & PF_KTHREAD
+                    or oom_score_adj(stat.pid, self.proc) == -1000)
 
     def tasks(self) -> list[int]:
         return self.procs()

@@ -185,11 +185,12 @@ class Watch:
 
 
 class LimitWatcher:
-    """Groups adopted with no limit by a rule that holds, where the hold sits at the limit
-    (v2: memory.high at it). A container runtime makes the cgroup, then writes memory.max;
-    adopted in between (the daemon's discovery often is: seen in CI), such a group would
-    never be held. A write to the limit's file (IN_MODIFY) calls `on_written(watch)`,
-    which holds it if a limit is there now. One inotify instance, made on first use."""
+    """The limit files of groups whose hold sits at the limit (v2: memory.high at it),
+    adopted by a rule that holds. A container runtime makes the cgroup, then writes
+    memory.max: adopted in between (the daemon's discovery often is: seen in CI), such a
+    group had nothing to hold at. And an owner may change the limit of a held group (a
+    pod resized in place). A write to the file (IN_MODIFY) calls `on_written(watch)`
+    (Engine._on_limit_written). One inotify instance, made on first use."""
 
     def __init__(self, loop: EventLoop, on_written: Callable[[Watch], None]) -> None:
         self.loop = loop

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import signal
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +23,7 @@ from oomguard.errors import CgroupError, CgroupRemoved
 from oomguard.procs.pidfd import signal_all
 
 if TYPE_CHECKING:
-    from oomguard.procs.reader import ProcessSnapshot
+    from oomguard.procs.reader import ProcessSnapshot, ProcStat
 
 # v1 reports "no limit" as PAGE_COUNTER_MAX pages; anything this large is unlimited.
 UNLIMITED_THRESHOLD = 1 << 62
@@ -68,6 +68,9 @@ class Subtree:
     members: list[tuple[int, str]]
     groups: int = 1
     cut: str = ""
+    #: Which members a look keeps, judged from each one's stat as it is read (the
+    #: machine's look: no kernel threads); None: every one.
+    admit: Callable[[ProcStat], bool] | None = None
 
 
 @dataclass(frozen=True)
@@ -366,6 +369,11 @@ class MemoryCgroup(ABC):
         """A look at the processes taken ahead of the event and still good for it (system
         mode, sysmem.py); None: take one now."""
         return None
+
+    def look_members(self) -> Subtree:
+        """Whom a look at the group's processes reads: its subtree (the machine's look
+        leaves its filter to the reader, which reads each stat once: sysmem.py)."""
+        return self.subtree_procs()
 
     # -- the hold: OOMs of this group wait for oomguard instead of the kernel's killer --
     @abstractmethod

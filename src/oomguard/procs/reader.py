@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 
 from oomguard.errors import AccessDenied, NoSuchProcess, OomguardError
@@ -48,6 +48,7 @@ class ProcStat:
     start_ticks: int
     vsize: int  # bytes
     rss: int  # bytes
+    flags: int = 0  # the kernel's PF_* flags (PF_KTHREAD: a kernel thread)
 
     @property
     def start_time(self) -> float:
@@ -69,6 +70,7 @@ def read_stat(pid: int) -> ProcStat:
         state=rest[0].decode(),
         ppid=int(rest[1]),
         pgid=int(rest[2]),
+        flags=int(rest[6]),
         start_ticks=int(rest[19]),
         vsize=int(rest[20]),
         rss=int(rest[21]) * PAGE_SIZE,
@@ -262,9 +264,13 @@ def _status_int(raw: bytes, key: bytes) -> int:
 
 
 def read_task(pid: int, *, cmdline: bool = False, exe: bool = False,
-              oom_score: bool = False, cgroup: str = "") -> Task:
-    """stat and status of `pid`, and only the costly extras asked for."""
+              oom_score: bool = False, cgroup: str = "",
+              admit: Callable[[ProcStat], bool] | None = None) -> Task:
+    """stat and status of `pid`, and only the costly extras asked for. `admit` judges the
+    task from its stat before anything else is read: NoSuchProcess if it says no."""
     stat = read_stat(pid)
+    if admit is not None and not admit(stat):
+        raise NoSuchProcess(pid)
     raw = _read(pid, "status")
     return Task(
         pid=pid, start_ticks=stat.start_ticks, state=stat.state, ppid=stat.ppid,
@@ -309,13 +315,15 @@ class ProcessSnapshot:
     @classmethod
     def take_members(cls, members: Iterable[tuple[int, str]], taken: float, *,
                      cmdline: bool = False, exe: bool = False, oom_score: bool = False,
-                     groups: int = 1, cut: str = "") -> ProcessSnapshot:
-        """(pid, relpath of its cgroup) pairs, as a subtree's walk found them."""
+                     groups: int = 1, cut: str = "",
+                     admit: Callable[[ProcStat], bool] | None = None) -> ProcessSnapshot:
+        """(pid, relpath of its cgroup) pairs, as a subtree's walk found them; those
+        `admit` turns down (judged from their stat) are left out."""
         tasks: dict[tuple[int, int], Task] = {}
         for pid, where in members:
             try:
                 t = read_task(pid, cmdline=cmdline, exe=exe, oom_score=oom_score,
-                              cgroup=where)
+                              cgroup=where, admit=admit)
             except OomguardError:
                 continue  # exited while we looked
             tasks[t.key] = t

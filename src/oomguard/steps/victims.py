@@ -67,12 +67,12 @@ def take_snapshot(group: MemoryCgroup, needs: Needs = NOTHING_EXTRA) -> ProcessS
     each, plus the extras `needs` asks; each task knows the group it is a member of."""
     now = time.monotonic()
     try:
-        tree = group.subtree_procs()
+        tree = group.look_members()
     except CgroupError:
         return ProcessSnapshot({}, now)
     return ProcessSnapshot.take_members(tree.members, now, cmdline=needs.cmdline,
                                         exe=needs.exe, oom_score=needs.oom_score,
-                                        groups=tree.groups, cut=tree.cut)
+                                        groups=tree.groups, cut=tree.cut, admit=tree.admit)
 
 
 def subtree_pids(group: MemoryCgroup) -> list[int]:
