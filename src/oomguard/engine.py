@@ -84,7 +84,8 @@ class Engine:
         self.on_unwatched: Callable[[Watch], None] | None = None
         self.incidents_closed = 0
         self.removals = RemovalWatcher(loop, self._on_removed)  # v2: rmdir of watched groups
-        self.limits = LimitWatcher(loop, self._on_limit_written)  # v2: a limit set after adoption
+        # v2: the limit a hold sits at, written after adoption or changed by its owner
+        self.limits = LimitWatcher(loop, self._on_limit_written, log.warning)
         self.last_event_wall = 0.0  # wall time of the last OOM event (0: none yet)
         self.background = Background(loop)  # slow kernel registrations, off the loop
         # Evidence files (obs/evidence.py): made on first use, beside the journal.

@@ -192,9 +192,12 @@ class LimitWatcher:
     pod resized in place). A write to the file (IN_MODIFY) calls `on_written(watch)`
     (Engine._on_limit_written). One inotify instance, made on first use."""
 
-    def __init__(self, loop: EventLoop, on_written: Callable[[Watch], None]) -> None:
+    def __init__(self, loop: EventLoop, on_written: Callable[[Watch], None],
+                 warn: Callable[[str], None] = lambda _msg: None) -> None:
         self.loop = loop
         self.on_written = on_written
+        self.warn = warn
+        self._warned = False
         self._inotify: FileWatcher | None = None
         self._watches: dict[str, Watch] = {}  # the limit file's path -> watch
 
@@ -205,8 +208,15 @@ class LimitWatcher:
             self.loop.add_reader(self._inotify.fileno(), self._ready, self._inotify.poll_events)
         try:
             self._inotify.watch(path)
-        except OSError:
+        except FileNotFoundError:
             return  # removed meanwhile: the removal watch tells
+        except OSError as exc:
+            if not self._warned:  # ENOSPC: fs.inotify.max_user_watches; said once
+                self._warned = True
+                self.warn(f"{watch.relpath}: cannot watch {filename} ({exc.strerror}): a "
+                          "limit written later is not followed here, nor in other groups "
+                          "past this one (raise fs.inotify.max_user_watches)")
+            return
         self._watches[path] = watch
         # Written between the adoption's read and the watch? Looked at once now.
         self.loop.call_soon(lambda: self._written(path))
