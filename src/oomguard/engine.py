@@ -256,15 +256,8 @@ class Engine:
         if limit is None:
             return  # still no limit: nothing to hold at yet
         watch.baseline_limit = group.unheld_limit()
-        try:
-            self.hold(watch)
-        except OomguardError as exc:
-            self.log.warning(f"{watch.relpath}: limit {format_size(limit)} set after "
-                             f"adoption, but it could not be held: {exc}")
-            return
-        self.log.info(f"{watch.relpath}: limit {format_size(limit)} set after adoption: "
-                      "its OOMs are held from now on")
-        self.arm_ahead(watch)
+        self._hold_at_new_limit(watch, f"limit {format_size(limit)} set after adoption",
+                                "its OOMs are held from now on")
 
     def _rebase_hold(self, watch: Watch, limit: int | None) -> None:
         """The owner of a held group wrote a new memory.max. Left as it was, the hold
@@ -288,15 +281,19 @@ class Engine:
             self.log.info(f"{watch.relpath}: its limit was removed by someone else (oomguard "
                           f"held it at {format_size(was)}): nothing held until one is set")
             return
+        self._hold_at_new_limit(
+            watch, f"limit set to {format_size(limit)} by someone else (oomguard held it "
+            f"at {format_size(was)})",
+            "held at the new limit, which is what oomguard leaves in place when it lets go")
+
+    def _hold_at_new_limit(self, watch: Watch, what: str, held: str) -> None:
+        """The adoption hold at `watch.baseline_limit`, just learnt; said either way."""
         try:
             self.hold(watch)
         except OomguardError as exc:
-            self.log.warning(f"{watch.relpath}: limit {format_size(limit)} set by someone "
-                             f"else, but it could not be held: {exc}")
+            self.log.warning(f"{watch.relpath}: {what}, but it could not be held: {exc}")
             return
-        self.log.info(f"{watch.relpath}: limit set to {format_size(limit)} by someone else "
-                      f"(oomguard held it at {format_size(was)}): held at the new limit, "
-                      "which is what oomguard leaves in place when it lets go")
+        self.log.info(f"{watch.relpath}: {what}: {held}")
         self.arm_ahead(watch)
 
     def hold_changes(self, watch: Watch) -> list[FileChange]:
