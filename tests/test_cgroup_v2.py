@@ -176,12 +176,13 @@ def test_status_shows_the_hold_and_a_group_held_at_it(memcg: MemoryCgroup, spawn
     [idle] = json.loads(oomguard("status", "--json", memcg.relpath).stdout)
     assert idle["hold"] == 64 * MiB and idle["limit"] == 64 * MiB + v2_headroom(64 * MiB)
     assert idle["under_oom"] is False
-    # The kernel's killer waits at memory.max, ~12 s of throttling above the hold: often
-    # sooner than three `oomguard` runs in the emulated VM can read the held group. Move
-    # it out of the way (the daemon still puts back the 64M it found, at exit).
-    memcg.set_limit(128 * MiB)
     leaker = spawn(LEAK, MiB)
     wait_for_step(d.journal, "exec")
+    # The kernel's killer waits at memory.max, ~12 s of throttling above the hold: often
+    # sooner than three `oomguard` runs in the emulated VM can read the held group. Move
+    # it out of the way, as the group's owner would: written during an incident, the new
+    # limit moves no hold until the incident closes, and it is what stays at exit.
+    memcg.set_limit(128 * MiB)
     # "under OOM" on v2 is a sample: usage at memory.high with under 2M reclaimable, and
     # a hog refaults its own text pages now and then. Each format must say so while the
     # hog is held (the exec step runs 20 s), each read on its own.
@@ -198,7 +199,8 @@ def test_status_shows_the_hold_and_a_group_held_at_it(memcg: MemoryCgroup, spawn
     wait_until(held_table, 20, what="the status table to say under OOM")
     assert d.stop() == 0
     assert leaker.wait(timeout=60) == -signal.SIGKILL
-    assert memcg.read("memory.high").strip() == "max" and memcg.limit() == 64 * MiB
+    assert memcg.read("memory.high").strip() == "max" and memcg.limit() == 128 * MiB
+    assert "limit 128M set by someone else since oomguard set it: left as it is" in d.log
 
 
 def test_psi_trigger_is_an_early_warning(memcg: MemoryCgroup, spawn: Spawn,

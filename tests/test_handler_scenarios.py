@@ -332,10 +332,13 @@ def test_daemon_discovers_new_groups(test_parent: MemoryCgroup, run_daemon) -> N
         if child.version == 1:
             wait_until(lambda: bool(child.oom_state().kill_disabled), what="adoption (hold)")
         else:
-            wait_until(lambda: child.read("memory.high").strip() != "max", what="adoption")
             from oomguard.cgroup.v2 import v2_headroom
-            assert child.read_int("memory.high") == 32 * MiB
-            assert child.limit() == 32 * MiB + v2_headroom(32 * MiB)
+
+            def held() -> bool:  # memory.high is written first, then memory.max
+                return (child.read("memory.high").strip() == str(32 * MiB)
+                        and child.limit() == 32 * MiB + v2_headroom(32 * MiB))
+
+            wait_until(held, what="the hold at the limit written after adoption")
             d.wait_for("set after adoption: its OOMs are held from now on")
         child.remove()
         d.wait_for("was removed")

@@ -246,11 +246,9 @@ class Engine:
             limit = group.limit()
         except OomguardError:
             return  # removed: the removal watch tells
-        changes = self.ledger.for_group(group)
-        ours = [c for c in changes if c.kind == "limit"]
-        if ours and ours[-1].after == _t(limit):
+        if self._limit_is_ours(group, limit):
             return  # oomguard's own write
-        if any(c.tag == "hold" for c in changes):
+        if any(c.tag == "hold" for c in self.ledger.for_group(group)):
             self._rebase_hold(watch, limit)
             return
         if limit is None:
@@ -269,10 +267,7 @@ class Engine:
         written)."""
         group = watch.group
         was = watch.baseline_limit
-        for change in self.ledger.for_group(group):
-            if change.kind == "limit":
-                self.journal.mark_restored(change.id)
-                self.ledger.forget(change)
+        self._leave_owners_limit(group)
         for change in self.ledger.for_group(group):
             if change.kind == "high" and change.tag == "hold":
                 self.ledger.restore(change)
@@ -285,6 +280,21 @@ class Engine:
             watch, f"limit set to {format_size(limit)} by someone else (oomguard held it "
             f"at {format_size(was)})",
             "held at the new limit, which is what oomguard leaves in place when it lets go")
+
+    def _limit_is_ours(self, group: MemoryCgroup, limit: int | None) -> bool | None:
+        """True: `limit` is what oomguard's newest active limit change wrote; False: someone
+        wrote another since; None: oomguard has no limit change on the group."""
+        ours = [c for c in self.ledger.for_group(group) if c.kind == "limit"]
+        return None if not ours else ours[-1].after == _t(limit)
+
+    def _leave_owners_limit(self, group: MemoryCgroup) -> None:
+        """The group's owner wrote its limit since oomguard did: oomguard's limit changes
+        are let go without being undone (what they would put back is no longer the
+        owner's), in the journal and with the guardian."""
+        for change in self.ledger.for_group(group):
+            if change.kind == "limit":
+                self.journal.mark_restored(change.id)
+                self.ledger.forget(change)
 
     def _hold_at_new_limit(self, watch: Watch, what: str, held: str) -> None:
         """The adoption hold at `watch.baseline_limit`, just learnt; said either way."""
@@ -354,6 +364,7 @@ class Engine:
                 self.journal.mark_restored(change.id)  # nothing left to restore
                 self.ledger.forget(change)
         else:
+            self._keep_owners_limit(watch)
             self._restore_group(watch)
         if self.metrics is not None:
             self.metrics.forget_cgroup(watch.relpath)
@@ -673,6 +684,20 @@ class Engine:
         watch.exit_watchers.clear()
 
     # -- shutdown ----------------------------------------------------------------------
+    def _keep_owners_limit(self, watch: Watch) -> None:
+        """At let-go: a limit its owner wrote since oomguard last did (during an incident,
+        which defers `_on_limit_written`, or just before the exit) stays as it is."""
+        if not self._hold_follows_limit(watch):
+            return
+        try:
+            limit = watch.group.limit()
+        except OomguardError:
+            return
+        if self._limit_is_ours(watch.group, limit) is False:
+            self._leave_owners_limit(watch.group)
+            self.log.info(f"{watch.relpath}: limit {format_size(limit)} set by someone else "
+                          "since oomguard set it: left as it is")
+
     def _restore_group(self, watch: Watch) -> None:
         self._disarm_shrink(watch)
         if watch.group.limit_cut_kills and self._grown_past_baseline(watch):
