@@ -24,6 +24,7 @@ from oomguard.faults import crash_point
 from oomguard.incident import Incident
 from oomguard.journal import Journal
 from oomguard.ledger import Ledger
+from oomguard.limit_follow import LimitFollower
 from oomguard.obs.evidence import EvidenceStore, default_evidence_root, default_total_max
 from oomguard.obs.log import DecisionLog
 from oomguard.policy import AskStep, Rule, StepKind, Strategy, rank_for_rule
@@ -40,7 +41,7 @@ from oomguard.steps.victims import (
     take_snapshot,
 )
 from oomguard.units import format_size
-from oomguard.watch import LimitWatcher, RemovalWatcher, Watch, close_all, open_thresholds
+from oomguard.watch import RemovalWatcher, Watch, close_all, open_thresholds
 
 if TYPE_CHECKING:
     from oomguard.guardian.link import GuardianLink
@@ -85,7 +86,7 @@ class Engine:
         self.incidents_closed = 0
         self.removals = RemovalWatcher(loop, self._on_removed)  # v2: rmdir of watched groups
         # v2: the limit a hold sits at, written after adoption or changed by its owner
-        self.limits = LimitWatcher(loop, self._on_limit_written, log.warning)
+        self.limits = LimitFollower(self)
         self.last_event_wall = 0.0  # wall time of the last OOM event (0: none yet)
         self.background = Background(loop)  # slow kernel registrations, off the loop
         # Evidence files (obs/evidence.py): made on first use, beside the journal.
@@ -154,9 +155,7 @@ class Engine:
             return watch
         if group.rmdir_needs_parent_watch:
             self.removals.add(watch)
-        if self._hold_follows_limit(watch):
-            assert group.hold_waits_for_file is not None
-            self.limits.add(watch, group.hold_waits_for_file)
+        self.limits.add(watch)
         if ranks_by_growth(rule) and not rule.dry_run:
             self._arm_growth(watch)
         self.arm_ahead(watch)
@@ -220,92 +219,6 @@ class Engine:
         for c in self.hold_changes(watch):
             self.ledger.apply(group, c.kind, group.relpath, c.before, c.after, tag="hold")
 
-    def _hold_follows_limit(self, watch: Watch) -> bool:
-        """A rule that holds, on a group whose hold sits at its limit (v2: memory.high at
-        it, memory.max a headroom above): the limit's writes are watched, so that a
-        limit written after adoption is held, and one changed by its owner (a container
-        resized in place, `systemctl set-property MemoryMax=`) moves the hold with it."""
-        rule = watch.rule
-        return (watch.group.hold_waits_for_file is not None and not rule.dry_run
-                and any(s.kind is StepKind.HOLD for s in rule.steps))
-
-    def _on_limit_written(self, watch: Watch) -> None:
-        """The limit file of a watched group was written (or is looked at once after the
-        watch began, or after an incident, whose own grows and restores write it too).
-        oomguard's own writes are told apart by value: memory.max is what the ledger's
-        newest limit change wrote. Anything else is its owner's: a first limit is held
-        at; a new one moves the hold (`_rebase_hold`)."""
-        if self.watches.get(watch.relpath) is not watch:
-            self.limits.discard(watch)
-            return
-        inc = watch.incident
-        if isinstance(inc, Incident) and inc.state != "closed":
-            return  # looked at again when it closes (incident_closed)
-        group = watch.group
-        try:
-            limit = group.limit()
-        except OomguardError:
-            return  # removed: the removal watch tells
-        if self._limit_is_ours(group, limit):
-            return  # oomguard's own write
-        if any(c.tag == "hold" for c in self.ledger.for_group(group)):
-            self._rebase_hold(watch, limit)
-            return
-        if limit is None:
-            return  # still no limit: nothing to hold at yet
-        watch.baseline_limit = group.unheld_limit()
-        self._hold_at_new_limit(watch, f"limit {format_size(limit)} set after adoption",
-                                "its OOMs are held from now on")
-
-    def _rebase_hold(self, watch: Watch, limit: int | None) -> None:
-        """The owner of a held group wrote a new memory.max. Left as it was, the hold
-        would throttle the group at the old limit (memory.high), below a limit raised by
-        its owner, and oomguard would put the old limit back when it lets go. The new
-        value stands: oomguard's limit changes are dropped without being undone (what
-        it would put back is no longer the owner's), its memory.high comes back off, and
-        the group is held again at the new limit (none: nothing to hold at, until one is
-        written)."""
-        group = watch.group
-        was = watch.baseline_limit
-        self._leave_owners_limit(group)
-        for change in self.ledger.for_group(group):
-            if change.kind == "high" and change.tag == "hold":
-                self.ledger.restore(change)
-        watch.baseline_limit = limit
-        if limit is None:
-            self.log.info(f"{watch.relpath}: its limit was removed by someone else (oomguard "
-                          f"held it at {format_size(was)}): nothing held until one is set")
-            return
-        self._hold_at_new_limit(
-            watch, f"limit set to {format_size(limit)} by someone else (oomguard held it "
-            f"at {format_size(was)})",
-            "held at the new limit, which is what oomguard leaves in place when it lets go")
-
-    def _limit_is_ours(self, group: MemoryCgroup, limit: int | None) -> bool | None:
-        """True: `limit` is what oomguard's newest active limit change wrote; False: someone
-        wrote another since; None: oomguard has no limit change on the group."""
-        ours = [c for c in self.ledger.for_group(group) if c.kind == "limit"]
-        return None if not ours else ours[-1].after == _t(limit)
-
-    def _leave_owners_limit(self, group: MemoryCgroup) -> None:
-        """The group's owner wrote its limit since oomguard did: oomguard's limit changes
-        are let go without being undone (what they would put back is no longer the
-        owner's), in the journal and with the guardian."""
-        for change in self.ledger.for_group(group):
-            if change.kind == "limit":
-                self.journal.mark_restored(change.id)
-                self.ledger.forget(change)
-
-    def _hold_at_new_limit(self, watch: Watch, what: str, held: str) -> None:
-        """The adoption hold at `watch.baseline_limit`, just learnt; said either way."""
-        try:
-            self.hold(watch)
-        except OomguardError as exc:
-            self.log.warning(f"{watch.relpath}: {what}, but it could not be held: {exc}")
-            return
-        self.log.info(f"{watch.relpath}: {what}: {held}")
-        self.arm_ahead(watch)
-
     def hold_changes(self, watch: Watch) -> list[FileChange]:
         """What the adoption hold of `watch` would write ([] if none is due)."""
         rule = watch.rule
@@ -364,7 +277,7 @@ class Engine:
                 self.journal.mark_restored(change.id)  # nothing left to restore
                 self.ledger.forget(change)
         else:
-            self._keep_owners_limit(watch)
+            self.limits.keep_owners_limit(watch)
             self._restore_group(watch)
         if self.metrics is not None:
             self.metrics.forget_cgroup(watch.relpath)
@@ -426,8 +339,7 @@ class Engine:
             inc.watch.incident = None
         if self.ledger.guardian is not None:
             self.ledger.guardian.incident_closed(inc.group.dir)
-        if self._hold_follows_limit(inc.watch):
-            self._on_limit_written(inc.watch)  # its owner may have set a new one meanwhile
+        self.limits.incident_closed(inc.watch)  # its owner may have set a new one meanwhile
         self._rehold(inc.watch)
         self.try_shrink(inc.watch)
         if inc.watch.relpath in self.watches:
@@ -684,20 +596,6 @@ class Engine:
         watch.exit_watchers.clear()
 
     # -- shutdown ----------------------------------------------------------------------
-    def _keep_owners_limit(self, watch: Watch) -> None:
-        """At let-go: a limit its owner wrote since oomguard last did (during an incident,
-        which defers `_on_limit_written`, or just before the exit) stays as it is."""
-        if not self._hold_follows_limit(watch):
-            return
-        try:
-            limit = watch.group.limit()
-        except OomguardError:
-            return
-        if self._limit_is_ours(watch.group, limit) is False:
-            self._leave_owners_limit(watch.group)
-            self.log.info(f"{watch.relpath}: limit {format_size(limit)} set by someone else "
-                          "since oomguard set it: left as it is")
-
     def _restore_group(self, watch: Watch) -> None:
         self._disarm_shrink(watch)
         if watch.group.limit_cut_kills and self._grown_past_baseline(watch):

@@ -190,7 +190,7 @@ class LimitWatcher:
     memory.max: adopted in between (the daemon's discovery often is: seen in CI), such a
     group had nothing to hold at. And an owner may change the limit of a held group (a
     pod resized in place). A write to the file (IN_MODIFY) calls `on_written(watch)`
-    (Engine._on_limit_written). One inotify instance, made on first use."""
+    (limit_follow.LimitFollower.written). One inotify instance, made on first use."""
 
     def __init__(self, loop: EventLoop, on_written: Callable[[Watch], None],
                  warn: Callable[[str], None] = lambda _msg: None) -> None:
