@@ -274,8 +274,7 @@ class Engine:
         self.limits.discard(watch)
         if removed:
             for change in self.ledger.for_group(watch.group):
-                self.journal.mark_restored(change.id)  # nothing left to restore
-                self.ledger.forget(change)
+                self.ledger.let_go(change)  # nothing left to restore
         else:
             self.limits.keep_owners_limit(watch)
             self._restore_group(watch)
@@ -366,8 +365,7 @@ class Engine:
             change = self.ledger.active.get(change_id)
             if change is None:
                 continue
-            self.journal.mark_restored(change_id)
-            self.ledger.forget(change)
+            self.ledger.let_go(change)
             groups[change.group.relpath] = change
         for relpath, change in groups.items():
             self.log.warning(f"the guardian released the hold on {relpath} (this handler "

@@ -168,6 +168,13 @@ class Ledger:
             if not changes:
                 del self._by_group[change.group.relpath]
 
+    def let_go(self, change: ActiveChange) -> None:
+        """Done with a change without undoing it (its group is gone, or what it would put
+        back is no longer anyone's): marked restored in the journal, and forgotten here
+        and by the guardian."""
+        self.journal.mark_restored(change.id)
+        self.forget(change)
+
     def restore(self, change: ActiveChange) -> bool:
         """Put `before` back; True if the system took it (or the group is gone)."""
         try:
@@ -176,8 +183,7 @@ class Ledger:
             if change.group.exists():
                 self._log(f"could not restore {change.kind} of {change.group.relpath}: {exc}")
                 return False
-        self.journal.mark_restored(change.id)
-        self.forget(change)
+        self.let_go(change)
         return True
 
     def find(self, group: MemoryCgroup, kind: str,

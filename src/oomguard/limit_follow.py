@@ -139,8 +139,7 @@ class LimitFollower:
         ledger = self.engine.ledger
         for change in ledger.for_group(group):
             if change.kind == "limit":
-                self.engine.journal.mark_restored(change.id)
-                ledger.forget(change)
+                ledger.let_go(change)
 
     def _hold(self, watch: Watch, what: str, held: str) -> None:
         """The adoption hold at `watch.baseline_limit`, just learnt; said either way."""

@@ -239,11 +239,16 @@ class LimitWatcher:
                 self._written(p)
 
     def close(self) -> None:
-        if self._inotify is not None:
-            self.loop.remove_reader(self._inotify.fileno())
-            self._inotify.close()
-            self._inotify = None
+        _stop(self.loop, self._inotify)
+        self._inotify = None
         self._watches.clear()
+
+
+def _stop(loop: EventLoop, inotify: FileWatcher | DirectoryWatcher | None) -> None:
+    """An inotify instance off the loop and closed (None: never made)."""
+    if inotify is not None:
+        loop.remove_reader(inotify.fileno())
+        inotify.close()
 
 
 class RemovalWatcher:
@@ -304,10 +309,8 @@ class RemovalWatcher:
                 self.on_removed(watch)
 
     def close(self) -> None:
-        if self._inotify is not None:
-            self.loop.remove_reader(self._inotify.fileno())
-            self._inotify.close()
-            self._inotify = None
+        _stop(self.loop, self._inotify)
+        self._inotify = None
         self._watches.clear()
         self._refs.clear()
 
