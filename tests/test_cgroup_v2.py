@@ -200,7 +200,7 @@ def test_status_shows_the_hold_and_a_group_held_at_it(memcg: MemoryCgroup, spawn
     assert d.stop() == 0
     assert leaker.wait(timeout=60) == -signal.SIGKILL
     assert memcg.read("memory.high").strip() == "max" and memcg.limit() == 128 * MiB
-    assert "limit 128M set by someone else since oomguard set it: left as it is" in d.log
+    assert "limit 128M set by someone else since oomguard set it to 72M: left as it is" in d.log
 
 
 def test_psi_trigger_is_an_early_warning(memcg: MemoryCgroup, spawn: Spawn,

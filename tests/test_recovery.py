@@ -124,3 +124,72 @@ def test_restart_closes_crashed_incident(memcg: MemoryCgroup, spawn: Spawn,
     assert memcg.is_held()  # held again by the new daemon
     assert d2.stop() == 0
     assert not memcg.is_held() and (memcg.version == 1 or memcg.limit() == 64 * MiB)
+
+
+# -- a limit its owner wrote after oomguard grew it stays the owner's --------------------
+GROWS = ('steps = ["hold", "grow", "kill"]\ngrow_step = "32M"\ngrow_max = "160M"\n'
+         'settle = "200ms"\n')
+
+
+def grown_then_resized_by_owner(memcg: MemoryCgroup, spawn: Spawn, run_daemon,
+                                extra: str = "") -> tuple[Daemon, subprocess.Popen[bytes], str]:
+    """A job grown past the 64M limit by the daemon, then the group resized to 256M by its
+    owner (as `docker update` or a pod resized in place would: memory+swap first, on v1)."""
+    policy = rule(memcg, GROWS + extra)
+    d = run_daemon(policy)
+    job = spawn(GROW_AND_STAY, 80 * MiB)
+    assert line(job) == b"grown\n"  # only possible because the daemon grew the limit
+    grown = memcg.limit()
+    assert grown is not None and 64 * MiB < grown < 256 * MiB
+    memcg.set_limits(256 * MiB)
+    return d, job, policy
+
+
+@pytest.mark.scenario
+def test_restart_leaves_a_limit_its_owner_wrote_while_oomguard_was_down(
+        memcg: MemoryCgroup, spawn: Spawn, run_daemon) -> None:
+    """Recovery puts a grown limit back only while the file still holds what oomguard
+    wrote: here the owner resized the group after the crash, and the owner's 256M stays
+    (before: recovery wrote 64M back, under the job's usage, and killed the job for it)."""
+    d, job, policy = grown_then_resized_by_owner(memcg, spawn, run_daemon)
+    crash(d)
+    d2 = run_daemon(policy)
+    assert job.poll() is None, d2.log  # nothing killed to bring a limit down
+    assert memcg.limit() is not None and memcg.limit() >= 256 * MiB, d2.log  # v2: + headroom
+    assert "recovery:" in d2.log and "set by someone else since oomguard set it" in d2.log
+    assert "left as it is" in d2.log
+    [inc] = incidents(d2.journal) or [None]
+    if inc is not None:  # v1: the grow's incident was still open (settle); v2 may have closed
+        assert inc.outcome in ("crashed", "resolved")
+    assert d2.stop() == 0
+    assert memcg.limit() == 256 * MiB, d2.log
+    assert not memcg.is_held()
+    assert job.poll() is None
+
+
+@pytest.mark.scenario
+def test_exit_leaves_a_grown_limit_its_owner_rewrote(memcg: MemoryCgroup, spawn: Spawn,
+                                                    run_daemon) -> None:
+    """At SIGTERM a grown limit its owner has rewritten since is not cut back (before, on
+    v1: the usage above the old 64M made the daemon kill the job to put 64M back)."""
+    d, job, _ = grown_then_resized_by_owner(memcg, spawn, run_daemon)
+    assert d.stop() == 0
+    assert job.poll() is None, d.log
+    assert memcg.limit() == 256 * MiB, d.log
+    assert not memcg.is_held()
+    assert "set by someone else since oomguard set it" in d.log
+
+
+@pytest.mark.v1(reason="on v2 the running daemon follows the owner's write itself "
+                       "(limit_follow), so the guardian has nothing of the owner's to undo")
+def test_guardian_leaves_a_grown_limit_its_owner_rewrote(memcg: MemoryCgroup, spawn: Spawn,
+                                                        run_daemon) -> None:
+    """The daemon dies (SIGKILL) with its guardian alive: the guardian puts the hold back
+    (the kernel's killer on) but leaves the owner's 256M, not the 64M it was told of."""
+    d, job, _ = grown_then_resized_by_owner(memcg, spawn, run_daemon)
+    d.stop(signal.SIGKILL)
+    wait_until(lambda: "oomguard guardian:" in d.log, what=f"the guardian's line in:\n{d.log}")
+    wait_until(lambda: not memcg.oom_state().kill_disabled, what="the hold released")
+    assert job.poll() is None, d.log
+    assert memcg.limit() == 256 * MiB and memcg.memsw_limit() == 256 * MiB, d.log
+    assert "written by someone else since oomguard set it" in d.log

@@ -276,7 +276,7 @@ class Engine:
             for change in self.ledger.for_group(watch.group):
                 self.ledger.let_go(change)  # nothing left to restore
         else:
-            self.limits.keep_owners_limit(watch)
+            self.ledger.let_go_owners(watch.group)  # a limit its owner wrote stays
             self._restore_group(watch)
         if self.metrics is not None:
             self.metrics.forget_cgroup(watch.relpath)
@@ -564,6 +564,7 @@ class Engine:
         inc = watch.incident
         if isinstance(inc, Incident) and inc.state == "acting":
             return  # never take memory back in the middle of an episode
+        self.ledger.let_go_owners(watch.group)  # a limit its owner wrote is not shrunk
         grown = [c for c in self.ledger.for_group(watch.group) if c.tag == "grow"]
         if not grown:
             return
@@ -609,7 +610,9 @@ class Engine:
             self._last_resort(watch)
 
     def _grown_past_baseline(self, watch: Watch) -> bool:
-        grown = any(c.tag == "grow" for c in self.ledger.for_group(watch.group))
+        # Only a limit cut back can need a kill (v2's memory.high coming down reclaims).
+        grown = any(c.tag == "grow" and c.kind in ("limit", "memsw_limit")
+                    for c in self.ledger.for_group(watch.group))
         try:
             return (grown and watch.baseline_limit is not None
                     and watch.group.usage() > watch.baseline_limit)

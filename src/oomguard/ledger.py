@@ -6,7 +6,10 @@ the row, so the changes a crashed run left behind are put back at the next
 start (`recover`), and a SIGTERM puts back the ones still active (`restore_all`).
 
 Kinds and what undoing them means:
-  limit, memsw_limit, high          write `before` back to the cgroup file
+  limit, memsw_limit, high          write `before` back to the cgroup file, unless the
+                                    file no longer holds `after`: its owner wrote it
+                                    since (a pod resized in place, `docker update`),
+                                    and the owner's value stands (`owners_value`)
   oom_kill_disable                  write `before` ("0"/"1")
   freeze                            thaw
   stop                              SIGCONT the process (target "pid:N:start")
@@ -16,8 +19,9 @@ Kinds and what undoing them means:
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -28,6 +32,7 @@ from oomguard.faults import crash_point
 from oomguard.journal import Change, Journal
 from oomguard.procs.pidfd import Pidfd
 from oomguard.procs.reader import read_stat
+from oomguard.units import format_size
 
 if TYPE_CHECKING:
     from oomguard.guardian.link import GuardianLink
@@ -80,6 +85,52 @@ def write_change(group: MemoryCgroup, kind: str, target: str, value: str) -> Non
                 cgroup_at(group.hierarchies, value).move(pid)
     else:
         raise ValueError(f"unknown change kind {kind!r}")
+
+
+PAGE = os.sysconf("SC_PAGE_SIZE")
+LIMIT_KINDS = ("limit", "memsw_limit", "high")
+_LIMIT_NAMES = {"limit": "limit", "memsw_limit": "memory+swap limit", "high": "memory.high"}
+
+
+def _limit_now(group: MemoryCgroup, kind: str) -> int | None:
+    if kind == "limit":
+        return group.limit()
+    if kind == "memsw_limit":
+        return group.memsw_limit()
+    return group.soft_limit()  # v2: memory.high
+
+
+def _same_limit(now: int | None, text: str) -> bool:
+    """`now` (as the file reads) is what writing `text` left: the kernel rounds a limit
+    down to whole pages."""
+    wrote = _value(text)
+    if now is None or wrote is None:
+        return now is wrote
+    return now // PAGE == wrote // PAGE
+
+
+def limit_family(kind: str) -> tuple[str, ...]:
+    """The limit files written together: v1's memory and memory+swap limits are one
+    resize (memsw must stay >= memory), memory.high is its own."""
+    return ("limit", "memsw_limit") if kind in ("limit", "memsw_limit") else (kind,)
+
+
+def owners_value(group: MemoryCgroup, newest: Mapping[str, str]) -> str | None:
+    """Why oomguard must not put back a limit family whose files held, after oomguard's
+    newest change of each, `newest` (kind -> the value written): someone else wrote one of
+    them since (its value, said as a line's end); None while they all hold oomguard's
+    values (or cannot be read: the restore says why)."""
+    for kind, after in newest.items():
+        if kind not in LIMIT_KINDS or (kind == "memsw_limit" and group.version != 1):
+            continue
+        try:
+            now = _limit_now(group, kind)
+        except (OomguardError, ValueError):
+            continue
+        if not _same_limit(now, after):
+            return (f"{_LIMIT_NAMES[kind]} {format_size(now)} set by someone else since "
+                    f"oomguard set it to {format_size(_value(after))}")
+    return None
 
 
 @dataclass(slots=True)
@@ -176,7 +227,15 @@ class Ledger:
         self.forget(change)
 
     def restore(self, change: ActiveChange) -> bool:
-        """Put `before` back; True if the system took it (or the group is gone)."""
+        """Put `before` back; True if the system took it (or the group is gone, or its
+        owner has written the limit since: then the owner's value stays)."""
+        # The files hold what oomguard's newest changes of them wrote, unless their owner
+        # wrote one since (then the owner's value stands).
+        owners = owners_value(change.group, self._newest(change.group, change.kind))
+        if owners is not None:
+            self._log(f"{change.group.relpath}: {owners}: left as it is")
+            self.let_go(change)
+            return True
         try:
             write_change(change.group, change.kind, change.target, change.before)
         except CgroupError as exc:
@@ -185,6 +244,23 @@ class Ledger:
                 return False
         self.let_go(change)
         return True
+
+    def let_go_owners(self, group: MemoryCgroup) -> None:
+        """Let go of `group`'s limit changes whose file its owner has written since (the
+        owner's value stands), before deciding anything from what is left to restore."""
+        for kind in ("limit", "high"):
+            owners = owners_value(group, self._newest(group, kind))
+            if owners is None:
+                continue
+            self._log(f"{group.relpath}: {owners}: left as it is")
+            for change in self.for_group(group):
+                if change.kind in limit_family(kind):
+                    self.let_go(change)
+
+    def _newest(self, group: MemoryCgroup, kind: str) -> dict[str, str]:
+        """kind -> what oomguard's newest active change of it wrote, for `kind`'s family."""
+        family = limit_family(kind)
+        return {c.kind: c.after for c in self.for_group(group) if c.kind in family}
 
     def find(self, group: MemoryCgroup, kind: str,
              target: str | None = None) -> ActiveChange | None:
@@ -235,7 +311,8 @@ def recover(journal: Journal, hier: Hierarchies, log: Callable[[str], None],
     pending = sorted(journal.pending_changes(), key=lambda c: _restore_order(c.kind, c.id),
                      reverse=True)
     undone: dict[str, list[str]] = {}
-    failed = [c for c in pending if not _recover_one(journal, hier, c, undone, log)]
+    owned = _owners_limits(hier, pending, log)
+    failed = [c for c in pending if not _recover_one(journal, hier, c, undone, owned, log)]
     killed: dict[str, list[int]] = {}
     if last_resort is not None and failed:
         by_group: dict[str, list[Change]] = {}
@@ -244,7 +321,8 @@ def recover(journal: Journal, hier: Hierarchies, log: Callable[[str], None],
         failed = []
         for cgroup, left in by_group.items():
             def retry(left: list[Change] = left) -> bool:
-                left[:] = [c for c in left if not _recover_one(journal, hier, c, undone)]
+                left[:] = [c for c in left
+                           if not _recover_one(journal, hier, c, undone, owned)]
                 return not left
 
             killed[cgroup] = last_resort(cgroup_at(hier, cgroup), retry)
@@ -256,12 +334,38 @@ def recover(journal: Journal, hier: Hierarchies, log: Callable[[str], None],
     return failed
 
 
+def _owners_limits(hier: Hierarchies, pending: list[Change],
+                   log: Callable[[str], None]) -> set[tuple[str, str]]:
+    """(cgroup, family) of the limits whose owner wrote them since oomguard did (while it
+    was down): judged once, before any restore, from oomguard's newest write of each."""
+    newest: dict[str, dict[str, str]] = {}
+    for change in sorted(pending, key=lambda c: c.id):
+        if change.kind in LIMIT_KINDS:
+            newest.setdefault(change.cgroup, {})[change.kind] = change.after
+    owned = set()
+    for cgroup, wrote in newest.items():
+        group = cgroup_at(hier, cgroup)
+        for head in ("limit", "high"):
+            family = {k: v for k, v in wrote.items() if k in limit_family(head)}
+            owners = owners_value(group, family) if family else None
+            if owners is not None:
+                log(f"recovery: {cgroup}: {owners}: left as it is")
+                owned.add((cgroup, head))
+    return owned
+
+
 def _recover_one(journal: Journal, hier: Hierarchies, change: Change,
-                 undone: dict[str, list[str]],
+                 undone: dict[str, list[str]], owned: set[tuple[str, str]],
                  log: Callable[[str], None] | None = None) -> bool:
-    """Restore one pending change; True when done (or its group is gone)."""
+    """Restore one pending change; True when done (or its group is gone, or its owner
+    wrote the limit since: `owned`)."""
     group = cgroup_at(hier, change.cgroup)
     if not group.exists():
+        journal.mark_restored(change.id)
+        return True
+    if (change.cgroup, limit_family(change.kind)[0]) in owned:
+        undone.setdefault(change.cgroup, []).append(
+            f"{change.kind} {change.after} -> left as its owner set it")
         journal.mark_restored(change.id)
         return True
     try:

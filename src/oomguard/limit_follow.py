@@ -89,20 +89,6 @@ class LimitFollower:
         self._hold(watch, f"limit {format_size(limit)} set after adoption",
                    "its OOMs are held from now on")
 
-    def keep_owners_limit(self, watch: Watch) -> None:
-        """At let-go: a limit its owner wrote since oomguard last did (during an incident,
-        or just before the exit) stays as it is; the rest is restored as usual."""
-        if not self.applies(watch):
-            return
-        try:
-            limit = watch.group.limit()
-        except OomguardError:
-            return
-        if self._is_ours(watch.group, limit) is False:
-            self._leave_owners_limit(watch.group)
-            self.engine.log.info(f"{watch.relpath}: limit {format_size(limit)} set by "
-                                 "someone else since oomguard set it: left as it is")
-
     def close(self) -> None:
         self.watcher.close()
 

@@ -8,7 +8,9 @@ files, signals by pidfd and appends to its report.
 
 What it knows comes over a SOCK_SEQPACKET socket from the handler, one message
 per change, sent *before* the handler makes the change:
-  add  ID RANK KIND FILE VALUE DEADLINE OOMDIR   (+ a pidfd, for a stopped task)
+  add  ID RANK KIND FILE VALUE DEADLINE OOMDIR WROTE   (+ a pidfd, for a stopped task;
+       WROTE: what a limit change wrote, so that a limit its owner has written since
+       is left as the owner set it)
   del  ID                                        (the handler undid it, or the group is gone)
   open GROUPDIR DEADLINE / close GROUPDIR        (an incident of that group)
   beat                                           (the handler's loop turns)
@@ -43,6 +45,8 @@ SEP = "\0"
 MAX_MSG = 65536
 BEAT_EVERY = 0.5  # the handler sends a beat this often while an incident is open
 SHOW = 5  # releases named on the stderr line
+ADD_FIELDS = 8  # an add's fields after the op: ID RANK KIND FILE VALUE DEADLINE OOMDIR WROTE
+PAGE = os.sysconf("SC_PAGE_SIZE")
 MCL_CURRENT, MCL_FUTURE = 1, 2
 
 
@@ -55,7 +59,7 @@ def decode(data: bytes) -> list[str]:
 
 
 class Hold:
-    __slots__ = ("deadline", "file", "id", "kind", "oomdir", "pidfd", "rank", "value")
+    __slots__ = ("deadline", "file", "id", "kind", "oomdir", "pidfd", "rank", "value", "wrote")
 
     def __init__(self, fields: list[str], pidfd: int) -> None:
         self.id = int(fields[1])
@@ -65,6 +69,7 @@ class Hold:
         self.value = fields[5]
         self.deadline = float(fields[6])
         self.oomdir = fields[7]
+        self.wrote = fields[8] if len(fields) > 8 else ""
         self.pidfd = pidfd
 
     def close(self) -> None:
@@ -137,9 +142,9 @@ class Keeper:
             os.close(extra)
         if op == "add":
             self._add(Hold(f, pidfd))
-        elif op == "adds":  # several holds with no fd (a start-up's): 7 fields each
-            for i in range(1, len(f) - 6, 7):
-                self._add(Hold(["add", *f[i:i + 7]], -1))
+        elif op == "adds":  # several holds with no fd (a start-up's): ADD_FIELDS each
+            for i in range(1, len(f) - ADD_FIELDS + 1, ADD_FIELDS):
+                self._add(Hold(["add", *f[i:i + ADD_FIELDS]], -1))
         elif op == "del":
             for text in f[1:]:
                 gone = self.holds.pop(int(text), None)
@@ -382,6 +387,9 @@ def undo(hold: Hold) -> str:
         except OSError as exc:
             return f"failed: {exc.strerror}"
         return "continued"
+    owners = owners_limit(hold)
+    if owners is not None:
+        return f"left at {owners}: written by someone else since oomguard set it"
     try:
         write_file(hold.file, hold.value)
         return "ok"
@@ -395,6 +403,30 @@ def undo(hold: Hold) -> str:
         if exc.errno == errno.EBUSY and hold.file.endswith("memory.limit_in_bytes"):
             return shrink_by_killing(hold)
         return f"failed: {exc.strerror}"
+
+
+def _pages(text: str) -> int:
+    """A limit as whole pages (the kernel rounds down), -1 for none ("max", v1's -1 and
+    its huge unlimited value)."""
+    if text in ("max", "-1"):
+        return -1
+    value = int(text)
+    return -1 if value >= 1 << 62 else value // PAGE
+
+
+def owners_limit(hold: Hold) -> str | None:
+    """The limit file's value if it no longer holds what oomguard wrote (its owner wrote
+    it since: a pod resized in place), else None (also when it cannot be read)."""
+    if not hold.wrote:
+        return None
+    try:
+        with open(hold.file, "rb") as f:
+            now = f.read(64).decode().strip()
+        if _pages(now) != _pages(hold.wrote):
+            return now
+    except (OSError, ValueError):
+        pass
+    return None
 
 
 def _retry(fn: object, exc: OSError) -> str:

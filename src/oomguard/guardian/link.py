@@ -65,6 +65,12 @@ def undo_of(change: ActiveChange) -> tuple[str, str] | None:
     return None
 
 
+def _wrote(change: ActiveChange) -> str:
+    """What a limit change wrote: the guardian puts the limit back only while the file
+    still holds it (else its owner wrote it since, and the owner's value stands)."""
+    return change.after if change.kind in ("limit", "memsw_limit", "high") else ""
+
+
 # Room for every hold of a 10,000-group start-up (~1 KiB of socket memory per message):
 # the handler then never waits for the guardian to be scheduled (at load 6 it did, for
 # seconds), and the guardian catches up on its own core.
@@ -221,8 +227,8 @@ class GuardianLink:
             self._deadlines[change.id] = deadline
             oomdir = change.group.dir if change.kind == "oom_kill_disable" else ""
             fields += [change.id, _RANK.get(change.kind, 0), change.kind, undo[0], undo[1],
-                       deadline, oomdir]
-            if len(fields) >= ADDS_PER_MESSAGE * 7:
+                       deadline, oomdir, _wrote(change)]
+            if len(fields) >= ADDS_PER_MESSAGE * keeper.ADD_FIELDS:
                 self._send("adds", *fields)
                 fields = []
         if fields:
@@ -244,7 +250,7 @@ class GuardianLink:
             fds = [pidfd]
         try:
             self._send("add", change.id, _RANK.get(change.kind, 0), change.kind, file, value,
-                       self._deadlines.get(change.id, 10.0), oomdir, fds=fds)
+                       self._deadlines.get(change.id, 10.0), oomdir, _wrote(change), fds=fds)
         finally:
             if pidfd >= 0:
                 os.close(pidfd)
