@@ -41,6 +41,19 @@ from journal_helpers import (
 
 pytestmark = pytest.mark.v2
 MiB = 1 << 20
+
+# Grows to TOTAL bytes a MiB at a time, says "grown", then keeps it all and sleeps.
+GROW_AND_STAY = r"""
+import sys, time
+chunks = []
+while len(chunks) < int(sys.argv[1]) >> 20:
+    b = bytearray(1 << 20)
+    b[::4096] = b"\x01" * 256
+    chunks.append(b)
+print("grown", flush=True)
+while True:
+    time.sleep(3600)
+"""
 NOBODY = 65534
 
 # Reads every larger file under the library dirs for SECONDS: a group whose usage is
@@ -334,3 +347,23 @@ def test_unrecorded_hold_is_only_oomguards_own(memcg: MemoryCgroup) -> None:
     assert g.unheld_limit() == 64 * MiB  # a new hold starts there: no second headroom
     g.set_limit(96 * MiB)  # memory.high a user set under a limit of their own
     assert g.unrecorded_hold() == [] and g.unheld_limit() == 96 * MiB
+
+
+def test_a_limit_oomguard_grew_unaligned_is_still_its_own(memcg: MemoryCgroup, spawn: Spawn,
+                                                         run_daemon) -> None:
+    """The kernel rounds a limit down to whole pages, so a grow by `grow_step =
+    "10000000"` reads back a little lower than oomguard wrote. That is still oomguard's
+    write, not its owner's (before: taken for the owner's, the grown limit was let go
+    unrestored, and stayed raised after exit)."""
+    d = run_daemon(rule(memcg, 'steps = ["hold", "grow", "kill"]\ngrow_step = "10000000"\n'
+                               'grow_max = "160M"\nsettle = "200ms"'))
+    job = spawn(GROW_AND_STAY, 70 * MiB)
+    assert job.stdout is not None and job.stdout.readline() == b"grown\n"
+    grown = memcg.limit()
+    assert grown is not None and grown > 64 * MiB + v2_headroom(64 * MiB)
+    wait_until(lambda: " closed: " in d.log, what=f"the grow's incident closed in:\n{d.log}")
+    assert "by someone else" not in d.log, d.log
+    job.kill()
+    job.wait(timeout=10)
+    assert d.stop() == 0
+    assert memcg.limit() == 64 * MiB and memcg.soft_limit() is None, d.log

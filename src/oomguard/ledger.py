@@ -100,7 +100,7 @@ def _limit_now(group: MemoryCgroup, kind: str) -> int | None:
     return group.soft_limit()  # v2: memory.high
 
 
-def _same_limit(now: int | None, text: str) -> bool:
+def same_limit(now: int | None, text: str) -> bool:
     """`now` (as the file reads) is what writing `text` left: the kernel rounds a limit
     down to whole pages."""
     wrote = _value(text)
@@ -127,7 +127,7 @@ def owners_value(group: MemoryCgroup, newest: Mapping[str, str]) -> str | None:
             now = _limit_now(group, kind)
         except (OomguardError, ValueError):
             continue
-        if not _same_limit(now, after):
+        if not same_limit(now, after):
             return (f"{_LIMIT_NAMES[kind]} {format_size(now)} set by someone else since "
                     f"oomguard set it to {format_size(_value(after))}")
     return None

@@ -23,16 +23,13 @@ from typing import TYPE_CHECKING
 from oomguard.cgroup import MemoryCgroup
 from oomguard.errors import OomguardError
 from oomguard.incident import Incident
+from oomguard.ledger import same_limit
 from oomguard.policy import StepKind
 from oomguard.units import format_size
 from oomguard.watch import LimitWatcher, Watch
 
 if TYPE_CHECKING:
     from oomguard.engine import Engine
-
-
-def _text(value: int | None) -> str:
-    return "max" if value is None else str(value)
 
 
 class LimitFollower:
@@ -117,7 +114,7 @@ class LimitFollower:
         """True: `limit` is what oomguard's newest active limit change wrote; False: someone
         wrote another since; None: oomguard has no limit change on the group."""
         ours = [c for c in self.engine.ledger.for_group(group) if c.kind == "limit"]
-        return None if not ours else ours[-1].after == _text(limit)
+        return None if not ours else same_limit(limit, ours[-1].after)
 
     def _leave_owners_limit(self, group: MemoryCgroup) -> None:
         """oomguard's limit changes let go without being undone (what they would put back
