@@ -214,6 +214,52 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
                 reason=f"cgroup v1 only ({why}): this kernel's memory controller is on v2"))
 
 
+# Grows to TOTAL bytes a MiB at a time, says "grown", then keeps it all and sleeps.
+GROW_AND_STAY = r"""
+import sys, time
+total = int(sys.argv[1])
+chunks = []
+while sum(map(len, chunks)) < total:
+    b = bytearray(1 << 20)
+    b[::4096] = b"\x01" * 256
+    chunks.append(b)
+print("grown", flush=True)
+while True:
+    time.sleep(3600)
+"""
+
+
+KEEPER_NAME = b"keeper.py"
+
+
+def children_of(pid: int) -> list[tuple[int, bytes]]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            raw = Path(f"/proc/{entry}/stat").read_bytes()
+            ppid = int(raw[raw.rfind(b")") + 2:].split()[1])
+            if ppid == pid:
+                found.append((int(entry), Path(f"/proc/{entry}/cmdline").read_bytes()))
+        except (OSError, ValueError, IndexError):
+            continue
+    return found
+
+
+def guardian_pid(handler_pid: int, not_this: int | None = None) -> int:
+    """The guardian the handler started (a child running keeper.py)."""
+    found: list[int] = []
+
+    def look() -> bool:
+        found[:] = [p for p, cmd in children_of(handler_pid)
+                    if KEEPER_NAME in cmd and p != not_this]
+        return bool(found)
+
+    wait_until(look, 10, what=f"a guardian child of pid {handler_pid}")
+    return found[0]
+
+
 class Daemon:
     """A real `oomguard daemon` in the background, its stderr collected line by line."""
 

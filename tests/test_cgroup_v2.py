@@ -28,7 +28,7 @@ from oomguard.procs import spawn_in
 from oomguard.workloads import LEAK, STEADY, argv
 
 from cli_helpers import oomguard
-from conftest import AS_NOBODY, Spawn, nobody_env, wait_until
+from conftest import AS_NOBODY, GROW_AND_STAY, Spawn, nobody_env, wait_until
 from journal_helpers import (
     closed_incident,
     fields,
@@ -42,18 +42,6 @@ from journal_helpers import (
 pytestmark = pytest.mark.v2
 MiB = 1 << 20
 
-# Grows to TOTAL bytes a MiB at a time, says "grown", then keeps it all and sleeps.
-GROW_AND_STAY = r"""
-import sys, time
-chunks = []
-while len(chunks) < int(sys.argv[1]) >> 20:
-    b = bytearray(1 << 20)
-    b[::4096] = b"\x01" * 256
-    chunks.append(b)
-print("grown", flush=True)
-while True:
-    time.sleep(3600)
-"""
 NOBODY = 65534
 
 # Reads every larger file under the library dirs for SECONDS: a group whose usage is

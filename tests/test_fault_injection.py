@@ -35,7 +35,7 @@ from oomguard.guardian import guardian_report_path
 from oomguard.guardian.keeper import BEAT_EVERY
 from oomguard.workloads import LEAK, STEADY, argv
 
-from conftest import Daemon, Spawn, task_state, wait_until
+from conftest import Daemon, Spawn, children_of, guardian_pid, task_state, wait_until
 from journal_helpers import incidents, rule
 
 MiB = 1 << 20
@@ -44,13 +44,15 @@ MiB = 1 << 20
 # its command allocating beside it on 2 emulated CPUs: measured).
 SLOWDOWN = 5.0 if os.environ.get("OOMGUARD_IN_VM") == "1" else 1.0
 BOUND_S = 1.0 * SLOWDOWN  # every hold released this soon after the handler's death
-KEEPER_NAME = b"keeper.py"
 
 EXEC_WAIT = ('{ kind = "exec", argv = ["/bin/sleep", "4"], timeout = "4s", '
              'on_exit = { default = "next" } }')
 # The rule per stage: the steps that reach the crash point, and the kinds the guardian
 # must name in its report (v1 names; v2's hold is "high" and its headroom a "limit").
 STAGES: dict[str, tuple[str, set[str]]] = {
+    # At the event, before the kill's first signal (a default kill goes out before the
+    # incident's records: steps/strike.py); the kernel's killer must take the leaker.
+    "oom-event": ('steps = ["hold", "kill"]', {"oom_kill_disable"}),
     "incident-open": ('steps = ["hold", "kill"]', {"oom_kill_disable"}),
     "step:hold": ('steps = ["hold", "snapshot", "kill"]', {"oom_kill_disable"}),
     "step:snapshot": ('steps = ["hold", "snapshot", "kill"]', {"oom_kill_disable"}),
@@ -137,34 +139,6 @@ def holding(group: MemoryCgroup) -> bool:
 
 
 # -- processes --------------------------------------------------------------------------
-def children_of(pid: int) -> list[tuple[int, bytes]]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            raw = Path(f"/proc/{entry}/stat").read_bytes()
-            ppid = int(raw[raw.rfind(b")") + 2:].split()[1])
-            if ppid == pid:
-                found.append((int(entry), Path(f"/proc/{entry}/cmdline").read_bytes()))
-        except (OSError, ValueError, IndexError):
-            continue
-    return found
-
-
-def guardian_pid(handler_pid: int, not_this: int | None = None) -> int:
-    """The guardian the handler started (a child running keeper.py)."""
-    found: list[int] = []
-
-    def look() -> bool:
-        found[:] = [p for p, cmd in children_of(handler_pid)
-                    if KEEPER_NAME in cmd and p != not_this]
-        return bool(found)
-
-    wait_until(look, 10, what=f"a guardian child of pid {handler_pid}")
-    return found[0]
-
-
 def readable(fd: int, timeout: float) -> bool:
     return bool(select.select([fd], [], [], timeout)[0])
 
@@ -279,6 +253,8 @@ def test_daemon_killed_at_stage_releases_everything(stage: str, memcg: MemoryCgr
     assert expected <= out.kinds, (expected, out.kinds)
     if stage == "change:limit" and memcg.version == 1:
         assert "memsw_limit" in out.kinds  # grown together, put back together
+    if stage == "oom-event" and memcg.version == 1:
+        assert memcg.oom_state().oom_kill >= 1  # the kernel's killer, as no signal went out
 
 
 # -- the same, then a restart ----------------------------------------------------------------
@@ -340,9 +316,10 @@ def run_group_of(pid: int, hier: object) -> MemoryCgroup:
 @pytest.mark.scenario
 @pytest.mark.parametrize("when", ["held", "before-oom"])
 def test_run_killed_command_not_left_asleep(when: str, tmp_path: Path, hier) -> None:
-    # held: run dies at its incident's open, its command asleep in the held OOM.
+    # held: run dies at the OOM event (before its kill's first signal), its command
+    # asleep in the held OOM.
     # before-oom: run is SIGKILLed by the test while the command still allocates slowly.
-    env = {"OOMGUARD_CRASH_AT": "incident-open"} if when == "held" else {}
+    env = {"OOMGUARD_CRASH_AT": "oom-event"} if when == "held" else {}
     leak = argv(LEAK, MiB, 0, "", 0.02 if when == "before-oom" else 0)
     # The command waits at a gate until the test has found it, its group and the guardian:
     # without it a fast leak can crash run (held) before the test has looked.

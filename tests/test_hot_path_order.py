@@ -224,3 +224,51 @@ def test_a_ledger_change_writes_the_held_rows_before_it(tmp_path: Path) -> None:
         j.commit()
         assert _rows(path, "SELECT id, incident_id FROM changes") == [(cid, iid)]
         assert [c.id for c in j.pending_changes()] == [cid]
+
+
+@pytest.mark.parametrize("hooked", [False, True])
+def test_default_kill_goes_out_before_the_incident_is_opened(
+        hooked: bool, memcg: MemoryCgroup, spawn: Spawn, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The defaults (hold, snapshot, kill): the first signal goes out at the event, before
+    the incident's records are even made (steps/strike.py), and the snapshot still lists
+    the victim as it was at the OOM. A step hook may act before the kill: then the
+    incident runs step by step, its records first."""
+    path = tmp_path / "j.db"
+    log = tmp_path / "log"
+    session = Session.open(path, log_stream=open(log, "w"))  # noqa: SIM115
+    rule = Rule(name="t", match=memcg.relpath, grace=0.0, settle=0.05, steps=DEFAULT_STEPS,
+                after_step=("/bin/true",) if hooked else ())
+    session.engine.watch(memcg, rule)
+    session.engine.on_incident_closed = lambda inc: session.loop.stop()
+    signalled: list[int] = []
+    opened_after: list[int] = []
+    real_send, real_open = Pidfd.send, Journal.open_incident
+
+    def send(self: Pidfd, sig: int) -> bool:
+        signalled.append(sig)
+        return real_send(self, sig)
+
+    def open_incident(self: Journal, *args: Any, **kwargs: Any) -> int:
+        opened_after.append(len(signalled))
+        return real_open(self, *args, **kwargs)
+
+    monkeypatch.setattr(Pidfd, "send", send)
+    monkeypatch.setattr(Journal, "open_incident", open_incident)
+    leaker = spawn(LEAK, 1 << 20)
+    try:
+        session.loop.run(deadline=time.monotonic() + 30)
+    finally:
+        monkeypatch.undo()
+        session.close()
+    assert leaker.wait(timeout=10) == -signal.SIGKILL
+    assert opened_after == [0 if hooked else 1], log.read_text()
+    with Journal(path) as j:
+        [inc] = j.incidents()
+    assert [(s.kind, s.result) for s in inc.steps] == [
+        ("hold", "held"), ("snapshot", "done"), ("kill", "killed")]
+    kill = inc.steps[-1]
+    assert kill.pid == leaker.pid and [v.pid for v in inc.victims] == [leaker.pid]
+    assert ("sent_at_event_ms" in (kill.before or {})) is not hooked
+    [snap] = [e.fields for e in inc.evidence if e.kind == "snapshot"]
+    assert [p["pid"] for p in snap["ps"]] == [leaker.pid]  # as it was at the OOM

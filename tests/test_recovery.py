@@ -16,24 +16,10 @@ import pytest
 from oomguard.cgroup import MemoryCgroup
 from oomguard.workloads import STUBBORN
 
-from conftest import Daemon, Spawn, wait_until
+from conftest import GROW_AND_STAY, Daemon, Spawn, wait_until
 from journal_helpers import fields, incidents, rule, wait_for_step
 
 MiB = 1 << 20
-
-# Grows to TOTAL bytes a MiB at a time, says "grown", then keeps it all and sleeps.
-GROW_AND_STAY = r"""
-import sys, time
-total = int(sys.argv[1])
-chunks = []
-while sum(map(len, chunks)) < total:
-    b = bytearray(1 << 20)
-    b[::4096] = b"\x01" * 256
-    chunks.append(b)
-print("grown", flush=True)
-while True:
-    time.sleep(3600)
-"""
 
 STEADY_MARKED = r"""
 import sys, time

@@ -42,6 +42,7 @@ from oomguard.policy.model import default_rule
 from oomguard.policy.system import SystemSpec
 from oomguard.session import Session
 from oomguard.system import SystemMonitor
+from oomguard.wakeup import ask_for_short_slice
 from oomguard.watch import Watch
 
 MCL_CURRENT, MCL_FUTURE, MCL_ONFAULT = 1, 2, 4
@@ -381,6 +382,8 @@ def run_daemon(config: str | None, journal: str | None, log_format: str, metrics
     session.on_signals(daemon.reload, (signal.SIGHUP,))
     try:
         daemon.start()
+        ask_for_short_slice()  # woken by an OOM, run before what shares the CPU
+        session.engine.rehearse()  # the first OOM's kill meets a warm path
         # Start-up's objects never die: keep the collector from walking them again in
         # the middle of an incident (a full collection took 17-30 ms under load).
         gc.freeze()

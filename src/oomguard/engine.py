@@ -32,6 +32,7 @@ from oomguard.procs import Pidfd, read_stat
 from oomguard.steps import hooks
 from oomguard.steps.grow import ahead_margin, try_shrink
 from oomguard.steps.hold import establish_hold
+from oomguard.steps.strike import Strike, first_kill, rehearse, strike
 from oomguard.steps.victims import (
     NOTHING_EXTRA,
     Needs,
@@ -313,11 +314,15 @@ class Engine:
                 inc.on_event(count)
             return
         self.journal.defer()  # one commit for the rows before the first change
+        crash_point("oom-event")  # before anything is done about it (the strike too)
+        struck = self._strike(watch) if ahead is None else None
         # The lines of the way to the first action ("incident opened", "holding") go out
         # together once it is taken: a write(2) each to a terminal cost the kill ~0.1 ms.
         with self.log.batched():
             try:
-                inc = Incident(self, watch, when, count, ahead)
+                inc = Incident(self, watch, when, count, ahead, struck)
+                if struck is not None:  # the snapshot step records the look it was chosen by
+                    self._keep_look(inc.id, struck.look)
                 watch.incident = inc
                 if self.ledger.guardian is not None:  # it beats while an incident is open
                     self.ledger.guardian.incident_opened(watch.group.dir,
@@ -430,14 +435,38 @@ class Engine:
         snap = self._looks.get(incident_id)
         if snap is None:
             snap = group.ready_look() or take_snapshot(group, needs)
-            self._looks[incident_id] = snap
-
-            def expire() -> None:
-                if self._looks.get(incident_id) is snap:
-                    del self._looks[incident_id]
-
-            self.loop.call_soon(expire)
+            self._keep_look(incident_id, snap)
         return snap
+
+    def _keep_look(self, incident_id: int, snap: ProcessSnapshot) -> None:
+        """The incident's look, until the loop turns."""
+        self._looks[incident_id] = snap
+
+        def expire() -> None:
+            if self._looks.get(incident_id) is snap:
+                del self._looks[incident_id]
+
+        self.loop.call_soon(expire)
+
+    def rehearse(self, rules: int = 4) -> None:
+        """Warm the strike's path (steps/strike.rehearse) for the first few rules in use."""
+        seen: set[int] = set()
+        for watch in self.watches.values():
+            if id(watch.rule) not in seen and len(seen) < rules:
+                seen.add(id(watch.rule))
+                rehearse(watch.rule, watch.group)
+
+    def _strike(self, watch: Watch) -> Strike | None:
+        """A rule whose OOM goes straight to a kill: its first signal now, the incident's
+        records after (steps/strike.py)."""
+        step = first_kill(watch.rule, watch.group)
+        if step is None:
+            return None
+        try:
+            return strike(watch.rule, step, watch.group, watch.growth, self.never_pids,
+                          watch.out_of_memory)
+        except OomguardError:
+            return None  # the kill step looks again, and says what it finds
 
     def forget_look(self, incident_id: int) -> None:
         self._looks.pop(incident_id, None)

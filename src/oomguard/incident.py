@@ -24,6 +24,7 @@ from oomguard.policy import Rule, Step, StepKind
 from oomguard.steps import runner
 from oomguard.steps.context import Done, Outcome, StepContext
 from oomguard.steps.hold import release_hold
+from oomguard.steps.strike import Strike
 
 if TYPE_CHECKING:
     from oomguard.engine import Engine
@@ -37,7 +38,7 @@ RECHECK_DELAYS = (0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128
 
 class Incident:
     def __init__(self, engine: Engine, watch: Watch, first_event: float, count: int,
-                 ahead: dict[str, int] | None = None) -> None:
+                 ahead: dict[str, int] | None = None, struck: Strike | None = None) -> None:
         self.engine = engine
         self.watch = watch
         self.group = watch.group
@@ -66,6 +67,9 @@ class Incident:
         self._closers: list[Callable[[], None]] = []
         self._urgent: list[Callable[[], None]] = []
         self._last_step: Step | None = None
+        # A victim signalled at the event, before these records (steps/strike.py): the
+        # kill step takes it over; until then no re-check may close the incident on it.
+        self._struck = struck
         self._deadline = engine.loop.call_later(self.rule.deadline, self._on_deadline)
         engine.log.incident_opened(self.group.relpath, self.id,
                                    reason="ahead of the OOM" if self.ahead else "oom")
@@ -87,6 +91,10 @@ class Incident:
     def run_kind(self, kind: str, done: Done) -> None:
         """Run a step of `kind` now with the rule's settings (an exec's or an ask's choice)."""
         runner.run_kind(self, kind, done)
+
+    def take_strike(self) -> Strike | None:
+        struck, self._struck = self._struck, None
+        return struck
 
     def later(self, delay: float, fn: Callable[[], None]) -> None:
         gen = self.generation
@@ -162,8 +170,8 @@ class Incident:
         # Re-check the kernel before each next step, except right after `hold`, which
         # took no time and changed nothing about memory (a read saved on the hot path).
         just_held = self._last_step is not None and self._last_step.kind is StepKind.HOLD
-        if (not self.dry_run and self.index > 0 and not just_held and not self.paused()
-                and not self.under_oom()):
+        if (not self.dry_run and self.index > 0 and not just_held and self._struck is None
+                and not self.paused() and not self.under_oom()):
             self._resolved()
             return
         if self.index >= len(self.steps):
@@ -290,6 +298,9 @@ class Incident:
         self._deadline.cancel()
         for t in self._timers:
             t.cancel()
+        struck = self.take_strike()
+        if struck is not None:  # closed before its kill step ran: no pidfd outlives it
+            struck.pidfd.close()
         for fn in reversed(self._closers):
             fn()
         # Resume what the incident paused and undo its temporary changes (not grows:

@@ -185,6 +185,7 @@ class SystemGroup(MemoryCgroup):
     """The machine, as an incident's group. relpath "/" (the root)."""
 
     version: ClassVar[int] = 0  # not a cgroup version: nothing version-specific applies
+    strikes_first: ClassVar[bool] = False  # swarms, app scopes and their sweeps: step by step
 
     def __init__(self, hierarchies: Hierarchies, spec: SystemSpec, meminfo: MeminfoReader,
                  full_avg10: Callable[[], float | None] = lambda: None,

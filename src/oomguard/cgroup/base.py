@@ -101,6 +101,9 @@ class MemoryCgroup(ABC):
     #: A runnable (R) task of a group out of memory is stuck too (v2: throttled in reclaim
     #: at memory.high), not only one asleep (D) in the OOM wait.
     runnable_tasks_wait: ClassVar[bool] = False
+    #: May the first signal of a default kill go out before the incident's records
+    #: (steps/strike.py)? Not for the whole machine (system mode's swarms and scopes).
+    strikes_first: ClassVar[bool] = True
     #: The kernel offers usage thresholds through eventfds (v1 cgroup.event_control).
     has_usage_thresholds: ClassVar[bool] = False
     #: The group's own fds see no rmdir (v2): watch the parent directory instead.

@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from oomguard.obs.desktop import Answer, Ask, Desktop
     from oomguard.obs.evidence import EvidenceStore
     from oomguard.procs.reader import ProcessSnapshot
+    from oomguard.steps.strike import Strike
 
 
 class Outcome(enum.Enum):
@@ -83,6 +84,10 @@ class Episode(Protocol):
     def close(self, outcome: str) -> None: ...
 
     def run_kind(self, kind: str, done: Done) -> None: ...
+
+    def take_strike(self) -> Strike | None:
+        """The victim signalled at the event (strike.py), once: the kill step's to take."""
+        ...
 
 
 class Services(Protocol):

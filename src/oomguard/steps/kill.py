@@ -26,7 +26,14 @@ from oomguard.policy.swarm import Swarm
 from oomguard.procs import Pidfd, read_stat
 from oomguard.steps.context import Outcome, StepContext
 from oomguard.steps.pause import thaw_for_kill
-from oomguard.steps.victims import choose, choose_noted, open_verified, subtree_pids
+from oomguard.steps.strike import Strike, asleep_in_oom_wait
+from oomguard.steps.victims import (
+    choose,
+    choose_noted,
+    open_verified,
+    say_cut,
+    subtree_pids,
+)
 from oomguard.sysmem import SystemGroup
 
 # process_mrelease reaps in oomguard's own context and blocks the loop meanwhile (2.7 ms
@@ -51,6 +58,12 @@ def _kill(ctx: StepContext) -> None:
     rule = ctx.rule
     if ctx.episode.victims >= rule.max_victims:
         ctx.fail("budget", f"max_victims {rule.max_victims} reached")
+        return
+    struck = ctx.episode.take_strike()
+    if struck is not None:  # signalled at the event already (strike.py): take it over
+        ctx.forget_look()
+        say_cut(ctx, struck.look)
+        _kill_one(ctx, struck.candidate, struck.pidfd, struck.note, struck=struck)
         return
     if _oom_group(ctx):
         _kill_group(ctx)
@@ -175,22 +188,11 @@ def _group_members(ctx: StepContext, victim: Candidate) -> list[Pidfd]:
 
 
 def _asleep_in_oom_wait(ctx: StepContext, sample: ProcSample) -> bool:
-    """A task asleep in the OOM wait cannot run a SIGTERM handler before memory is freed,
-    and without a handler SIGTERM kills it anyway: SIGKILL it at once (no grace).
-    v2 has no OOM wait: an allocator of a group out of memory at the hold is throttled
-    there, in its penalty sleep (D) or in reclaim (R), and runs no handler before
-    that ends: SIGKILL at once too. System mode: SIGKILL at once at the SIGKILL level."""
+    """SIGKILL at once, no grace (strike.asleep_in_oom_wait). System mode: at once at the
+    SIGKILL level."""
     if isinstance(ctx.group, SystemGroup):
         return ctx.group.must_kill_now()
-    try:
-        # D state inside an incident is, by all odds, the OOM wait; not asking the
-        # kernel's oom_control again saves a read on the way to the kill.
-        state = sample.state or read_stat(sample.pid).state  # as sampled just now
-        if state == "D":
-            return True
-        return state == "R" and ctx.group.runnable_tasks_wait and ctx.episode.under_oom()
-    except Exception:
-        return False
+    return asleep_in_oom_wait(ctx.group, sample, ctx.episode.under_oom)
 
 
 def _still_in_group(ctx: StepContext, pfd: Pidfd) -> bool | None:
@@ -228,12 +230,15 @@ class _Victim:
         self.over = False
         self.generation = ctx.episode.generation
 
-    def start(self, grace: float) -> None:
-        try:
-            sent = self._first_signal()
-        except BaseException:  # a dry run's WouldChange too: no pidfd outlives the step
-            self._end()
-            raise
+    def start(self, grace: float, struck: Strike | None = None) -> None:
+        if struck is not None:  # the first signal went out at the event (strike.py)
+            sent, self.sent_at = True, struck.sent_at
+        else:
+            try:
+                sent = self._first_signal()
+            except BaseException:  # a dry run's WouldChange too: no pidfd outlives the step
+                self._end()
+                raise
         if not sent:
             # Already gone (a zombie takes signals without a word): it was not our doing.
             self._gone_before_signal()
@@ -343,12 +348,19 @@ class _Victim:
 
 
 def _kill_one(ctx: StepContext, cand: Candidate, pfd: Pidfd,
-              note: dict[str, object] | None = None, swarm: Swarm | None = None) -> None:
+              note: dict[str, object] | None = None, swarm: Swarm | None = None,
+              struck: Strike | None = None) -> None:
     s = cand.sample
     grace = ctx.rule.grace_for(ctx.options(KillStep))
-    first = signal.SIGTERM if grace > 0 and not _asleep_in_oom_wait(ctx, s) else signal.SIGKILL
+    if struck is not None:
+        first = struck.signal
+    else:
+        first = (signal.SIGTERM if grace > 0 and not _asleep_in_oom_wait(ctx, s)
+                 else signal.SIGKILL)
     before: dict[str, object] = {"comm": s.comm, "rss": s.rss, "rss_anon": s.rss_anon,
                                  "reason": cand.reason, "signal": first.name}
+    if struck is not None:  # how long before this row the signal went out
+        before["sent_at_event_ms"] = round(ctx.ms_since_event(struck.sent_at), 3)
     if note:  # a look at a subtree: where the victim is, and what the look read
         before["cgroup"] = s.cgroup
         before["subtree"] = note
@@ -367,7 +379,7 @@ def _kill_one(ctx: StepContext, cand: Candidate, pfd: Pidfd,
         members += ctx.group.companions(s.pid, ctx.never_pids)
         scope = ctx.group.sweep_scope(s.pid)
     victim = _Victim(ctx, cand, pfd, members, first)
-    victim.start(grace)  # then kill() commits
+    victim.start(grace, struck)  # then kill() commits
     after = grace if first == signal.SIGTERM else 0.0
     if scope is not None and not victim.over:
         _sweep_later(ctx, scope, s.pid, after)

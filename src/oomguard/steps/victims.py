@@ -179,13 +179,17 @@ def choose_noted(ctx: StepContext, step: Step | None = None
     look = ctx.look(needs)
     samples = samples_of(look, ctx.growth, needs)
     ctx.forget_look()
-    note = look_note(look)
+    say_cut(ctx, look)
+    return rank_for_rule(samples, ctx.rule, ctx.never_pids, strategy), look_note(look)
+
+
+def say_cut(ctx: StepContext, look: ProcessSnapshot) -> None:
+    """A look cut short: a warning in the log and the journal's evidence ("subtree"), once."""
     if look.cut and not look.derived.get("cut-said"):
         look.derived["cut-said"] = True
         ctx.log.warning(f"{ctx.group.relpath}: looked at {look.groups} groups and "
                         f"{len(look)} tasks of its subtree only ({look.cut})")
-        ctx.journal.add_evidence(ctx.incident_id, "subtree", note)
-    return rank_for_rule(samples, ctx.rule, ctx.never_pids, strategy), note
+        ctx.journal.add_evidence(ctx.incident_id, "subtree", look_note(look))
 
 
 def targets_for(ctx: StepContext, to: Target) -> list[Candidate]:
