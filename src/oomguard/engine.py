@@ -320,7 +320,12 @@ class Engine:
         # together once it is taken: a write(2) each to a terminal cost the kill ~0.1 ms.
         with self.log.batched():
             try:
-                inc = Incident(self, watch, when, count, ahead, struck)
+                try:
+                    inc = Incident(self, watch, when, count, ahead, struck)
+                except BaseException:
+                    if struck is not None:  # no incident to take it over: no pidfd left
+                        struck.pidfd.close()
+                    raise
                 if struck is not None:  # the snapshot step records the look it was chosen by
                     self._keep_look(inc.id, struck.look)
                 watch.incident = inc
@@ -452,7 +457,9 @@ class Engine:
         """Warm the strike's path (steps/strike.rehearse) for the first few rules in use."""
         seen: set[int] = set()
         for watch in self.watches.values():
-            if id(watch.rule) not in seen and len(seen) < rules:
+            if len(seen) >= rules:
+                break
+            if id(watch.rule) not in seen:
                 seen.add(id(watch.rule))
                 rehearse(watch.rule, watch.group)
 
