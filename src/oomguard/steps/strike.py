@@ -41,7 +41,14 @@ from oomguard.policy import (
 )
 from oomguard.procs import Pidfd, read_stat
 from oomguard.procs.reader import ProcessSnapshot
-from oomguard.steps.victims import look_note, needs_for, open_verified, samples_of, take_snapshot
+from oomguard.steps.victims import (
+    look_note,
+    needs_for,
+    open_verified,
+    rank_look,
+    samples_of,
+    take_snapshot,
+)
 
 _ONLY_RECORD = (StepKind.HOLD, StepKind.SNAPSHOT)
 
@@ -99,10 +106,9 @@ def strike(rule: Rule, step: KillStep, group: MemoryCgroup, growth: GrowthTracke
             return None  # the whole group, through cgroup.kill: the kill step's own path
     except OomguardError:
         return None
-    strategy = rule.strategy_for(step)
-    needs = needs_for(rule, strategy)
-    look = group.ready_look() or take_snapshot(group, needs)
-    candidates = rank_for_rule(samples_of(look, growth, needs), rule, never_pids, strategy)
+    look, candidates = rank_look(
+        rule, step, lambda needs: group.ready_look() or take_snapshot(group, needs), growth,
+        never_pids)
     grace = rule.grace_for(step)
     for cand in candidates:
         pfd = open_verified(cand.sample)

@@ -15,6 +15,7 @@ was ranked.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
@@ -173,14 +174,21 @@ def choose_noted(ctx: StepContext, step: Step | None = None
                  ) -> tuple[list[Candidate], dict[str, object]]:
     """`choose`, and what the step's journal row says of the look (`look_note`). A look
     cut short is logged as a warning and kept in the journal's evidence ("subtree")."""
-    step = step or ctx.step
-    strategy = ctx.rule.strategy_for(step)
-    needs = needs_for(ctx.rule, strategy)
-    look = ctx.look(needs)
-    samples = samples_of(look, ctx.growth, needs)
+    look, ranked = rank_look(ctx.rule, step or ctx.step, ctx.look, ctx.growth, ctx.never_pids)
     ctx.forget_look()
     say_cut(ctx, look)
-    return rank_for_rule(samples, ctx.rule, ctx.never_pids, strategy), look_note(look)
+    return ranked, look_note(look)
+
+
+def rank_look(rule: Rule, step: Step, look_of: Callable[[Needs], ProcessSnapshot],
+              growth: GrowthTracker | None, never_pids: frozenset[int]
+              ) -> tuple[ProcessSnapshot, list[Candidate]]:
+    """The look `step`'s ranking needs (`look_of(needs)`) and its candidates, best first:
+    the kill step's choice and the strike's at the event (strike.py) are the same."""
+    strategy = rule.strategy_for(step)
+    needs = needs_for(rule, strategy)
+    look = look_of(needs)
+    return look, rank_for_rule(samples_of(look, growth, needs), rule, never_pids, strategy)
 
 
 def say_cut(ctx: StepContext, look: ProcessSnapshot) -> None:
