@@ -20,6 +20,7 @@ import bisect
 import contextlib
 import fcntl
 import itertools
+import json
 import os
 import re
 import select
@@ -137,10 +138,18 @@ def journal_rows(journal: Path, sql: str) -> list[Any]:
         return []
 
 
-def reaped_ms(journal: Path) -> list[float]:
-    """The journal's victims, oldest first: signal -> exit (ms) as oomguard measured it."""
-    rows = journal_rows(journal, "SELECT reaped_ms FROM victims ORDER BY id")
-    return [float(r[0]) for r in rows if r[0] is not None]
+def signal_times(journal: Path) -> list[int]:
+    """The journal's kills, oldest first: when each first signal went out (monotonic ns,
+    the stamps' clock), from the kill step's row. Not "exit - the journal's signal ->
+    exit": that exit is when the loop saw it, later by any process_mrelease it ran."""
+    rows = journal_rows(journal, "SELECT after_json FROM steps WHERE kind = 'kill' AND "
+                        "result = 'killed' ORDER BY id")
+    out = []
+    for (after,) in rows:
+        mono = json.loads(after or "{}").get("first_signal_mono")
+        if mono is not None:
+            out.append(int(float(mono) * 1e9))
+    return out
 
 
 def grow_gap(journal: Path, stamps: list[int]) -> int | None:
@@ -242,10 +251,11 @@ def once(h: Any, ctx: Any, mode: str, group: MemoryCgroup | None, i: int,
                 out["error"] = f"hog was not killed (status {out.get('status')})"
                 return out
             out["latency_ms"] = (t_exit - stamps[-1]) / 1e6
+            out["last_stamp_ns"] = stamps[-1]
             if mode == "run":  # oomguard's own part: the hog's last stamp -> the signal
-                reaped = reaped_ms(ctx.tmp / f"defaults-{full_mode}.db")
-                if reaped:
-                    out["to_signal_ms"] = out["latency_ms"] - reaped[-1]
+                sent = signal_times(ctx.tmp / f"defaults-{full_mode}.db")
+                if sent:
+                    out["to_signal_ms"] = (sent[-1] - stamps[-1]) / 1e6
         return out
     finally:
         fifo.close()
@@ -292,7 +302,7 @@ def start_daemon(h: Any, ctx: Any, mode: str, env: dict[str, str] | None = None,
 
 def scenario_defaults(h: Any, ctx: Any) -> None:
     """h: the harness module (its helpers and statistics); ctx: its Context."""
-    n = ctx.args.n_defaults or (8 if ctx.quick else 15)
+    n = ctx.args.n_defaults or (8 if ctx.quick else 30)
     kernel_g = ctx.group("defaults/kernel", 64 * MiB)
     kernel_g.set_oom_kill_disable(False)
     modes = list(MODES)
@@ -337,10 +347,10 @@ def scenario_defaults(h: Any, ctx: Any) -> None:
     for mode, dm in daemons.items():
         dm.wait_closed()
         killed = [s for s in samples[mode] if "latency_ms" in s]
-        reaped = reaped_ms(dm.daemon.journal)
-        if len(reaped) == len(killed):  # one victim per hog, in order
-            for s, r in zip(killed, reaped, strict=True):
-                s["to_signal_ms"] = s["latency_ms"] - r
+        sent = signal_times(dm.daemon.journal)
+        if len(sent) == len(killed):  # one victim per hog, in order
+            for s, t in zip(killed, sent, strict=True):
+                s["to_signal_ms"] = (t - s["last_stamp_ns"]) / 1e6
     out: dict[str, Any] = {"n": n, "step_kib": STEP >> 10, "modes": {}}
     for mode, ss in samples.items():
         grow_mode = mode.startswith("run_grow")
@@ -348,7 +358,7 @@ def scenario_defaults(h: Any, ctx: Any) -> None:
         st = h.summary([s[key] for s in ss if key in s])
         st["errors"] = sum(1 for s in ss if "error" in s)
         to_signal = [s["to_signal_ms"] for s in ss if "to_signal_ms" in s]
-        if to_signal:  # latency minus the journal's signal -> exit: stamp -> SIGKILL
+        if to_signal:  # the hog's last stamp -> the kill's first signal
             st["to_signal"] = h.summary(to_signal)
             h.log(f"  defaults {mode:9s} stamp -> signal median "
                   f"{st['to_signal']['median_ms']:.3f} p95 {st['to_signal']['p95_ms']:.3f} ms")

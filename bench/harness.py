@@ -1268,7 +1268,7 @@ def parse_args(argv_: Sequence[str] | None) -> argparse.Namespace:
                    help=f"comma-separated subset of: {', '.join(SCENARIOS)}")
     p.add_argument("--n", type=int, help="iterations per mode at 64 MiB (default 30; quick 10)")
     p.add_argument("--n-defaults", type=int,
-                   help="iterations per mode of the defaults scenario (default 15; quick 8)")
+                   help="iterations per mode of the defaults scenario (default 30; quick 8)")
     p.add_argument("--n-1g", type=int, help="iterations per mode at 1 GiB (default 30; quick 3)")
     p.add_argument("--n-notify", type=int, help="iterations per size (default 100; quick 20)")
     p.add_argument("--idle-s", type=float, help="idle window (default 60 s; quick 15 s)")

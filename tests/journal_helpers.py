@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from oomguard.cgroup import MemoryCgroup
+from oomguard.cgroup import MemoryCgroup, V2MemoryCgroup
 from oomguard.journal import IncidentRecord, Journal, StepRecord
 
 from conftest import wait_until
@@ -22,6 +23,22 @@ def hold_released(memcg: MemoryCgroup) -> bool:
     if memcg.version == 1:
         return not memcg.oom_state().kill_disabled
     return memcg.read("memory.high").strip() == "max"
+
+
+def held_now(group: MemoryCgroup) -> bool:
+    """Is the group held at an OOM right now (v1: tasks in the OOM wait; v2: at the hold)?"""
+    if isinstance(group, V2MemoryCgroup):
+        return group.at_hold()
+    return group.oom_state().under_oom
+
+
+def journal_rows(path: Path, sql: str) -> list[tuple[Any, ...]]:
+    """What another process reading the journal sees now."""
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        return db.execute(sql).fetchall()
+    finally:
+        db.close()
 
 
 def incidents(journal: Path) -> list[IncidentRecord]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import signal
-import sqlite3
 import time
 from pathlib import Path
 from typing import Any
@@ -23,23 +22,11 @@ from oomguard.session import Session
 from oomguard.workloads import LEAK, argv
 
 from conftest import Spawn
+from journal_helpers import held_now, journal_rows
 
 pytestmark = pytest.mark.scenario
 
 
-def _held(group: MemoryCgroup) -> bool:
-    if isinstance(group, V2MemoryCgroup):
-        return group.at_hold()
-    return group.oom_state().under_oom
-
-
-def _rows(path: Path, sql: str) -> list[tuple[Any, ...]]:
-    """What another process reading the journal sees now."""
-    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-    try:
-        return db.execute(sql).fetchall()
-    finally:
-        db.close()
 
 
 def test_kill_is_sent_before_the_incident_rows_are_written(
@@ -58,8 +45,8 @@ def test_kill_is_sent_before_the_incident_rows_are_written(
     def send(self: Pidfd, sig: int) -> bool:
         if sig == signal.SIGKILL and not seen_at_signal:
             seen_at_signal.append((
-                len(_rows(path, "SELECT id FROM incidents")),
-                len(_rows(path, "SELECT id FROM steps")),
+                len(journal_rows(path, "SELECT id FROM incidents")),
+                len(journal_rows(path, "SELECT id FROM steps")),
             ))
         return real_send(self, sig)
 
@@ -75,7 +62,7 @@ def test_kill_is_sent_before_the_incident_rows_are_written(
     monkeypatch.setattr(engine_mod, "sample_group", sample_group)
     leaker = spawn(LEAK, 1 << 20)
     deadline = time.monotonic() + 20
-    while not _held(memcg):
+    while not held_now(memcg):
         assert time.monotonic() < deadline
         time.sleep(0.005)
     try:
@@ -90,17 +77,17 @@ def test_kill_is_sent_before_the_incident_rows_are_written(
     # Usage falling through the growth marks as the victim exits samples nothing.
     assert sampled_mid_episode == []
     # Afterwards, everything, in order: ids and seq follow the order of the events.
-    incidents = _rows(path, "SELECT id, outcome FROM incidents")
+    incidents = journal_rows(path, "SELECT id, outcome FROM incidents")
     assert len(incidents) == 1 and incidents[0][1] == "resolved"
     iid = incidents[0][0]
-    steps = _rows(path, f"SELECT id, seq, kind, result, started_mono FROM steps "
+    steps = journal_rows(path, f"SELECT id, seq, kind, result, started_mono FROM steps "
                         f"WHERE incident_id = {iid} ORDER BY id")
     assert [(s[1], s[2], s[3]) for s in steps] == [
         (1, "hold", "held"), (2, "snapshot", "done"), (3, "kill", "killed")]
     assert [s[4] for s in steps] == sorted(s[4] for s in steps)
-    events = _rows(path, f"SELECT kind FROM events WHERE incident_id = {iid}")
+    events = journal_rows(path, f"SELECT kind FROM events WHERE incident_id = {iid}")
     assert events[:1] == [("oom",)]
-    victims = _rows(path, f"SELECT pid, signal FROM victims WHERE incident_id = {iid}")
+    victims = journal_rows(path, f"SELECT pid, signal FROM victims WHERE incident_id = {iid}")
     assert victims == [(leaker.pid, "SIGKILL")]
 
 
@@ -127,10 +114,10 @@ def test_grow_writes_only_the_intent_row_before_the_limit(
     def write_change(group: MemoryCgroup, kind: str, target: str, after: str) -> None:
         if kind == "limit" and not at_write:
             at_write.append((
-                len(_rows(path, "SELECT id FROM incidents")),
-                len(_rows(path, "SELECT id FROM changes WHERE kind = 'limit'"
+                len(journal_rows(path, "SELECT id FROM incidents")),
+                len(journal_rows(path, "SELECT id FROM changes WHERE kind = 'limit'"
                                 " AND incident_id IS NOT NULL")),
-                len(_rows(path, "SELECT id FROM steps")),
+                len(journal_rows(path, "SELECT id FROM steps")),
             ))
         real_write(group, kind, target, after)
 
@@ -147,11 +134,11 @@ def test_grow_writes_only_the_intent_row_before_the_limit(
     assert closed, "no incident closed"
     assert leaker.returncode == 0  # it finished: grown, not killed
     assert at_write == [(1, 1, 0)]  # the incident and its intent row; no step row yet
-    iid = _rows(path, "SELECT id FROM incidents")[0][0]
-    steps = _rows(path, f"SELECT seq, kind, result FROM steps WHERE incident_id = {iid}"
+    iid = journal_rows(path, "SELECT id FROM incidents")[0][0]
+    steps = journal_rows(path, f"SELECT seq, kind, result FROM steps WHERE incident_id = {iid}"
                         " ORDER BY id")
     assert steps == [(1, "hold", "held"), (2, "snapshot", "done"), (3, "grow", "grew")]
-    change = _rows(path, "SELECT id, after_value FROM changes WHERE kind = 'limit'"
+    change = journal_rows(path, "SELECT id, after_value FROM changes WHERE kind = 'limit'"
                          f" AND incident_id = {iid}")
     assert change and int(change[0][1]) == limit + (16 << 20)
     assert memcg.limit() == limit  # given back at exit
@@ -186,7 +173,7 @@ def test_run_watches_before_its_spawn_and_holds_after_the_exec(
     assert at_spawn == [(True, False)]  # watched, not held yet
     assert status == 128 + signal.SIGKILL
     assert memcg.oom_state().oom_kill == 0  # the kernel's killer never acted
-    rows = _rows(tmp_path / "j.db", "SELECT signal FROM victims")
+    rows = journal_rows(tmp_path / "j.db", "SELECT signal FROM victims")
     assert rows == [("SIGKILL",)]
 
 
@@ -200,17 +187,17 @@ def test_deferred_rows_keep_their_ids_and_order(tmp_path: Path) -> None:
         s1 = j.begin_step(iid, "hold")
         j.finish_step(s1, "held")
         s2 = j.begin_step(iid, "kill", 42)
-        assert _rows(path, "SELECT id FROM incidents") == []  # held in memory
+        assert journal_rows(path, "SELECT id FROM incidents") == []  # held in memory
         j.commit()
-        assert _rows(path, "SELECT id FROM incidents") == [(iid,)]
-        assert _rows(path, "SELECT id, incident_id FROM events") == [(eid, iid)]
-        assert _rows(path, "SELECT id, seq, kind, result FROM steps ORDER BY id") == [
+        assert journal_rows(path, "SELECT id FROM incidents") == [(iid,)]
+        assert journal_rows(path, "SELECT id, incident_id FROM events") == [(eid, iid)]
+        assert journal_rows(path, "SELECT id, seq, kind, result FROM steps ORDER BY id") == [
             (s1, 1, "hold", "held"), (s2, 2, "kill", None)]
         # after the batch, writes go straight to disk again, with the next ids
         j.finish_step(s2, "killed")
         s3 = j.begin_step(iid, "snapshot")
         assert s3 == s2 + 1
-        assert _rows(path, f"SELECT result FROM steps WHERE id = {s2}") == [("killed",)]
+        assert journal_rows(path, f"SELECT result FROM steps WHERE id = {s2}") == [("killed",)]
 
 
 def test_a_ledger_change_writes_the_held_rows_before_it(tmp_path: Path) -> None:
@@ -222,7 +209,7 @@ def test_a_ledger_change_writes_the_held_rows_before_it(tmp_path: Path) -> None:
         iid = j.open_incident("/g", "r", False)
         cid = j.record_change("/g", "limit", "/g", "1", "2", iid)
         j.commit()
-        assert _rows(path, "SELECT id, incident_id FROM changes") == [(cid, iid)]
+        assert journal_rows(path, "SELECT id, incident_id FROM changes") == [(cid, iid)]
         assert [c.id for c in j.pending_changes()] == [cid]
 
 

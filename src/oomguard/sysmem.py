@@ -186,6 +186,9 @@ class SystemGroup(MemoryCgroup):
 
     version: ClassVar[int] = 0  # not a cgroup version: nothing version-specific applies
     strikes_first: ClassVar[bool] = False  # swarms, app scopes and their sweeps: step by step
+    # The machine's memory is short: freeing it is the point, and PSI keeps the loop busy
+    # for as long as the pressure lasts.
+    reaps_when_busy: ClassVar[bool] = True
 
     def __init__(self, hierarchies: Hierarchies, spec: SystemSpec, meminfo: MeminfoReader,
                  full_avg10: Callable[[], float | None] = lambda: None,

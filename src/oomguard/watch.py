@@ -159,6 +159,15 @@ class Watch:
 
             self._add(loop, notifier.fileno(), crossed, notifier.poll_events, notifier.close)
 
+    def own_fds(self) -> set[int]:
+        """The fds of this group's own notifications (its events, state, pressure, growth
+        marks, grow-ahead and shrink thresholds): what its incident causes to be ready."""
+        fds = set(self._fds)
+        for extra in (self.ahead, self.shrink_threshold):
+            if extra is not None:
+                fds.add(extra.fileno())
+        return fds
+
     def out_of_memory(self) -> bool:
         """Is the group out of memory by the kernel's own account right now? (v1: tasks
         asleep in the OOM wait; v2: usage at the hold and nothing reclaimable left, judged

@@ -104,6 +104,10 @@ class MemoryCgroup(ABC):
     #: May the first signal of a default kill go out before the incident's records
     #: (steps/strike.py)? Not for the whole machine (system mode's swarms and scopes).
     strikes_first: ClassVar[bool] = True
+    #: Reap a victim's memory (process_mrelease) even while other events wait in the
+    #: loop? Not for a cgroup: another group's OOM comes first, and the victim's own exit
+    #: frees its memory anyway (steps/strike.py `reap_now`).
+    reaps_when_busy: ClassVar[bool] = False
     #: The kernel offers usage thresholds through eventfds (v1 cgroup.event_control).
     has_usage_thresholds: ClassVar[bool] = False
     #: The group's own fds see no rmdir (v2): watch the parent directory instead.

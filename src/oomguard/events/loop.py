@@ -14,7 +14,7 @@ import os
 import select
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from dataclasses import dataclass, field
 
 FdCallback = Callable[[int], None]
@@ -62,6 +62,12 @@ class EventLoop:
 
     def watching(self) -> int:
         return len(self._readers)
+
+    def busy(self, ignore: Container[int] = ()) -> bool:
+        """Whether a watched fd other than those in `ignore` is ready now (another group's
+        OOM, a signal, a message): epoll is level-triggered, so looking consumes nothing
+        and the loop still runs its callback next. A few us."""
+        return any(fd not in ignore for fd, _ in self._epoll.poll(0, 64))
 
     # -- timers ------------------------------------------------------------------
     def call_later(self, delay: float, callback: Callable[[], None]) -> Timer:

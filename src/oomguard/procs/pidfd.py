@@ -88,14 +88,17 @@ class Pidfd:
 
     def mrelease(self) -> bool:
         """process_mrelease(2): reap a killed victim's memory now; False means keep waiting."""
+        return self.mrelease_errno() == 0
+
+    def mrelease_errno(self) -> int:
+        """process_mrelease(2), and the kernel's answer: 0 (reaped), ESRCH (its mm is
+        gone: its own exit has it, or it exited), EINVAL (it is not dying: it caught or
+        ignored the signal), ENOSYS (before Linux 5.15), EBADF once closed."""
         if self.closed:
-            return False
+            return errno.EBADF
         if _libc.syscall(_SYS_PROCESS_MRELEASE, self.fd, 0) == 0:
-            return True
-        err = ctypes.get_errno()
-        if err in (errno.ESRCH, errno.EINVAL, errno.ENOSYS):
-            return False  # not dead yet, already reaped, or an old kernel
-        return False
+            return 0
+        return ctypes.get_errno()
 
     def close(self) -> None:
         if self.fd >= 0:

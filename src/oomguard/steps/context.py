@@ -230,6 +230,9 @@ class StepContext:
     baseline_limit: int | None
     services: Services
     on_done: Done
+    # Whether anything but this group's own notifications waits in the loop (a step that
+    # would block the loop gives way: the reap in kill.py).
+    others_waiting: Callable[[], bool]
     step_id: int | None = None
     result: str = ""  # the step's own result as its journal row has it ("killed", ...)
     finished: bool = field(default=False)

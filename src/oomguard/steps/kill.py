@@ -26,6 +26,7 @@ from oomguard.policy.swarm import Swarm
 from oomguard.procs import Pidfd, read_stat
 from oomguard.steps.context import Outcome, StepContext
 from oomguard.steps.pause import thaw_for_kill
+from oomguard.steps.reap import Reap, reap_now
 from oomguard.steps.strike import Strike, asleep_in_oom_wait
 from oomguard.steps.victims import (
     choose,
@@ -35,10 +36,6 @@ from oomguard.steps.victims import (
     subtree_pids,
 )
 from oomguard.sysmem import SystemGroup
-
-# process_mrelease reaps in oomguard's own context and blocks the loop meanwhile (2.7 ms
-# for 64M, 30 ms for 1G measured): worth it only where the victim's own exit is slow.
-MRELEASE_MIN_RSS = 256 << 20
 
 
 def kill(ctx: StepContext) -> None:
@@ -226,14 +223,18 @@ class _Victim:
         self.ctx, self.cand, self.pfd, self.members = ctx, cand, pfd, members
         self.sent = first
         self.sent_at = time.monotonic()
+        self.reaped: list[Reap] = []  # process_mrelease's answers, after each signal
         self.timer: Timer | None = None
         self.over = False
         self.generation = ctx.episode.generation
 
     def start(self, grace: float, struck: Strike | None = None) -> None:
+        give_way = False
         if struck is not None:  # the first signal went out at the event (strike.py)
             sent, self.sent_at = True, struck.sent_at
+            self.reaped = [struck.reaped] if struck.reaped is not None else []
         else:
+            give_way = self._busy()  # before the signal: the reap follows it at once
             try:
                 sent = self._first_signal()
             except BaseException:  # a dry run's WouldChange too: no pidfd outlives the step
@@ -243,18 +244,22 @@ class _Victim:
             # Already gone (a zombie takes signals without a word): it was not our doing.
             self._gone_before_signal()
             return
-        s, loop, effects = self.cand.sample, self.ctx.loop, self.ctx.effects
+        if struck is None:  # at once: the victim's own exit races it
+            self.reaped.append(reap_now(self.pfd, self.sent, self.sent_at, give_way))
+        loop, effects = self.ctx.loop, self.ctx.effects
         for m in self.members:
             effects.signal(m, self.sent)
         crash_point("kill-sent")
-        if self.sent == signal.SIGKILL and s.rss >= MRELEASE_MIN_RSS:
-            self.pfd.mrelease()  # reap a large victim's memory now; ESRCH: keep waiting
         if self.sent == signal.SIGTERM:
             effects.signal(self.pfd, signal.SIGCONT)  # a stopped victim must run to act on it
             self.timer = loop.call_later(grace, self.escalate)
             self.ctx.on_urgent(self._cut_grace)
         loop.add_reader(self.pfd.fileno(), self.exited)
         self.ctx.on_close(self.cleanup)
+
+    def _busy(self) -> bool:
+        """Whether the reap should give way to what else waits in the loop."""
+        return not self.ctx.group.reaps_when_busy and self.ctx.others_waiting()
 
     def _first_signal(self) -> bool:
         """Thaw if this incident froze the group, then the first signal; False if the
@@ -303,12 +308,12 @@ class _Victim:
             self._left_group()
             return
         self.sent = signal.SIGKILL
+        give_way = self._busy()
         ctx.effects.signal(self.pfd, signal.SIGKILL)
+        self.reaped.append(reap_now(self.pfd, signal.SIGKILL, time.monotonic(), give_way))
         for m in self.members:
             if _still_in_group(ctx, m):
                 ctx.effects.signal(m, signal.SIGKILL)
-        if self.cand.sample.rss >= MRELEASE_MIN_RSS:
-            self.pfd.mrelease()
 
     def _left_group(self) -> None:
         """Moved out of the group during its grace: no longer this incident's to kill."""
@@ -331,7 +336,11 @@ class _Victim:
         reaped_ms = (time.monotonic() - self.sent_at) * 1000.0
         ctx.episode.victims += 1
         ctx.journal.add_victim(ctx.incident_id, s.pid, s.comm, s.rss, self.sent.name, reaped_ms)
-        ctx.finish("killed", {"signal": self.sent.name, "reaped_ms": reaped_ms})
+        after: dict[str, object] = {"signal": self.sent.name, "reaped_ms": reaped_ms,
+                                    "first_signal_mono": self.sent_at}
+        if self.reaped:  # whether oomguard freed its memory itself (process_mrelease)
+            after["mrelease"] = [r.record() for r in self.reaped]
+        ctx.finish("killed", after)
         ctx.log.killed(s.pid, s.comm, ctx.group.relpath, s.rss,
                        ctx.ms_since_event(time.monotonic()), why=self.cand.reason,
                        member=s.cgroup)

@@ -41,6 +41,7 @@ from oomguard.policy import (
 )
 from oomguard.procs import Pidfd, read_stat
 from oomguard.procs.reader import ProcessSnapshot
+from oomguard.steps.reap import Reap, reap_now
 from oomguard.steps.victims import (
     look_note,
     needs_for,
@@ -63,6 +64,7 @@ class Strike:
     signal: signal.Signals
     sent_at: float
     note: dict[str, object]
+    reaped: Reap | None = None  # process_mrelease's answer right after the signal
 
 
 def first_kill(rule: Rule, group: MemoryCgroup) -> KillStep | None:
@@ -98,9 +100,11 @@ def asleep_in_oom_wait(group: MemoryCgroup, sample: ProcSample,
 
 
 def strike(rule: Rule, step: KillStep, group: MemoryCgroup, growth: GrowthTracker,
-           never_pids: frozenset[int], under_oom: Callable[[], bool]) -> Strike | None:
-    """Look, rank, and send the first signal to the first candidate still there; None if
-    no candidate may be killed (the kill step then says so, in order)."""
+           never_pids: frozenset[int], under_oom: Callable[[], bool],
+           busy: Callable[[], bool]) -> Strike | None:
+    """Look, rank, and send the first signal to the first candidate still there, then
+    reap it (`reap_now`, unless the loop is `busy`); None if no candidate may be killed
+    (the kill step then says so, in order)."""
     try:
         if group.oom_group():
             return None  # the whole group, through cgroup.kill: the kill step's own path
@@ -117,6 +121,7 @@ def strike(rule: Rule, step: KillStep, group: MemoryCgroup, growth: GrowthTracke
         first = signal.SIGKILL
         if grace > 0 and not asleep_in_oom_wait(group, cand.sample, under_oom):
             first = signal.SIGTERM
+        give_way = busy()  # judged now: the reap must follow the signal at once
         try:
             sent = not pfd.exited() and pfd.send(first)
         except OomguardError:
@@ -124,7 +129,9 @@ def strike(rule: Rule, step: KillStep, group: MemoryCgroup, growth: GrowthTracke
         if not sent:  # gone as it was chosen, or not ours to signal: the kill step says so
             pfd.close()
             return None
-        return Strike(look, cand, pfd, first, time.monotonic(), look_note(look))
+        sent_at = time.monotonic()
+        reaped = reap_now(pfd, first, sent_at, give_way)  # at once: it races the exit
+        return Strike(look, cand, pfd, first, sent_at, look_note(look), reaped)
     return None
 
 
@@ -157,6 +164,10 @@ def rehearse(rule: Rule, group: MemoryCgroup) -> None:
                 pfd = open_verified(cand.sample)
                 if pfd is not None:
                     pfd.exited()
+                    # The reap's path too: the kernel refuses a process that is not
+                    # dying (EINVAL), so it only warms the call. Cold, ctypes' first
+                    # call took ~0.1 ms, long enough for the victim's exit to win.
+                    reap_now(pfd, signal.SIGKILL, time.monotonic(), False)
                     pfd.close()
             look_note(look)
         except OomguardError:
