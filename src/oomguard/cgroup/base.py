@@ -106,7 +106,7 @@ class MemoryCgroup(ABC):
     strikes_first: ClassVar[bool] = True
     #: Reap a victim's memory (process_mrelease) even while other events wait in the
     #: loop? Not for a cgroup: another group's OOM comes first, and the victim's own exit
-    #: frees its memory anyway (steps/strike.py `reap_now`).
+    #: frees its memory anyway (steps/reap.py).
     reaps_when_busy: ClassVar[bool] = False
     #: The kernel offers usage thresholds through eventfds (v1 cgroup.event_control).
     has_usage_thresholds: ClassVar[bool] = False

@@ -7,11 +7,11 @@ it after each kill). The kernel decides whether it may: it reaps only a process 
 dying (SIGKILL, or a signal whose default kills it and which it neither catches nor
 ignores) and says EINVAL at once otherwise, so no status read is needed first; and only
 until the victim's own exit takes its mm (ESRCH: the exit has it, a race the victim often
-wins when its CPU is idle). The call blocks the loop while it reaps (~2.7 ms for 64 MiB,
-~30 ms for 1 GiB), after the signal, when only the incident's records wait; a cgroup's
-kill skips it when anything else already waits in the loop (another group's OOM in a
-storm comes first, and the victim's exit frees the memory anyway). Measured on the
-defaults in docs/benchmarks.md (stop 20).
+wins when its CPU is idle). The call blocks the loop while it reaps (~5 ms for 64 MiB
+when it wins the race, ~30 ms for 1 GiB), after the signal, when only the incident's
+records wait; a cgroup's kill skips it when anything else already waits in the loop
+(another group's OOM in a storm comes first, and the victim's exit frees the memory
+anyway). Measured on the defaults in docs/benchmarks.md (stop 20).
 """
 
 from __future__ import annotations
