@@ -46,6 +46,14 @@ def incidents(journal: Path) -> list[IncidentRecord]:
         return j.incidents()
 
 
+def all_closed(journal: Path) -> bool:
+    """At least one incident, and every one closed, in one read: two reads could see no
+    row at first (all() of nothing is true) and an open one next (a default kill writes
+    its incident's row only after the signal and the reap)."""
+    found = incidents(journal)
+    return bool(found) and all(i.closed_at for i in found)
+
+
 def closed_incident(journal: Path, timeout: float = 60.0) -> IncidentRecord:
     wait_until(lambda: any(i.closed_at for i in incidents(journal)), timeout,
                what="an incident to close")

@@ -23,7 +23,7 @@ from oomguard.cgroup.transient import destroy, new_group
 from oomguard.workloads import LEAK, STEADY
 
 from conftest import Daemon, Spawn, wait_until
-from journal_helpers import incidents, rule
+from journal_helpers import all_closed, incidents, rule
 
 MiB = 1 << 20
 LIMIT = 64 * MiB  # the memcg fixture's
@@ -93,7 +93,7 @@ def test_disk_full_then_oom(memcg: MemoryCgroup, spawn: Spawn, daemon_at, tmpfs:
     filler.unlink()
     d.wait_for("is written again")  # the retry timer catches up
     assert d.log.count("is written again") == 1
-    wait_until(lambda: all(i.closed_at for i in incidents(journal)), what="closed")
+    wait_until(lambda: all_closed(journal), what="closed")
     found = incidents(journal)
     assert {i.outcome for i in found} == {"resolved"}
     assert sum(len(i.victims) for i in found) == 2

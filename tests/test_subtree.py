@@ -29,7 +29,7 @@ from oomguard.steps.victims import samples_of, subtree_pids, take_snapshot
 from oomguard.workloads import LEAK, STEADY
 
 from conftest import Daemon, Spawn, task_state, wait_until
-from journal_helpers import incidents, rule, steps_of
+from journal_helpers import all_closed, incidents, rule, steps_of
 
 MiB = 1 << 20
 UID_BE = "0f5e6a1c-6f0e-4b4e-9a51-6c1d2b3a4e5f"
@@ -89,8 +89,7 @@ def settled(d: Daemon, gone_pid: int, timeout: float = 60.0) -> list[IncidentRec
     kernel ended by itself before a kill may come first)."""
     wait_until(lambda: gone(gone_pid) or d.proc.poll() is not None, timeout,
                what=f"pid {gone_pid} to exit; log:\n{d.log}")
-    wait_until(lambda: (all(i.closed_at for i in incidents(d.journal))
-                        and bool(incidents(d.journal))), 20, what="the incidents to close")
+    wait_until(lambda: all_closed(d.journal), 20, what="the incidents to close")
     return incidents(d.journal)
 
 

@@ -244,12 +244,16 @@ def test_monitor_sigkill_level_cuts_a_grace_short(tmp_path: Path, fake_engine: o
         assert kid.poll() is None  # SIGTERM, ignored; the grace has 29.5 s to go
         meminfo.write_text(meminfo_text(40000))  # 4%: the SIGKILL level
         mon.check()
+        # Until the engine has seen the exit (its pidfd) and written the victim's row: the
+        # child may be gone before that, while the loop reaps its memory.
+        db = sqlite3.connect(fake_engine.journal.path)
         deadline = time.monotonic() + 5
-        while time.monotonic() < deadline and kid.poll() is None:
+        while time.monotonic() < deadline and not db.execute(
+                "SELECT 1 FROM victims").fetchall():
             loop.run_once(0.05)
-        assert kid.poll() == -signal.SIGKILL
-        rows = sqlite3.connect(fake_engine.journal.path).execute(
-            "SELECT pid, signal FROM victims").fetchall()
+        assert kid.wait(timeout=5) == -signal.SIGKILL
+        rows = db.execute("SELECT pid, signal FROM victims").fetchall()
+        db.close()
         assert rows == [(kid.pid, "SIGKILL")]
     finally:
         mon.close()
