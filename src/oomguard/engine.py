@@ -471,7 +471,7 @@ class Engine:
             return None
         try:
             return strike(watch.rule, step, watch.group, watch.growth, self.never_pids,
-                          watch.out_of_memory, lambda: self.loop.busy(watch.own_fds()))
+                          watch.out_of_memory, lambda: watch.others_waiting(self.loop))
         except OomguardError:
             return None  # the kill step looks again, and says what it finds
 

@@ -87,7 +87,7 @@ class Incident:
                            log=engine.log, loop=engine.loop, never_pids=engine.never_pids,
                            growth=watch.growth, baseline_limit=watch.baseline_limit,
                            services=engine, on_done=done,
-                           others_waiting=lambda: engine.loop.busy(watch.own_fds()))
+                           others_waiting=lambda: watch.others_waiting(engine.loop))
 
     def run_kind(self, kind: str, done: Done) -> None:
         """Run a step of `kind` now with the rule's settings (an exec's or an ask's choice)."""

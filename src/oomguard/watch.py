@@ -168,6 +168,10 @@ class Watch:
                 fds.add(extra.fileno())
         return fds
 
+    def others_waiting(self, loop: EventLoop) -> bool:
+        """Is anything but this group's own notifications ready in `loop`?"""
+        return loop.busy(self.own_fds())
+
     def out_of_memory(self) -> bool:
         """Is the group out of memory by the kernel's own account right now? (v1: tasks
         asleep in the OOM wait; v2: usage at the hold and nothing reclaimable left, judged

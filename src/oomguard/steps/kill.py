@@ -26,7 +26,7 @@ from oomguard.policy.swarm import Swarm
 from oomguard.procs import Pidfd, read_stat
 from oomguard.steps.context import Outcome, StepContext
 from oomguard.steps.pause import thaw_for_kill
-from oomguard.steps.reap import Reap, reap_now
+from oomguard.steps.reap import Reap, give_way, reap_now
 from oomguard.steps.strike import Strike, asleep_in_oom_wait
 from oomguard.steps.victims import (
     choose,
@@ -229,12 +229,12 @@ class _Victim:
         self.generation = ctx.episode.generation
 
     def start(self, grace: float, struck: Strike | None = None) -> None:
-        give_way = False
+        skip_reap = False
         if struck is not None:  # the first signal went out at the event (strike.py)
             sent, self.sent_at = True, struck.sent_at
-            self.reaped = [struck.reaped] if struck.reaped is not None else []
+            self.reaped = [struck.reaped]
         else:
-            give_way = self._busy()  # before the signal: the reap follows it at once
+            skip_reap = self._give_way()  # before the signal: the reap follows it at once
             try:
                 sent = self._first_signal()
             except BaseException:  # a dry run's WouldChange too: no pidfd outlives the step
@@ -245,7 +245,7 @@ class _Victim:
             self._gone_before_signal()
             return
         if struck is None:  # at once: the victim's own exit races it
-            self.reaped.append(reap_now(self.pfd, self.sent, self.sent_at, give_way))
+            self.reaped.append(reap_now(self.pfd, self.sent, self.sent_at, skip_reap))
         loop, effects = self.ctx.loop, self.ctx.effects
         for m in self.members:
             effects.signal(m, self.sent)
@@ -257,9 +257,8 @@ class _Victim:
         loop.add_reader(self.pfd.fileno(), self.exited)
         self.ctx.on_close(self.cleanup)
 
-    def _busy(self) -> bool:
-        """Whether the reap should give way to what else waits in the loop."""
-        return not self.ctx.group.reaps_when_busy and self.ctx.others_waiting()
+    def _give_way(self) -> bool:
+        return give_way(self.ctx.group, self.ctx.others_waiting)
 
     def _first_signal(self) -> bool:
         """Thaw if this incident froze the group, then the first signal; False if the
@@ -308,9 +307,9 @@ class _Victim:
             self._left_group()
             return
         self.sent = signal.SIGKILL
-        give_way = self._busy()
+        skip_reap = self._give_way()
         ctx.effects.signal(self.pfd, signal.SIGKILL)
-        self.reaped.append(reap_now(self.pfd, signal.SIGKILL, time.monotonic(), give_way))
+        self.reaped.append(reap_now(self.pfd, signal.SIGKILL, time.monotonic(), skip_reap))
         for m in self.members:
             if _still_in_group(ctx, m):
                 ctx.effects.signal(m, signal.SIGKILL)

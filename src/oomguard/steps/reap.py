@@ -19,8 +19,10 @@ from __future__ import annotations
 import errno
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
+from oomguard.cgroup.base import MemoryCgroup
 from oomguard.procs import Pidfd
 
 
@@ -43,13 +45,19 @@ _REAP_RESULTS = {0: "reaped", errno.ESRCH: "exiting", errno.EINVAL: "not dying",
                  errno.ENOSYS: "unsupported"}
 
 
-def reap_now(pfd: Pidfd, after: signal.Signals, sent_at: float, give_way: bool) -> Reap:
+def give_way(group: MemoryCgroup, others_waiting: Callable[[], bool]) -> bool:
+    """Whether a kill in `group` skips the reap: a cgroup's does while anything else
+    waits in the loop; system mode's never (MemoryCgroup.reaps_when_busy). Judged before
+    the signal, so that the reap can follow it at once."""
+    return not group.reaps_when_busy and others_waiting()
+
+
+def reap_now(pfd: Pidfd, after: signal.Signals, sent_at: float, skip: bool) -> Reap:
     """Ask the kernel to reap `pfd`'s memory now, right after `after` was sent at
-    `sent_at` (monotonic); not if something else waits in the loop (`give_way`, judged
-    before the signal: between the signal and this call every microsecond counts, the
-    victim's exit races it)."""
+    `sent_at` (monotonic); not if `skip` (`give_way`, judged before the signal: between
+    the signal and this call every microsecond counts, the victim's exit races it)."""
     started = time.monotonic()
-    if give_way:
+    if skip:
         return Reap(after.name, "busy", (started - sent_at) * 1000.0, 0.0)
     err = pfd.mrelease_errno()
     return Reap(after.name, _REAP_RESULTS.get(err, "failed"), (started - sent_at) * 1000.0,

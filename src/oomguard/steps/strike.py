@@ -41,7 +41,7 @@ from oomguard.policy import (
 )
 from oomguard.procs import Pidfd, read_stat
 from oomguard.procs.reader import ProcessSnapshot
-from oomguard.steps.reap import Reap, reap_now
+from oomguard.steps.reap import Reap, give_way, reap_now
 from oomguard.steps.victims import (
     look_note,
     needs_for,
@@ -64,7 +64,7 @@ class Strike:
     signal: signal.Signals
     sent_at: float
     note: dict[str, object]
-    reaped: Reap | None = None  # process_mrelease's answer right after the signal
+    reaped: Reap  # process_mrelease's answer right after the signal
 
 
 def first_kill(rule: Rule, group: MemoryCgroup) -> KillStep | None:
@@ -121,7 +121,7 @@ def strike(rule: Rule, step: KillStep, group: MemoryCgroup, growth: GrowthTracke
         first = signal.SIGKILL
         if grace > 0 and not asleep_in_oom_wait(group, cand.sample, under_oom):
             first = signal.SIGTERM
-        give_way = busy()  # judged now: the reap must follow the signal at once
+        skip_reap = give_way(group, busy)  # judged now: the reap follows the signal
         try:
             sent = not pfd.exited() and pfd.send(first)
         except OomguardError:
@@ -130,7 +130,7 @@ def strike(rule: Rule, step: KillStep, group: MemoryCgroup, growth: GrowthTracke
             pfd.close()
             return None
         sent_at = time.monotonic()
-        reaped = reap_now(pfd, first, sent_at, give_way)  # at once: it races the exit
+        reaped = reap_now(pfd, first, sent_at, skip_reap)  # at once: it races the exit
         return Strike(look, cand, pfd, first, sent_at, look_note(look), reaped)
     return None
 
