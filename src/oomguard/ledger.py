@@ -229,20 +229,35 @@ class Ledger:
     def restore(self, change: ActiveChange) -> bool:
         """Put `before` back; True if the system took it (or the group is gone, or its
         owner has written the limit since: then the owner's value stays)."""
+        return self._undo([change])
+
+    def put_back(self, group: MemoryCgroup, kind: str) -> bool:
+        """Undo every active change of `kind` on `group` in one write of the oldest one's
+        `before` (the value before any of them), not walked back change by change through
+        values that would throttle or kill on the way; True as for restore."""
+        return self._undo([c for c in self.for_group(group) if c.kind == kind])
+
+    def _undo(self, changes: list[ActiveChange]) -> bool:
+        """Write the first of `changes` (one group's, one file's, oldest first) back to its
+        `before`, then let them all go."""
+        if not changes:
+            return True
+        first = changes[0]
         # The files hold what oomguard's newest changes of them wrote, unless their owner
         # wrote one since (then the owner's value stands).
-        owners = owners_value(change.group, self._newest(change.group, change.kind))
+        owners = owners_value(first.group, self._newest(first.group, first.kind))
         if owners is not None:
-            self._log(f"{change.group.relpath}: {owners}: left as it is")
+            self._log(f"{first.group.relpath}: {owners}: left as it is")
+        else:
+            try:
+                write_change(first.group, first.kind, first.target, first.before)
+            except CgroupError as exc:
+                if first.group.exists():
+                    self._log(f"could not restore {first.kind} of {first.group.relpath}: "
+                              f"{exc}")
+                    return False
+        for change in reversed(changes):
             self.let_go(change)
-            return True
-        try:
-            write_change(change.group, change.kind, change.target, change.before)
-        except CgroupError as exc:
-            if change.group.exists():
-                self._log(f"could not restore {change.kind} of {change.group.relpath}: {exc}")
-                return False
-        self.let_go(change)
         return True
 
     def let_go_owners(self, group: MemoryCgroup) -> None:

@@ -96,9 +96,10 @@ class LimitFollower:
         engine, group = self.engine, watch.group
         was = watch.baseline_limit
         self._leave_owners_limit(group)
-        for change in engine.ledger.for_group(group):
-            if change.kind == "high" and change.tag == "hold":
-                engine.ledger.restore(change)
+        # All of oomguard's memory.high comes off, the grows' too: one left behind would
+        # later be shrunk back to its old value, over the new hold (seen in CI: the group
+        # throttled at 64M under the owner's 256M, and still held after oomguard's exit).
+        engine.ledger.put_back(group, "high")
         watch.baseline_limit = limit
         if limit is None:
             engine.log.info(f"{watch.relpath}: its limit was removed by someone else "
