@@ -77,6 +77,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from oomguard.events.psi import parse_pressure
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 PY = sys.executable
@@ -264,12 +266,20 @@ def managed_oom(mode: str, cgroup: Path) -> None:
 def full_avg10(cgroup: Path) -> float | None:
     """`full avg10` of a cgroup's memory.pressure (what systemd-oomd acts on)."""
     try:
-        for line in (cgroup / "memory.pressure").read_text().splitlines():
-            if line.startswith("full"):
-                return float(line.split()[1].split("=")[1])
-    except (OSError, IndexError, ValueError):
-        pass
-    return None
+        return parse_pressure((cgroup / "memory.pressure").read_text()).get("full_avg10")
+    except (OSError, ValueError):
+        return None
+
+
+def wait_for_line(path: Path, line: str, proc: subprocess.Popen[bytes], timeout: float) -> bool:
+    """Wait until `line` is in the file `path` (a process's log), `proc` has exited or
+    `timeout` has passed; whether the line came."""
+    end = time.monotonic() + timeout
+    while line.encode() not in path.read_bytes():
+        if proc.poll() is not None or time.monotonic() >= end:
+            return line.encode() in path.read_bytes()
+        time.sleep(0.05)
+    return True
 
 
 def log(msg: str) -> None:
@@ -585,23 +595,15 @@ def run_tool(tool: str, idle_s: float, reps: int, limit_s: float) -> dict[str, A
     argv = [a.replace("{tmp}", tmp) for a in argv]
     global PID1
     if tool == "systemd-oomd":  # its PID 1 first: it connects to it at start-up
-        pid1_log = open(f"{tmp}/pid1.log", "wb")  # noqa: SIM115 (closed with PID1)
-        PID1 = subprocess.Popen([PY, "-c", FAKE_PID1], stdin=subprocess.PIPE,
-                                stdout=pid1_log, stderr=subprocess.STDOUT)
-        end = time.monotonic() + 30
-        while (b"listening" not in Path(f"{tmp}/pid1.log").read_bytes()
-               and PID1.poll() is None and time.monotonic() < end):
-            time.sleep(0.05)
+        with open(f"{tmp}/pid1.log", "wb") as pid1_log:  # the child keeps its own copy
+            PID1 = subprocess.Popen([PY, "-c", FAKE_PID1], stdin=subprocess.PIPE,
+                                    stdout=pid1_log, stderr=subprocess.STDOUT)
+        wait_for_line(Path(f"{tmp}/pid1.log"), "listening", PID1, 30)
     logf = open(f"{tmp}/log", "w+b")  # noqa: SIM115 (closed below)
     proc = subprocess.Popen(argv, stdout=logf, stderr=subprocess.STDOUT,
                             env={**os.environ, **TOOL_ENV.get(tool, {})})
     ready_log = Path(tmp) / READY_LOG.get(tool, "log")
-    end = time.monotonic() + 60
-    while time.monotonic() < end:
-        if ready_line.encode() in ready_log.read_bytes() or proc.poll() is not None:
-            break
-        time.sleep(0.1)
-    if ready_line.encode() not in ready_log.read_bytes():
+    if not wait_for_line(ready_log, ready_line, proc, 60):
         log(f"{tool}: not ready ({ready_line!r} not in {ready_log.name}; "
             f"exit status {proc.poll()})")
     time.sleep(3.0)  # start-up settled (journal, guardian, first checks)

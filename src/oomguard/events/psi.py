@@ -16,6 +16,17 @@ from pathlib import Path
 from oomguard.errors import CgroupError, CgroupPermissionDenied, CgroupRemoved, Unsupported
 
 
+def parse_pressure(text: str) -> dict[str, float]:
+    """A pressure file's averages, e.g. {"some_avg10": 1.5, "full_total": 1234.0}."""
+    out = {}
+    for line in text.splitlines():
+        kind, *pairs = line.split()
+        for pair in pairs:
+            key, _, value = pair.partition("=")
+            out[f"{kind}_{key}"] = float(value)
+    return out
+
+
 class PsiTrigger:
     poll_events = select.EPOLLPRI | select.EPOLLERR
 
@@ -55,13 +66,7 @@ class PsiTrigger:
             if exc.errno in (errno.ENODEV, errno.ENOENT):
                 raise CgroupRemoved(str(self.path.parent)) from None
             raise
-        out = {}
-        for line in text.splitlines():
-            kind, *pairs = line.split()
-            for pair in pairs:
-                key, _, value = pair.partition("=")
-                out[f"{kind}_{key}"] = float(value)
-        return out
+        return parse_pressure(text)
 
     def close(self) -> None:
         if self._fd >= 0:
